@@ -1,0 +1,44 @@
+# raygpt: `make train` (set up, prepare the built-in corpus, train the demo) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+# torch goes in first: the local CPU wheel where no GPU is present. An unpinned torch pulled in
+# by a dependency would fetch the newest CUDA build (gigabytes).
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
+PYTEST_ARGS ?=
+
+.PHONY: setup train test test-fast lint format bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+train: setup
+	$(PY) -m data_pipeline.prepare +experiment=demo
+	$(PY) -m trainer.train +experiment=demo
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: setup
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf runs data/smoke outputs multirun .pytest_cache

@@ -1,0 +1,45 @@
+"""Cluster group: where the workers run and what each one gets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterConfig:
+    name: str = "local"
+    # None: start a private local Ray instance. "auto": join the cluster this process runs on
+    # (ray job submit / a node of it). "ray://host:10001": Ray client.
+    address: Optional[str] = None
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    # torch intra-op threads per worker; 0 -> max(1, int(cpus_per_worker)).
+    torch_threads: int = 0
+    # Ray Train restarts the whole worker group this many times (-1 = forever).
+    max_failures: int = 0
+    # torch.distributed collective timeout: a hung all-reduce becomes a failure after this.
+    collective_timeout_s: int = 1800
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers ({self.num_workers}) must be >= 1")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"cpus_per_worker ({self.cpus_per_worker}) must be > 0")
+        if self.gpus_per_worker < 0:
+            raise ValueError(f"gpus_per_worker ({self.gpus_per_worker}) must be >= 0")
+        if self.torch_threads < 0:
+            raise ValueError(f"torch_threads ({self.torch_threads}) must be >= 0")
+        if self.max_failures < -1:
+            raise ValueError(f"max_failures ({self.max_failures}) must be >= -1")
+        if self.collective_timeout_s < 1:
+            raise ValueError(f"collective_timeout_s ({self.collective_timeout_s}) must be >= 1")
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+    @property
+    def threads_per_worker(self) -> int:
+        return self.torch_threads or max(1, int(self.cpus_per_worker))

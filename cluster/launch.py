@@ -1,0 +1,143 @@
+"""Ray side: start or join Ray, prepare the data on it, run the TorchTrainer."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from cluster.config import ClusterConfig
+from trainer.config import ConfigError, RootConfig
+
+
+def worker_env(cluster: ClusterConfig) -> dict[str, str]:
+    """Environment of every training worker."""
+    env = {
+        "OMP_NUM_THREADS": str(cluster.threads_per_worker),
+        "TOKENIZERS_PARALLELISM": "false",
+        "WANDB_SILENT": "true",
+        "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
+    }
+    if not cluster.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator; torch.distributed on gloo
+    return env
+
+
+def connect(cluster: ClusterConfig) -> bool:
+    """Starts a private local Ray (address None) or joins one. True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if cluster.address is None:
+        ray.init(
+            num_cpus=os.cpu_count(),
+            include_dashboard=False,
+            logging_level="WARNING",
+            log_to_driver=True,
+            configure_logging=True,
+        )
+        return True
+    ray.init(address=cluster.address, logging_level="WARNING")
+    return False
+
+
+def check_capacity(cluster: ClusterConfig) -> None:
+    """More workers than the cluster can hold is a config error, not a hang in placement."""
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    need_cpu = cluster.num_workers * cluster.cpus_per_worker
+    need_gpu = cluster.num_workers * cluster.gpus_per_worker
+    if need_cpu > cpus or need_gpu > gpus:
+        raise ConfigError(
+            f"cluster.num_workers ({cluster.num_workers}) needs {need_cpu:g} CPUs and "
+            f"{need_gpu:g} GPUs, but the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs"
+        )
+
+
+def prepare_data(cfg: RootConfig) -> str:
+    """Runs data preparation (idempotent, on Ray Data) and checks it against the model."""
+    from data_pipeline.prepare import prepare
+
+    manifest = prepare(cfg.data)
+    vocab = int(manifest.tokenizer["vocab_size"])
+    if cfg.model.vocab_size < vocab:
+        raise ConfigError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocab "
+            f"({vocab}) in {cfg.data.out_dir}"
+        )
+    if manifest.seq_len != cfg.data.seq_len:
+        raise ConfigError(
+            f"data.seq_len ({cfg.data.seq_len}) differs from the prepared shards' seq_len "
+            f"({manifest.seq_len}) in {cfg.data.out_dir}"
+        )
+    return str(Path(cfg.data.out_dir).resolve())
+
+
+def write_run_config(cfg: RootConfig) -> None:
+    import yaml
+
+    run_dir = cfg.run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    ckpts = sorted(Path(run_dir).glob("checkpoint_*"))
+    return ckpts[-1] if ckpts else None
+
+
+def run_training(cfg: RootConfig) -> dict[str, Any]:
+    """Trains on Ray; returns the run's summary. The caller has validated `cfg`."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from trainer.loop import train_worker
+    from trainer.metrics import peak_flops_per_worker
+
+    started = connect(cfg.cluster)
+    try:
+        if cfg.cluster.address is not None:
+            check_capacity(cfg.cluster)
+        data_dir = prepare_data(cfg)
+        peak = cfg.trainer.peak_flops
+        if peak is None and not cfg.cluster.use_gpu:
+            peak = peak_flops_per_worker(cfg.precision.dtype_name, cfg.cluster.threads_per_worker)
+        write_run_config(cfg)
+        c = cfg.cluster
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"cfg": cfg, "data_dir": data_dir, "peak_flops": peak},
+            scaling_config=ScalingConfig(
+                num_workers=c.num_workers,
+                use_gpu=c.use_gpu,
+                resources_per_worker={"CPU": c.cpus_per_worker, "GPU": c.gpus_per_worker}
+                if c.use_gpu
+                else {"CPU": c.cpus_per_worker},
+            ),
+            torch_config=TorchConfig(
+                backend="nccl" if c.use_gpu else "gloo", timeout_s=c.collective_timeout_s
+            ),
+            run_config=RunConfig(
+                name=cfg.run.name,
+                storage_path=str(Path(cfg.run.root).resolve()),
+                failure_config=FailureConfig(max_failures=c.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_last),
+                worker_runtime_env={"env_vars": worker_env(c)},
+            ),
+        )
+        result = trainer.fit()
+        summary_file = cfg.run_dir / "summary.json"
+        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+        ckpt = result.checkpoint.path if result.checkpoint is not None else None
+        summary["checkpoint"] = ckpt
+        summary["run_dir"] = str(cfg.run_dir.resolve())
+        return summary
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,52 @@
+"""Shared fixtures. Tests run from the repo root; every run and dataset goes to tmp dirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAYGPT_CACHE", str(ROOT / ".pytest_raygpt_cache"))
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+# The smallest config that exercises the whole stack: a 2-layer model on a slice of the
+# built-in corpus. Tests add run.root / data.out_dir pointing at tmp dirs.
+SMOKE = ["+experiment=smoke", "logging.mode=offline"]
+
+
+@pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory) -> str:
+    """The smoke dataset, prepared once per session (tokenizer + Parquet shards)."""
+    import ray
+
+    from data_pipeline.prepare import prepare
+    from trainer.config import load_config
+
+    out = tmp_path_factory.mktemp("data") / "smoke"
+    cfg = load_config([*SMOKE, f"data.out_dir={out}"])
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        prepare(cfg.data)
+    finally:
+        if started:
+            ray.shutdown()
+    return str(out)

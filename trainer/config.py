@@ -1,0 +1,368 @@
+"""Config schemas and validation.
+
+Hydra composes conf/ once, on the driver. `load_config` turns the result into frozen,
+keyword-only dataclasses (one per group; each owned by the component that uses it) and
+validates every value and every cross-group rule before Ray or DeepSpeed start. Every
+failure is a `ConfigError` whose message is one line naming the values and the rule.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cluster.config import ClusterConfig
+from data_pipeline.config import DataConfig
+from models.gpt import GPTConfig
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+class ConfigError(ValueError):
+    """A bad config value or combination; str() is one line fit for the user."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1  # floor of the schedule, as a fraction of lr
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+
+    def __post_init__(self) -> None:
+        if self.name != "adamw":
+            raise ValueError(f"name ('{self.name}') must be 'adamw'")
+        if not self.lr > 0:
+            raise ValueError(f"lr ({self.lr}) must be > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio ({self.min_lr_ratio}) must be in [0, 1]")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be >= 0")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(
+                f"schedule ('{self.schedule}') must be one of 'cosine', 'linear', 'constant'"
+            )
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay ({self.weight_decay}) must be >= 0")
+        for k in ("beta1", "beta2"):
+            if not 0 <= getattr(self, k) < 1:
+                raise ValueError(f"{k} ({getattr(self, k)}) must be in [0, 1)")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip ({self.grad_clip}) must be >= 0 (0 disables)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    name: str = "zero2"
+    zero_stage: int = 2
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU
+    offload_params: bool = False  # ZeRO-Infinity style parameter offload (stage 3 only)
+    overlap_comm: bool = False
+    reduce_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = 50_000_000
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage ({self.zero_stage}) must be 0, 1, 2 or 3")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(
+                f"offload_params needs zero_stage 3 (got zero_stage {self.zero_stage})"
+            )
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3 (got zero_stage 0)")
+        if self.reduce_bucket_size < 1 or self.allgather_bucket_size < 1:
+            raise ValueError("reduce_bucket_size and allgather_bucket_size must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrecisionConfig:
+    name: str = "bf16"
+    bf16: bool = True
+    fp16: bool = False
+    initial_scale_power: int = 16  # fp16 dynamic loss scale starts at 2**this
+
+    def __post_init__(self) -> None:
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 are both true: choose one (precision=bf16 or fp16)")
+
+    @property
+    def dtype_name(self) -> str:
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingConfig:
+    name: str = "wandb"
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "raygpt"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    log_interval: int = 10  # steps between metrics.jsonl / W&B / console lines
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"mode ('{self.mode}') must be one of 'offline', 'online', 'disabled'")
+        if self.log_interval < 1:
+            raise ValueError(f"log_interval ({self.log_interval}) must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerConfig:
+    max_steps: int = 300
+    micro_batch_size: int = 8
+    global_batch_size: int = 16  # = micro_batch_size x grad_accum x data-parallel size
+    grad_accum: Optional[int] = None  # None -> derived from the other two
+    eval_interval: int = 100  # 0 disables periodic eval (a final eval still runs)
+    eval_batches: int = 4  # micro batches per rank per eval
+    checkpoint_interval: int = 100  # 0 -> only the final checkpoint
+    keep_last: int = 2
+    seed: int = 1337
+    sample_tokens: int = 120  # generated at the end of training; 0 disables
+    sample_prompt: str = "def "
+    peak_flops: Optional[float] = None  # per worker, FLOP/s; None -> detect/measure
+    # End this invocation after this step, checkpointing it (the LR schedule still follows
+    # max_steps): for time-limited allocations. Run the same command again to continue.
+    stop_at_step: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        for k in ("max_steps", "micro_batch_size", "global_batch_size", "keep_last"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} ({getattr(self, k)}) must be >= 1")
+        for k in ("eval_interval", "eval_batches", "checkpoint_interval", "sample_tokens"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"{k} ({getattr(self, k)}) must be >= 0")
+        if self.stop_at_step is not None and not 1 <= self.stop_at_step <= self.max_steps:
+            raise ValueError(
+                f"stop_at_step ({self.stop_at_step}) must be in [1, max_steps ({self.max_steps})]"
+            )
+        if self.grad_accum is not None and self.grad_accum < 1:
+            raise ValueError(f"grad_accum ({self.grad_accum}) must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    root: str = "runs"  # run directories live under here (Ray Train storage_path)
+    name: Optional[str] = None  # None -> "<model>-<timestamp>"; the same name resumes
+    group: Optional[str] = None  # W&B group; multirun sets it to the sweep
+
+
+@dataclass(frozen=True, kw_only=True)
+class RootConfig:
+    model: GPTConfig
+    data: DataConfig
+    optim: OptimConfig
+    parallel: ParallelConfig
+    precision: PrecisionConfig
+    cluster: ClusterConfig
+    logging: LoggingConfig
+    trainer: TrainerConfig
+    run: RunConfig
+
+    @property
+    def dp_size(self) -> int:
+        return self.cluster.num_workers
+
+    @property
+    def grad_accum(self) -> int:
+        t = self.trainer
+        return t.global_batch_size // (t.micro_batch_size * self.dp_size)
+
+    @property
+    def run_dir(self) -> Path:
+        assert self.run.name, "run.name is resolved by load_config"
+        return Path(self.run.root) / self.run.name
+
+    def to_dict(self) -> dict:
+        return OmegaConf.to_container(OmegaConf.structured(self), resolve=True)
+
+
+GROUPS: dict[str, type] = {
+    "model": GPTConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "parallel": ParallelConfig,
+    "precision": PrecisionConfig,
+    "cluster": ClusterConfig,
+    "logging": LoggingConfig,
+    "trainer": TrainerConfig,
+    "run": RunConfig,
+}
+
+
+def _writable_schema(cls: type) -> DictConfig:
+    """A structured (typed, closed) node for `cls` that Hydra can merge group files into.
+
+    OmegaConf marks nodes of frozen dataclasses read-only, which would refuse every merge;
+    the schema keeps its types and closed key set, and freezing happens at instantiation.
+    """
+    node = OmegaConf.structured(cls)
+
+    def unfreeze(n) -> None:
+        n._set_flag("readonly", None)
+        if isinstance(n, DictConfig):
+            for k in n.keys():
+                unfreeze(n._get_node(k))
+        elif isinstance(n, ListConfig):
+            for i in range(len(n)):
+                unfreeze(n._get_node(i))
+
+    unfreeze(node)
+    return node
+
+
+def register_schemas() -> None:
+    """Registers the root schema; every group file merges into its typed, closed node."""
+    root = OmegaConf.create({g: _writable_schema(c) for g, c in GROUPS.items()})
+    OmegaConf.set_struct(root, True)
+    ConfigStore.instance().store(name="raygpt_schema", node=root)
+
+
+register_schemas()
+
+
+def _one_line(e: BaseException) -> str:
+    """Hydra/OmegaConf errors span lines (with full_key=...); keep what the user needs."""
+    parts = [str(e).strip().splitlines()[0].rstrip(".")] if str(e).strip() else []
+    cause = e.__cause__ or e.__context__
+    if cause is not None and str(cause).strip():
+        first = str(cause).strip().splitlines()[0]
+        if first not in parts:
+            parts.append(first)
+    return ": ".join(parts) or type(e).__name__
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """Composes conf/config.yaml with Hydra overrides (no Hydra run dir, no chdir)."""
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            return compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        msg = _one_line(e)
+        missing = re.search(r"Could not find '(\w+)/([^']+)'", msg)
+        if missing and (CONF_DIR / missing.group(1)).is_dir():
+            options = sorted(p.stem for p in (CONF_DIR / missing.group(1)).glob("*.yaml"))
+            msg = f"{missing.group(1)}={missing.group(2)} does not exist; choose one of {options}"
+        raise ConfigError(msg) from None
+
+
+def to_root_config(cfg: DictConfig, *, default_name: Optional[str] = None) -> RootConfig:
+    """Instantiates and validates every group of a composed config."""
+    groups = {}
+    for group, cls in GROUPS.items():
+        if group not in cfg:
+            raise ConfigError(f"config has no '{group}' section")
+        try:
+            raw = OmegaConf.to_container(cfg[group], resolve=True)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{group}: {_one_line(e)}") from None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{group}: unknown key(s) {unknown}; valid keys: {sorted(known)}")
+        try:
+            groups[group] = cls(**raw)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{group}: {e}") from None
+    if groups["run"].name is None:
+        name = default_name or f"{groups['model'].name}-{_timestamp()}"
+        groups["run"] = RunConfig(root=groups["run"].root, name=name, group=groups["run"].group)
+    root = RootConfig(**groups)
+    validate(root)
+    return root
+
+
+def load_config(overrides: list[str], *, default_name: Optional[str] = None) -> RootConfig:
+    return to_root_config(compose_config(overrides), default_name=default_name)
+
+
+def _timestamp() -> str:
+    import datetime
+
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def tokenizer_vocab_size(data: DataConfig) -> tuple[int, str]:
+    """The vocab size the data will have, and where that number comes from."""
+    manifest = Path(data.out_dir) / "manifest.json"
+    if manifest.is_file():
+        try:
+            return int(json.loads(manifest.read_text())["tokenizer"]["vocab_size"]), str(manifest)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # prepare will rebuild or complain; fall through to the configured size
+    if data.tokenizer:
+        path = Path(data.tokenizer)
+        if not path.is_file():
+            raise ConfigError(f"data.tokenizer: file '{data.tokenizer}' does not exist")
+        try:
+            from tokenizers import Tokenizer
+
+            return Tokenizer.from_file(str(path)).get_vocab_size(), str(path)
+        except Exception as e:  # noqa: BLE001 - any parse failure is a user error here
+            raise ConfigError(f"data.tokenizer: cannot load '{path}': {e}") from None
+    return data.vocab_size, "data.vocab_size"
+
+
+def validate(cfg: RootConfig) -> None:
+    """Cross-group rules. Per-group rules live in each dataclass's __post_init__."""
+    m, d, t, c = cfg.model, cfg.data, cfg.trainer, cfg.cluster
+    if d.seq_len > m.block_size:
+        raise ConfigError(
+            f"data.seq_len ({d.seq_len}) exceeds model.block_size ({m.block_size}): "
+            "sequences must fit the model context"
+        )
+    vocab, source = tokenizer_vocab_size(d)
+    if m.vocab_size < vocab:
+        raise ConfigError(
+            f"model.vocab_size ({m.vocab_size}) is smaller than the tokenizer's vocab "
+            f"({vocab}, from {source})"
+        )
+    dp = cfg.dp_size
+    per_step = t.micro_batch_size * dp
+    if t.grad_accum is not None:
+        if t.global_batch_size != t.micro_batch_size * t.grad_accum * dp:
+            raise ConfigError(
+                f"trainer.global_batch_size ({t.global_batch_size}) != micro_batch_size "
+                f"({t.micro_batch_size}) x grad_accum ({t.grad_accum}) x data-parallel size "
+                f"({dp}) = {t.micro_batch_size * t.grad_accum * dp}"
+            )
+    elif t.global_batch_size % per_step:
+        raise ConfigError(
+            f"trainer.global_batch_size ({t.global_batch_size}) must be a multiple of "
+            f"micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp}) = {per_step}"
+        )
+    if cfg.logging.mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        raise ConfigError("logging.mode=online needs WANDB_API_KEY in the environment")
+    if c.address is None:
+        cpus = os.cpu_count() or 1
+        need = c.num_workers * c.cpus_per_worker
+        if need > cpus:
+            raise ConfigError(
+                f"cluster.num_workers ({c.num_workers}) x cpus_per_worker ({c.cpus_per_worker}) "
+                f"= {need:g} CPUs, but this machine has {cpus}: the local cluster cannot hold them"
+            )
+        if c.use_gpu:
+            import torch
+
+            gpus = torch.cuda.device_count()
+            if c.num_workers * c.gpus_per_worker > gpus:
+                raise ConfigError(
+                    f"cluster.num_workers ({c.num_workers}) x gpus_per_worker "
+                    f"({c.gpus_per_worker}) GPUs requested, but this machine has {gpus}"
+                )

@@ -1,0 +1,103 @@
+"""DeepSpeed engine construction: the only place deepspeed.initialize is called."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from trainer.config import OptimConfig, ParallelConfig, PrecisionConfig
+
+
+def deepspeed_config(
+    parallel: ParallelConfig,
+    precision: PrecisionConfig,
+    optim: OptimConfig,
+    *,
+    micro_batch: int,
+    grad_accum: int,
+    dp_size: int,
+) -> dict[str, Any]:
+    """The DeepSpeed JSON config for a layout. Pure: unit-tested without a process group."""
+    zero: dict[str, Any] = {"stage": parallel.zero_stage}
+    if parallel.zero_stage > 0:
+        zero.update(
+            overlap_comm=parallel.overlap_comm,
+            contiguous_gradients=True,
+            reduce_bucket_size=parallel.reduce_bucket_size,
+            allgather_bucket_size=parallel.allgather_bucket_size,
+        )
+    if parallel.zero_stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=parallel.allgather_bucket_size,
+            stage3_param_persistence_threshold=0,
+            stage3_gather_16bit_weights_on_model_save=False,
+        )
+    if parallel.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if parallel.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    cfg: dict[str, Any] = {
+        "train_batch_size": micro_batch * grad_accum * dp_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision.bf16},
+        "fp16": {
+            "enabled": precision.fp16,
+            "loss_scale": 0,
+            "initial_scale_power": precision.initial_scale_power,
+        },
+        # We pass torch.optim.AdamW: DeepSpeed's fused/CPU Adam need compiled ops.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    return cfg
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices (Linear, Embedding), none on biases and norm weights."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_engine(
+    model: torch.nn.Module,
+    parallel: ParallelConfig,
+    precision: PrecisionConfig,
+    optim: OptimConfig,
+    *,
+    micro_batch: int,
+    grad_accum: int,
+    dp_size: int,
+):
+    """Wraps `model` in a DeepSpeed engine (the process group must already exist)."""
+    import deepspeed
+
+    ds_config = deepspeed_config(
+        parallel, precision, optim, micro_batch=micro_batch, grad_accum=grad_accum, dp_size=dp_size
+    )
+    optimizer = torch.optim.AdamW(
+        param_groups(model, optim.weight_decay),
+        lr=optim.lr,
+        betas=(optim.beta1, optim.beta2),
+        eps=optim.eps,
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config, dist_init_required=False
+    )
+    return engine
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr

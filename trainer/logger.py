@@ -1,0 +1,113 @@
+"""Rank-0 run logging: metrics.jsonl, eval.jsonl, summary.json, W&B and console lines."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from trainer.config import LoggingConfig
+
+
+def _jsonable(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+class RunLogger:
+    """Writes one JSON object per logged step; mirrors to W&B (offline unless configured)."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        logging: LoggingConfig,
+        *,
+        run_name: str,
+        group: Optional[str],
+        wandb_id: str,
+        config: dict,
+        max_steps: int,
+        start_step: int,
+    ):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.max_steps, self.start_step = max_steps, start_step
+        self._t0 = time.perf_counter()
+        self._metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        self._eval = open(self.run_dir / "eval.jsonl", "a", buffering=1)
+        self.wandb = None
+        if logging.mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = wandb.init(
+                project=logging.project,
+                entity=logging.entity,
+                group=group or logging.group,
+                name=run_name,
+                id=wandb_id,
+                resume="allow",
+                mode=logging.mode,
+                dir=str(self.run_dir),
+                tags=list(logging.tags),
+                config=config,
+                settings=wandb.Settings(console="off", x_disable_stats=True),
+            )
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._metrics.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
+        self._console(step, row)
+
+    def log_eval(self, step: int, val_loss: float) -> None:
+        row = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        self._eval.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({"val/loss": row["val_loss"], "val/ppl": row["val_ppl"]}, step=step)
+        print(f"[eval] step {step:>6}  val_loss {val_loss:.4f}  val_ppl {row['val_ppl']:.2f}")
+        sys.stdout.flush()
+
+    def _console(self, step: int, row: dict[str, Any]) -> None:
+        done = step - self.start_step
+        elapsed = time.perf_counter() - self._t0
+        eta = elapsed / max(done, 1) * (self.max_steps - step)
+        print(
+            f"step {step:>6}/{self.max_steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+            f"{row['tokens_per_sec']:,.0f} tok/s  mfu {100 * row['mfu']:.1f}%  "
+            f"eta {_hms(eta)}"
+        )
+        sys.stdout.flush()
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        (self.run_dir / "summary.json").write_text(
+            json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2) + "\n"
+        )
+        if self.wandb is not None:
+            for k, v in summary.items():
+                if isinstance(v, (int, float)):
+                    self.wandb.summary[k] = v
+            self.wandb.finish()
+            self.wandb = None
+        self.close()
+
+    def close(self) -> None:
+        for f in (self._metrics, self._eval):
+            if not f.closed:
+                f.close()
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=1)
+            self.wandb = None
+
+
+def _hms(seconds: float) -> str:
+    s = int(max(seconds, 0))
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"

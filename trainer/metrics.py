@@ -1,0 +1,115 @@
+"""Throughput, MFU and memory figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+# Dense peak FLOP/s of one accelerator (no sparsity): (bf16/fp16 tensor core, fp32 / tf32-off).
+GPU_PEAK_FLOPS: dict[str, tuple[float, float]] = {
+    "H200": (989e12, 67e12),
+    "H100": (989e12, 67e12),  # SXM; the PCIe part is lower (756e12)
+    "A100": (312e12, 19.5e12),
+    "A10G": (125e12, 31.2e12),
+    "L40S": (362e12, 91.6e12),
+    "L4": (121e12, 30.3e12),
+    "V100": (125e12, 15.7e12),
+}
+
+
+def gpu_peak_flops(dtype: str) -> Optional[float]:
+    name = torch.cuda.get_device_name()
+    for key, (half, single) in GPU_PEAK_FLOPS.items():
+        if key in name:
+            return half if dtype in ("bf16", "fp16") else single
+    return None
+
+
+def measure_matmul_flops(dtype: str, threads: int, seconds: float = 0.6) -> float:
+    """Measured dense matmul FLOP/s of this CPU with `threads` threads, cached per machine."""
+    cache = Path(os.environ.get("RAYGPT_CACHE", Path.home() / ".cache" / "raygpt")) / "peak.json"
+    key = f"{platform.node()}|{platform.processor()}|{os.cpu_count()}|{threads}|{dtype}"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return float(known[key])
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        n = 1024
+        a = torch.randn(n, n, dtype=torch_dtype)
+        b = torch.randn(n, n, dtype=torch_dtype)
+        a @ b  # warm-up
+        iters, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            iters += 1
+        flops = 2 * n**3 * iters / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old)
+    known[key] = flops
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(known, indent=1))
+    except OSError:
+        pass
+    return flops
+
+
+def peak_flops_per_worker(dtype: str, threads: int, configured: Optional[float] = None) -> float:
+    """The FLOP/s one worker could reach: configured, a known GPU's datasheet, or measured."""
+    if configured:
+        return configured
+    if torch.cuda.is_available():
+        peak = gpu_peak_flops(dtype)
+        if peak:
+            return peak
+    return measure_matmul_flops(dtype, threads)
+
+
+def memory_stats() -> dict[str, float]:
+    """This process's memory in MiB: RSS, and the CUDA allocator's figures on a GPU."""
+    import psutil
+
+    stats = {"rss_mib": psutil.Process().memory_info().rss / 2**20}
+    if torch.cuda.is_available():
+        stats.update(
+            cuda_allocated_mib=torch.cuda.memory_allocated() / 2**20,
+            cuda_reserved_mib=torch.cuda.memory_reserved() / 2**20,
+            cuda_peak_mib=torch.cuda.max_memory_allocated() / 2**20,
+        )
+    return stats
+
+
+class Throughput:
+    """Tokens/s and MFU over the steps since the last call to `lap`."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops_total: float):
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.peak = peak_flops_total
+        self._t = time.perf_counter()
+        self._steps = 0
+
+    def step(self) -> None:
+        self._steps += 1
+
+    def lap(self) -> dict[str, float]:
+        now = time.perf_counter()
+        dt, steps = max(now - self._t, 1e-9), max(self._steps, 1)
+        self._t, self._steps = now, 0
+        tps = self.tokens_per_step * steps / dt
+        return {
+            "tokens_per_sec": tps,
+            "step_time_s": dt / steps,
+            "mfu": tps * self.flops_per_token / self.peak,
+        }

@@ -1,0 +1,57 @@
+"""`python -m trainer.train [hydra overrides]`: validate, train on Ray, print the result.
+
+python -m trainer.train                                  # the defaults in conf/config.yaml
+python -m trainer.train +experiment=demo                 # what `make train` runs
+python -m trainer.train model=gpt2-124m parallel=zero3 cluster=ray trainer.max_steps=5000
+python -m trainer.train -m optim.lr=1e-3,3e-4            # Hydra multirun: one run per job
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+from trainer.config import ConfigError, RootConfig, load_config
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    try:
+        if multirun:
+            from trainer.sweep import run_sweep
+
+            return run_sweep([a for a in argv if a not in ("-m", "--multirun")])
+        cfg = load_config(argv)
+        return train(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def train(cfg: RootConfig) -> int:
+    """Trains one run and prints its summary; raises ConfigError on bad input."""
+    from cluster.launch import run_training
+    from trainer.report import print_summary
+
+    try:
+        summary = run_training(cfg)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the edge: turn Ray/DeepSpeed failures into a line
+        from trainer.errors import explain
+
+        print(f"error: training failed: {explain(e)}", file=sys.stderr)
+        print(
+            f"       worker logs: {cfg.run_dir}  (and Ray's logs under /tmp/ray)", file=sys.stderr
+        )
+        return 1
+    print_summary(summary)
+    return 0 if summary else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
