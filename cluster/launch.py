@@ -31,6 +31,8 @@ def connect(cluster: ClusterConfig) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray Train V2 otherwise re-emits every worker print through its logger (twice on screen).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if cluster.address is None:
         ray.init(
             num_cpus=os.cpu_count(),
@@ -64,7 +66,7 @@ def prepare_data(cfg: RootConfig) -> str:
     from data_pipeline.prepare import prepare
 
     manifest = prepare(cfg.data)
-    vocab = int(manifest.tokenizer["vocab_size"])
+    vocab = int(manifest.tokenizer.vocab_size)
     if cfg.model.vocab_size < vocab:
         raise ConfigError(
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocab "

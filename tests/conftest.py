@@ -32,6 +32,11 @@ SMOKE = ["+experiment=smoke", "logging.mode=offline"]
 
 
 @pytest.fixture(scope="session")
+def smoke_overrides() -> list[str]:
+    return list(SMOKE)
+
+
+@pytest.fixture(scope="session")
 def smoke_data(tmp_path_factory) -> str:
     """The smoke dataset, prepared once per session (tokenizer + Parquet shards)."""
     import ray

@@ -42,7 +42,7 @@ def mean_across_ranks(values: list[float]) -> float:
 def evaluate(engine, loader: DistributedLoader, batches: int) -> float:
     engine.eval()
     losses = []
-    loader.load_state_dict({"consumed_samples": 0})
+    loader.load_state_dict({**loader.state_dict(), "consumed_samples": 0})
     for x, y in loader.next_step()[:batches]:
         _, loss = engine(x, y)
         losses.append(loss.float().item())
@@ -184,7 +184,7 @@ def train_worker(config: dict[str, Any]) -> None:
             "final_train_loss": last_metrics.get("loss"),
             "final_val_loss": val_loss,
             "final_val_ppl": float(np.exp(val_loss)) if val_loss is not None else None,
-            "uniform_loss": float(np.log(Manifest.load(data_dir).tokenizer["vocab_size"])),
+            "uniform_loss": float(np.log(Manifest.load(data_dir).tokenizer.vocab_size)),
             "tokens_per_sec": tokens_this_run / max(time.perf_counter() - run_t0, 1e-9),
             "mfu": None,
             "num_params": model.num_params() if hasattr(model, "num_params") else None,
@@ -211,7 +211,7 @@ def generate_sample(engine, data_dir: str, prompt: str, n_tokens: int, seed: int
         return None
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(Path(data_dir) / Manifest.load(data_dir).tokenizer["file"]))
+    tok = Tokenizer.from_file(str(Path(data_dir) / Manifest.load(data_dir).tokenizer.file))
     ids = tok.encode(prompt).ids or [0]
     torch.manual_seed(seed)
     engine.eval()

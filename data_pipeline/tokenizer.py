@@ -1,0 +1,70 @@
+"""Byte-level BPE tokenizer (HF `tokenizers`): train one, or load an existing tokenizer.json."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+
+import fsspec
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from data_pipeline.config import EOS_TOKEN, SPECIAL_TOKENS, DataError
+
+__all__ = ["EOS_TOKEN", "Tokenizer", "eos_id", "file_sha256", "load_tokenizer", "train_tokenizer"]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE (ByteLevel pre-tokenizer and decoder, `<|endoftext|>` special)
+    on `texts`. The vocabulary can come out smaller than vocab_size on little text."""
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise DataError(f"vocab_size: must be >= {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """Load a tokenizer.json (local path or fsspec URL); it must define `<|endoftext|>`."""
+    try:
+        with fsspec.open(path, "r", encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise DataError(f"data.tokenizer: path {path!r} does not exist") from None
+    try:
+        tok = Tokenizer.from_str(text)
+    except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(
+            f"data.tokenizer: {path!r} is not a valid tokenizer.json ({reason})"
+        ) from None
+    eos_id(tok, where=path)
+    return tok
+
+
+def eos_id(tok: Tokenizer, *, where: str = "tokenizer") -> int:
+    """Id of `<|endoftext|>`; DataError if the tokenizer has none."""
+    token_id = tok.token_to_id(EOS_TOKEN)
+    if token_id is None:
+        raise DataError(f"data.tokenizer: {where!r} has no {EOS_TOKEN!r} token (needed as EOS)")
+    return token_id
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex digest of a file's bytes (local path or fsspec URL)."""
+    digest = hashlib.sha256()
+    try:
+        with fsspec.open(str(path), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise DataError(f"data.tokenizer: path {str(path)!r} does not exist") from None
+    return digest.hexdigest()
