@@ -36,7 +36,9 @@ def connect(cluster: ClusterConfig) -> bool:
     if cluster.address is None:
         ray.init(
             num_cpus=os.cpu_count(),
-            include_dashboard=False,
+            # The dashboard serves the State API that Ray Train's placement-group cleaner polls.
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
             logging_level="WARNING",
             log_to_driver=True,
             configure_logging=True,
@@ -59,6 +61,15 @@ def check_capacity(cluster: ClusterConfig) -> None:
             f"cluster.num_workers ({cluster.num_workers}) needs {need_cpu:g} CPUs and "
             f"{need_gpu:g} GPUs, but the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs"
         )
+
+
+def check_sources(cfg: RootConfig) -> None:
+    """Cheap checks of data.sources (paths exist, globs match) before any Ray process starts."""
+    from data_pipeline.manifest import MANIFEST_FILE
+    from data_pipeline.sources import list_work_units
+
+    if not (Path(cfg.data.out_dir) / MANIFEST_FILE).is_file():
+        list_work_units(cfg.data)
 
 
 def prepare_data(cfg: RootConfig) -> str:
@@ -93,15 +104,21 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return ckpts[-1] if ckpts else None
 
 
-def run_training(cfg: RootConfig) -> dict[str, Any]:
-    """Trains on Ray; returns the run's summary. The caller has validated `cfg`."""
+def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, Any]:
+    """Trains on Ray; returns the run's summary. The caller has validated `cfg`.
+
+    progress_bar: draw a live bar on this (driver) terminal; otherwise rank 0 prints lines.
+    """
+    import contextlib
+
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from trainer.loop import train_worker
     from trainer.metrics import peak_flops_per_worker
 
+    check_sources(cfg)
     started = connect(cfg.cluster)
     try:
         if cfg.cluster.address is not None:
@@ -114,7 +131,12 @@ def run_training(cfg: RootConfig) -> dict[str, Any]:
         c = cfg.cluster
         trainer = TorchTrainer(
             train_worker,
-            train_loop_config={"cfg": cfg, "data_dir": data_dir, "peak_flops": peak},
+            train_loop_config={
+                "cfg": cfg,
+                "data_dir": data_dir,
+                "peak_flops": peak,
+                "console_lines": not progress_bar,
+            },
             scaling_config=ScalingConfig(
                 num_workers=c.num_workers,
                 use_gpu=c.use_gpu,
@@ -131,9 +153,17 @@ def run_training(cfg: RootConfig) -> dict[str, Any]:
                 failure_config=FailureConfig(max_failures=c.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_last),
                 worker_runtime_env={"env_vars": worker_env(c)},
+                # Our own lines say when a checkpoint is saved; Ray's INFO chatter repeats it.
+                logging_config=LoggingConfig(log_level="WARNING"),
             ),
         )
-        result = trainer.fit()
+        bar = contextlib.nullcontext()
+        if progress_bar:
+            from trainer.progress import MetricsProgress
+
+            bar = MetricsProgress(cfg.run_dir / "metrics.jsonl", cfg.trainer.max_steps)
+        with bar:
+            result = trainer.fit()
         summary_file = cfg.run_dir / "summary.json"
         summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
         ckpt = result.checkpoint.path if result.checkpoint is not None else None

@@ -52,6 +52,9 @@ class GPTConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     activation_checkpointing: bool = False
+    # A local Hugging Face model dir (config.json + model.safetensors) to start from. Read by the
+    # trainer before the engine is built; the model itself never touches the filesystem.
+    init_from: Optional[str] = None
 
     def __post_init__(self) -> None:
         for field in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):

@@ -8,6 +8,7 @@ failure is a `ConfigError` whose message is one line naming the values and the r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -280,9 +281,22 @@ def to_root_config(cfg: DictConfig, *, default_name: Optional[str] = None) -> Ro
             groups[group] = cls(**raw)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{group}: {e}") from None
-    if groups["run"].name is None:
-        name = default_name or f"{groups['model'].name}-{_timestamp()}"
-        groups["run"] = RunConfig(root=groups["run"].root, name=name, group=groups["run"].group)
+    # Workers run in other directories: local paths are made absolute here, on the driver.
+    run = groups["run"]
+    groups["run"] = dataclasses.replace(
+        run,
+        root=_absolute(run.root),
+        name=run.name or default_name or f"{groups['model'].name}-{_timestamp()}",
+    )
+    model = groups["model"]
+    if model.init_from:
+        groups["model"] = dataclasses.replace(model, init_from=_absolute(model.init_from))
+    data = groups["data"]
+    groups["data"] = dataclasses.replace(
+        data,
+        out_dir=_absolute(data.out_dir),
+        tokenizer=_absolute(data.tokenizer) if data.tokenizer else None,
+    )
     root = RootConfig(**groups)
     validate(root)
     return root
@@ -290,6 +304,11 @@ def to_root_config(cfg: DictConfig, *, default_name: Optional[str] = None) -> Ro
 
 def load_config(overrides: list[str], *, default_name: Optional[str] = None) -> RootConfig:
     return to_root_config(compose_config(overrides), default_name=default_name)
+
+
+def _absolute(path: str) -> str:
+    """An absolute local path; URLs (s3://, gs://, file://) stay as they are."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
 def _timestamp() -> str:
@@ -300,6 +319,8 @@ def _timestamp() -> str:
 
 def tokenizer_vocab_size(data: DataConfig) -> tuple[int, str]:
     """The vocab size the data will have, and where that number comes from."""
+    if data.tokenizer and not Path(data.tokenizer).is_file():
+        raise ConfigError(f"data.tokenizer: file '{data.tokenizer}' does not exist")
     manifest = Path(data.out_dir) / "manifest.json"
     if manifest.is_file():
         try:
@@ -307,15 +328,12 @@ def tokenizer_vocab_size(data: DataConfig) -> tuple[int, str]:
         except (OSError, ValueError, KeyError, TypeError):
             pass  # prepare will rebuild or complain; fall through to the configured size
     if data.tokenizer:
-        path = Path(data.tokenizer)
-        if not path.is_file():
-            raise ConfigError(f"data.tokenizer: file '{data.tokenizer}' does not exist")
         try:
             from tokenizers import Tokenizer
 
-            return Tokenizer.from_file(str(path)).get_vocab_size(), str(path)
+            return Tokenizer.from_file(data.tokenizer).get_vocab_size(), data.tokenizer
         except Exception as e:  # noqa: BLE001 - any parse failure is a user error here
-            raise ConfigError(f"data.tokenizer: cannot load '{path}': {e}") from None
+            raise ConfigError(f"data.tokenizer: cannot load '{data.tokenizer}': {e}") from None
     return data.vocab_size, "data.vocab_size"
 
 
@@ -327,6 +345,13 @@ def validate(cfg: RootConfig) -> None:
             f"data.seq_len ({d.seq_len}) exceeds model.block_size ({m.block_size}): "
             "sequences must fit the model context"
         )
+    if m.init_from:
+        from trainer.init_from import check_hf_config
+
+        try:
+            check_hf_config(m, m.init_from)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"model.init_from: {e}") from None
     vocab, source = tokenizer_vocab_size(d)
     if m.vocab_size < vocab:
         raise ConfigError(

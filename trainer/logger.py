@@ -35,10 +35,12 @@ class RunLogger:
         config: dict,
         max_steps: int,
         start_step: int,
+        console_lines: bool = True,
     ):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.max_steps, self.start_step = max_steps, start_step
+        self.console_lines = console_lines
         self._t0 = time.perf_counter()
         self._metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         self._eval = open(self.run_dir / "eval.jsonl", "a", buffering=1)
@@ -77,6 +79,8 @@ class RunLogger:
         sys.stdout.flush()
 
     def _console(self, step: int, row: dict[str, Any]) -> None:
+        if not self.console_lines:
+            return
         done = step - self.start_step
         elapsed = time.perf_counter() - self._t0
         eta = elapsed / max(done, 1) * (self.max_steps - step)

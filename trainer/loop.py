@@ -62,6 +62,10 @@ def train_worker(config: dict[str, Any]) -> None:
     seed_everything(t.seed)
 
     model = GPT(m)  # same seed on every rank -> identical initial weights
+    if m.init_from:  # fine-tuning; on resume the checkpoint overwrites these weights
+        from trainer.init_from import load_hf_weights
+
+        load_hf_weights(model, m.init_from)
     engine = build_engine(
         model,
         cfg.parallel,
@@ -115,6 +119,7 @@ def train_worker(config: dict[str, Any]) -> None:
             config=cfg.to_dict(),
             max_steps=t.max_steps,
             start_step=start_step,
+            console_lines=config.get("console_lines", True),
         )
     flops_per_token = model.flops_per_token(seq_len) if hasattr(model, "flops_per_token") else 0
     meter = Throughput(

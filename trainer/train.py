@@ -35,12 +35,15 @@ def main(argv: Optional[list[str]] = None) -> int:
 def train(cfg: RootConfig) -> int:
     """Trains one run and prints its summary; raises ConfigError on bad input."""
     from cluster.launch import run_training
+    from data_pipeline.config import DataError
     from trainer.report import print_summary
 
     try:
-        summary = run_training(cfg)
+        summary = run_training(cfg, progress_bar=sys.stdout.isatty())
     except ConfigError:
         raise
+    except DataError as e:
+        raise ConfigError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - the edge: turn Ray/DeepSpeed failures into a line
         from trainer.errors import explain
 

@@ -139,7 +139,13 @@ def test_vocab_checked_against_given_tokenizer(tmp_path):
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(600)}, unk_token="w0"))
     tok.save(str(tmp_path / "tok.json"))
     with pytest.raises(ConfigError, match=r"vocab_size \(512\).*\(600, from"):
-        load_config(["+experiment=smoke", f"data.tokenizer={tmp_path / 'tok.json'}"])
+        load_config(
+            [
+                "+experiment=smoke",
+                f"data.tokenizer={tmp_path / 'tok.json'}",
+                f"data.out_dir={tmp_path / 'd'}",
+            ]
+        )
     with pytest.raises(ConfigError, match="does not exist"):
         load_config([f"data.tokenizer={tmp_path / 'missing.json'}"])
 
@@ -150,3 +156,12 @@ def test_cli_prints_one_line_and_exits_2(capsys):
     assert main(["model.n_layr=3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "n_layr" in err
+
+
+def test_local_paths_become_absolute_on_the_driver(tmp_path, monkeypatch):
+    # Ray workers run in other directories: a relative run.root would scatter run files.
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(["run.root=rel/runs", "run.name=x", "data.out_dir=d"])
+    assert cfg.run_dir == tmp_path / "rel" / "runs" / "x"
+    assert cfg.data.out_dir == str(tmp_path / "d")
+    assert load_config(["run.root=s3://bucket/runs"]).run.root == "s3://bucket/runs"

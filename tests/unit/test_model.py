@@ -409,16 +409,17 @@ def test_config_valid_edge_cases_and_frozen():
 
 
 def test_config_field_types():
-    """OmegaConf structured configs accept only these; optionals must be typing.Optional[int]
+    """OmegaConf structured configs accept only these; optionals must be typing.Optional[...]
     (origin typing.Union), not PEP 604 `int | None` (origin types.UnionType)."""
-    optional = set()
+    optional = {}
     for f in dataclasses.fields(GPTConfig):
         if typing.get_origin(f.type) is typing.Union:
-            assert typing.get_args(f.type) == (int, type(None)), f.name
-            optional.add(f.name)
+            args = typing.get_args(f.type)
+            assert len(args) == 2 and args[1] is type(None), f.name
+            optional[f.name] = args[0]
         else:
             assert f.type in (str, int, float, bool), (f.name, f.type)
-    assert optional == {"n_kv_head", "d_ff"}
+    assert optional == {"n_kv_head": int, "d_ff": int, "init_from": str}
 
 
 # --- reference implementations (Hugging Face) ----------------------------------------------

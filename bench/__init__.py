@@ -1,0 +1,7 @@
+"""raygpt benchmarks: each module prints its figures and the command that reproduces them.
+
+    python -m bench.run_all [--quick]       every benchmark and a final summary table
+    python -m bench.<name> [--quick]        one of: stack_overhead, mfu, data, checkpoint
+
+Timings are never asserted in tests (tests/unit/test_bench.py only checks that the code runs).
+"""

@@ -1,0 +1,205 @@
+"""`python -m trainer.export` on real checkpoints: 2 Ray workers, DeepSpeed ZeRO-3 (fp32) and
+ZeRO-2 (bf16) on the CPU accelerator, exported and loaded back with transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models import GPT
+from trainer.config import load_config
+from trainer.export import consolidated_state_dict, find_checkpoint
+
+pytestmark = pytest.mark.timeout(600)
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 4
+SMOKE = ["+experiment=smoke", "logging.mode=disabled", "trainer.sample_tokens=0"]
+
+
+def train(tmp_path_factory, data: str, name: str, *extra: str):
+    from cluster.launch import run_training
+
+    root = tmp_path_factory.mktemp(name)
+    cfg = load_config(
+        [
+            *SMOKE,
+            f"run.root={root}",
+            f"run.name={name}",
+            f"data.out_dir={data}",
+            f"trainer.max_steps={STEPS}",
+            "trainer.eval_interval=0",
+            "cluster.num_workers=2",
+            *extra,
+        ]
+    )
+    summary = run_training(cfg)
+    assert summary["finished"], summary
+    return cfg, cfg.run_dir
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory, smoke_data):
+    return train(tmp_path_factory, smoke_data, "z3", "parallel=zero3", "precision=fp32")
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory, smoke_data):
+    return train(tmp_path_factory, smoke_data, "z2", "parallel=zero2", "precision=bf16")
+
+
+def export_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "trainer.export", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+
+
+def val_batch(data: str, seq_len: int) -> torch.Tensor:
+    from data_pipeline.loader import TokenShards
+
+    shards = TokenShards(data, "val")
+    rows = shards.get_batch(np.arange(min(4, len(shards))))
+    return torch.as_tensor(rows[:, :seq_len], dtype=torch.long)
+
+
+def val_loss_of(model: GPT, cfg, data: str) -> float:
+    """The training loop's evaluate(), replayed on one process for every data-parallel rank."""
+    from data_pipeline.loader import DistributedLoader, TokenShards
+
+    t, dp = cfg.trainer, cfg.dp_size
+    losses = []
+    for rank in range(dp):
+        loader = DistributedLoader(
+            TokenShards(data, "val"),
+            global_batch=t.micro_batch_size * t.eval_batches * dp,
+            micro_batch=t.micro_batch_size,
+            dp_rank=rank,
+            dp_size=dp,
+            seed=t.seed,
+            shuffle=False,
+        )
+        with torch.no_grad():
+            for x, y in loader.next_step()[: t.eval_batches]:
+                losses.append(model(x, y)[1].item())
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("run_name", ["zero3_run", "zero2_run"])
+def test_export_loads_in_transformers_with_equal_logits(run_name, request, tmp_path, smoke_data):
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer
+
+    cfg, run_dir = request.getfixturevalue(run_name)
+    out = tmp_path / "hf"
+    proc = export_cli(run_dir, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "error:" not in proc.stderr and "warning:" not in proc.stderr, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary left behind
+
+    ckpt = find_checkpoint(run_dir)
+    assert ckpt.name == f"checkpoint_{STEPS:08d}"
+    model_cfg, sd = consolidated_state_dict(ckpt)
+    assert model_cfg == cfg.model
+    assert sd["lm_head.weight"] is sd["wte.weight"]  # tied: one tensor under both names
+    model = GPT(model_cfg).eval()
+    model.load_state_dict(sd, strict=True)
+
+    # The consolidated weights are the trained ones (checked independently of export code).
+    if cfg.parallel.zero_stage == 3:
+        # ZeRO-3 keeps no full weights anywhere but the shards: replay the last evaluation.
+        logged = [json.loads(ln) for ln in (run_dir / "eval.jsonl").read_text().splitlines()]
+        assert logged[-1]["step"] == STEPS
+        assert val_loss_of(model, cfg, smoke_data) == pytest.approx(
+            logged[-1]["val_loss"], abs=1e-4
+        )
+    else:
+        # ZeRO-2 bf16: rank 0's module state holds the bf16 copy of the fp32 master weights.
+        module = torch.load(ckpt / "ds" / "ds" / "mp_rank_00_model_states.pt", weights_only=True)
+        module = module["module"]
+        assert module.keys() == sd.keys()
+        for name, t in module.items():
+            assert t.dtype == torch.bfloat16
+            assert torch.equal(sd[name].to(torch.bfloat16), t), name
+        assert any(not torch.equal(sd[n], sd[n].to(torch.bfloat16).float()) for n in sd)
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    assert type(hf).__name__ == "GPT2LMHeadModel"
+    x = val_batch(smoke_data, cfg.data.seq_len)
+    with torch.no_grad():
+        diff = (model(x)[0] - hf(x).logits).abs().max().item()
+    assert diff <= 1e-4
+
+    manifest = json.loads((Path(smoke_data) / "manifest.json").read_text())
+    eos = manifest["tokenizer"]["eos_id"]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["eos_token_id"], config["bos_token_id"], config["torch_dtype"]) == (
+        eos,
+        eos,
+        "float32",
+    )
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    ref_tok = Tokenizer.from_file(str(Path(smoke_data) / manifest["tokenizer"]["file"]))
+    text = "def export(path):\n    return {'ok': True}  # ünïcode<|endoftext|>"
+    ids = hf_tok(text, add_special_tokens=False)["input_ids"]
+    assert (
+        ids
+        == ref_tok.encode(text).ids
+        == Tokenizer.from_file(str(out / "tokenizer.json")).encode(text).ids
+    )
+    assert eos in ids and hf_tok.eos_token_id == eos and hf_tok.bos_token_id == eos
+    assert hf_tok.decode(ids) == ref_tok.decode(ids, skip_special_tokens=False)
+
+
+def test_bad_inputs_exit_2_and_write_nothing(zero3_run, tmp_path):
+    _, run_dir = zero3_run
+    out = tmp_path / "out"
+
+    proc = export_cli(tmp_path / "missing", out)
+    assert proc.returncode == 2 and len(error_lines(proc)) == 1, proc.stderr
+    assert "does not exist" in error_lines(proc)[0]
+    assert not out.exists()
+
+    empty_run = tmp_path / "empty_run"
+    empty_run.mkdir()
+    proc = export_cli(empty_run, out)
+    assert proc.returncode == 2 and len(error_lines(proc)) == 1, proc.stderr
+    assert "no complete checkpoint_" in error_lines(proc)[0]
+    assert not out.exists()
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    proc = export_cli(run_dir, taken)
+    assert proc.returncode == 2 and len(error_lines(proc)) == 1, proc.stderr
+    assert "not empty" in error_lines(proc)[0]
+    assert [p.name for p in taken.iterdir()] == ["keep.txt"]
+    assert (taken / "keep.txt").read_text() == "mine"
+
+    broken = tmp_path / "broken" / f"checkpoint_{STEPS:08d}"
+    shutil.copytree(find_checkpoint(run_dir), broken)
+    states = broken / "ds" / "ds" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    data = states.read_bytes()
+    states.write_bytes(data[: len(data) // 2])
+    proc = export_cli(broken, out)
+    assert proc.returncode == 2 and len(error_lines(proc)) == 1, proc.stderr
+    assert "cannot read the DeepSpeed checkpoint" in error_lines(proc)[0]
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "empty_run", "taken"]

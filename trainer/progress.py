@@ -1,0 +1,68 @@
+"""A rich progress bar on the driver, fed by rank 0's metrics.jsonl.
+
+Worker stdout reaches the driver line by line through Ray, so a live bar cannot be drawn from a
+worker; rank 0 writes one JSON line per logged step and the driver renders it. When stdout is
+not a terminal (CI, `ray job submit` logs, files) workers print plain lines instead.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+class MetricsProgress:
+    def __init__(self, metrics_file: Path, max_steps: int):
+        self.path = Path(metrics_file)
+        self.offset = self.path.stat().st_size if self.path.exists() else 0
+        self.progress = Progress(
+            TextColumn("step {task.completed:>6.0f}/{task.total:.0f}"),
+            BarColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[tps]} tok/s"),
+            TextColumn("mfu {task.fields[mfu]}"),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+        )
+        self.task = self.progress.add_task("train", total=max_steps, loss="-", tps="-", mfu="-")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+
+    def __enter__(self) -> MetricsProgress:
+        self.progress.start()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._poll()
+        self.progress.stop()
+
+    def _follow(self) -> None:
+        while not self._stop.wait(0.5):
+            self._poll()
+
+    def _poll(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path) as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind("\n") + 1]
+        self.offset += len(complete.encode())
+        for line in complete.splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            self.progress.update(
+                self.task,
+                completed=row["step"],
+                loss=f"{row['loss']:.4f}",
+                tps=f"{row['tokens_per_sec']:,.0f}",
+                mfu=f"{100 * row['mfu']:.1f}%",
+            )
