@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from cluster.config import ClusterConfig
 from data_pipeline.config import DataConfig
 from models.gpt import GPTConfig
+from trainer.parallel import Layout, check_model_fits, make_layout
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -77,10 +78,44 @@ class ParallelConfig:
     overlap_comm: bool = False
     reduce_bucket_size: int = 50_000_000
     allgather_bucket_size: int = 50_000_000
+    # Model parallelism; data-parallel size = cluster.num_workers / (tensor x pipeline).
+    tensor_parallel: int = 1  # DeepSpeed AutoTP, ZeRO 0-2
+    pipeline_parallel: int = 1  # DeepSpeed PipelineModule, ZeRO 0-1
+    pipeline_partition: str = (
+        "parameters"  # DeepSpeed partition_method: parameters|uniform|type:Block
+    )
+    # Pipeline activation checkpointing every N layers; 0 -> 1 if model.activation_checkpointing.
+    pipeline_checkpoint_interval: int = 0
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage ({self.zero_stage}) must be 0, 1, 2 or 3")
+        if self.tensor_parallel < 1 or self.pipeline_parallel < 1:
+            raise ValueError(
+                f"tensor_parallel ({self.tensor_parallel}) and pipeline_parallel "
+                f"({self.pipeline_parallel}) must be >= 1"
+            )
+        if self.pipeline_parallel > 1 and self.zero_stage > 1:
+            raise ValueError(
+                f"pipeline_parallel ({self.pipeline_parallel}) with zero_stage "
+                f"{self.zero_stage}: DeepSpeed pipelines support ZeRO stage 0 or 1 only"
+            )
+        if self.tensor_parallel > 1 and self.zero_stage == 3:
+            raise ValueError(
+                f"tensor_parallel ({self.tensor_parallel}) with zero_stage 3: AutoTP trains "
+                "with ZeRO stage 0, 1 or 2"
+            )
+        if self.tensor_parallel > 1 and self.pipeline_parallel > 1:
+            raise ValueError(
+                "tensor_parallel and pipeline_parallel together (3-D) are not supported: "
+                "combine either with data parallelism"
+            )
+        if self.pipeline_parallel > 1 and (self.offload_optimizer or self.offload_params):
+            raise ValueError("offload with pipeline_parallel is not supported by DeepSpeed")
+        if self.pipeline_checkpoint_interval < 0:
+            raise ValueError(
+                f"pipeline_checkpoint_interval ({self.pipeline_checkpoint_interval}) must be >= 0"
+            )
         if self.offload_params and self.zero_stage != 3:
             raise ValueError(
                 f"offload_params needs zero_stage 3 (got zero_stage {self.zero_stage})"
@@ -177,8 +212,13 @@ class RootConfig:
     run: RunConfig
 
     @property
+    def layout(self) -> Layout:
+        p = self.parallel
+        return make_layout(self.cluster.num_workers, p.tensor_parallel, p.pipeline_parallel)
+
+    @property
     def dp_size(self) -> int:
-        return self.cluster.num_workers
+        return self.layout.dp
 
     @property
     def grad_accum(self) -> int:
@@ -352,6 +392,18 @@ def validate(cfg: RootConfig) -> None:
             check_hf_config(m, m.init_from)
         except (ValueError, OSError) as e:
             raise ConfigError(f"model.init_from: {e}") from None
+    try:
+        layout = make_layout(
+            c.num_workers, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
+        )
+        check_model_fits(m, layout)
+    except ValueError as e:
+        raise ConfigError(f"parallel layout: {e}") from None
+    if cfg.parallel.pipeline_parallel > 1 and cfg.parallel.zero_stage == 0 and cfg.precision.bf16:
+        raise ConfigError(
+            "pipeline_parallel with bf16 needs zero_stage 1 (DeepSpeed's bf16 pipeline "
+            "checkpoints cannot be loaded at ZeRO stage 0)"
+        )
     vocab, source = tokenizer_vocab_size(d)
     if m.vocab_size < vocab:
         raise ConfigError(

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from trainer.config import OptimConfig, ParallelConfig, PrecisionConfig
+from trainer.parallel import Layout, pipeline_module, tensor_parallel_config
 
 
 def deepspeed_config(
@@ -76,16 +77,37 @@ def build_engine(
     precision: PrecisionConfig,
     optim: OptimConfig,
     *,
+    layout: Layout,
     micro_batch: int,
     grad_accum: int,
-    dp_size: int,
 ):
-    """Wraps `model` in a DeepSpeed engine (the process group must already exist)."""
+    """Wraps `model` in a DeepSpeed engine for `layout` (the process group must exist)."""
     import deepspeed
 
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     ds_config = deepspeed_config(
-        parallel, precision, optim, micro_batch=micro_batch, grad_accum=grad_accum, dp_size=dp_size
+        parallel,
+        precision,
+        optim,
+        micro_batch=micro_batch,
+        grad_accum=grad_accum,
+        dp_size=layout.dp,
     )
+    if layout.tp > 1:
+        ds_config["tensor_parallel"] = tensor_parallel_config(layout.tp)
+        # Without an mpu DeepSpeed checks the batch against the whole world before it builds
+        # the tensor-parallel groups; it derives the global batch from micro x accumulation.
+        ds_config.pop("train_batch_size")
+    if layout.pp > 1:
+        interval = parallel.pipeline_checkpoint_interval or int(
+            model.config.activation_checkpointing
+        )
+        model = pipeline_module(
+            model,
+            layout,
+            partition_method=parallel.pipeline_partition,
+            checkpoint_interval=interval,
+        )
     optimizer = torch.optim.AdamW(
         param_groups(model, optim.weight_decay),
         lr=optim.lr,
@@ -98,6 +120,47 @@ def build_engine(
     return engine
 
 
+def is_pipeline(engine) -> bool:
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    return isinstance(engine, PipelineEngine)
+
+
 def set_lr(engine, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
+
+
+def _local_grad_norm(module: torch.nn.Module) -> float:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])).item()
+
+
+def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], *, tp: int):
+    """One optimizer step over this rank's micro batches; returns (losses, grad norm)."""
+    if is_pipeline(engine):
+        loss = engine.train_batch(iter(micro_batches))
+        return [loss.detach()], engine.get_global_grad_norm()
+    losses, norm = [], None
+    for i, (x, y) in enumerate(micro_batches):
+        _, loss = engine(x, y)
+        engine.backward(loss)
+        if i == len(micro_batches) - 1 and engine.zero_optimization_stage() == 0 and tp == 1:
+            # ZeRO-0 reports no norm; its gradients are whole and already averaged here.
+            norm = _local_grad_norm(engine.module)
+        engine.step()
+        losses.append(loss.detach())
+    reported = engine.get_global_grad_norm()
+    return losses, reported if reported is not None else norm
+
+
+@torch.no_grad()
+def eval_losses(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+    if is_pipeline(engine):
+        loss = engine.eval_batch(iter(micro_batches), num_micro_batches=len(micro_batches))
+        return [loss.float().item()]
+    engine.eval()
+    try:
+        return [engine(x, y)[1].float().item() for x, y in micro_batches]
+    finally:
+        engine.train()

@@ -15,10 +15,10 @@ import torch.distributed as dist
 
 from data_pipeline.loader import DistributedLoader, TokenShards
 from data_pipeline.manifest import Manifest
-from models.gpt import GPT
+from models.gpt import GPT, estimate_flops_per_token, estimate_num_params
 from trainer import checkpoint
 from trainer.config import RootConfig
-from trainer.engine import build_engine, set_lr
+from trainer.engine import build_engine, eval_losses, is_pipeline, set_lr, train_step
 from trainer.logger import RunLogger
 from trainer.metrics import Throughput, memory_stats
 from trainer.schedule import lr_at
@@ -38,16 +38,10 @@ def mean_across_ranks(values: list[float]) -> float:
     return (t[0] / t[1]).item()
 
 
-@torch.no_grad()
-def evaluate(engine, loader: DistributedLoader, batches: int) -> float:
-    engine.eval()
-    losses = []
+def evaluate(engine, loader: DistributedLoader) -> float:
+    """Mean loss over the same leading validation samples every time."""
     loader.load_state_dict({**loader.state_dict(), "consumed_samples": 0})
-    for x, y in loader.next_step()[:batches]:
-        _, loss = engine(x, y)
-        losses.append(loss.float().item())
-    engine.train()
-    return mean_across_ranks(losses)
+    return mean_across_ranks(eval_losses(engine, loader.next_step()))
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -61,6 +55,8 @@ def train_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(cfg.cluster.threads_per_worker)
     seed_everything(t.seed)
 
+    layout = cfg.layout
+    dp_rank = layout.dp_rank(rank)  # TP/PP peers read the same batch
     model = GPT(m)  # same seed on every rank -> identical initial weights
     if m.init_from:  # fine-tuning; on resume the checkpoint overwrites these weights
         from trainer.init_from import load_hf_weights
@@ -71,9 +67,9 @@ def train_worker(config: dict[str, Any]) -> None:
         cfg.parallel,
         cfg.precision,
         cfg.optim,
+        layout=layout,
         micro_batch=t.micro_batch_size,
         grad_accum=cfg.grad_accum,
-        dp_size=cfg.dp_size,
     )
 
     state: dict[str, Any] = {"step": 0, "consumed_samples": 0, "wandb_id": None}
@@ -91,7 +87,7 @@ def train_worker(config: dict[str, Any]) -> None:
         TokenShards(data_dir, "train"),
         global_batch=t.global_batch_size,
         micro_batch=t.micro_batch_size,
-        dp_rank=rank,
+        dp_rank=dp_rank,
         dp_size=cfg.dp_size,
         seed=t.seed,
         consumed_samples=int(state["consumed_samples"]),
@@ -101,7 +97,7 @@ def train_worker(config: dict[str, Any]) -> None:
         val_shards,
         global_batch=t.micro_batch_size * t.eval_batches * cfg.dp_size,
         micro_batch=t.micro_batch_size,
-        dp_rank=rank,
+        dp_rank=dp_rank,
         dp_size=cfg.dp_size,
         seed=t.seed,
         shuffle=False,
@@ -121,7 +117,8 @@ def train_worker(config: dict[str, Any]) -> None:
             start_step=start_step,
             console_lines=config.get("console_lines", True),
         )
-    flops_per_token = model.flops_per_token(seq_len) if hasattr(model, "flops_per_token") else 0
+    # From the config: after sharding the module holds only this rank's part.
+    flops_per_token = estimate_flops_per_token(m, seq_len)
     meter = Throughput(
         tokens_per_step=t.global_batch_size * seq_len,
         flops_per_token=flops_per_token,
@@ -135,21 +132,15 @@ def train_worker(config: dict[str, Any]) -> None:
         for step in range(start_step + 1, last_step + 1):
             lr = lr_at(step, cfg.optim, t.max_steps)
             set_lr(engine, lr)
-            losses = []
             t_data = time.perf_counter()
             micro_batches = train_loader.next_step()
             data_s = time.perf_counter() - t_data
-            for x, y in micro_batches:
-                _, loss = engine(x, y)
-                engine.backward(loss)
-                engine.step()
-                losses.append(loss.detach())
+            losses, grad_norm = train_step(engine, micro_batches, tp=layout.tp)
             meter.step()
             tokens_this_run += t.global_batch_size * seq_len
 
             if step % cfg.logging.log_interval == 0 or step == last_step:
                 loss_mean = mean_across_ranks([x.float().item() for x in losses])
-                grad_norm = engine.get_global_grad_norm()
                 last_metrics = {
                     "loss": loss_mean,
                     "lr": lr,
@@ -165,7 +156,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
             is_last = step == last_step
             if (t.eval_interval and step % t.eval_interval == 0) or is_last:
-                val_loss = evaluate(engine, val_loader, t.eval_batches)
+                val_loss = evaluate(engine, val_loader)
                 if logger:
                     logger.log_eval(step, val_loss)
 
@@ -192,7 +183,8 @@ def train_worker(config: dict[str, Any]) -> None:
             "uniform_loss": float(np.log(Manifest.load(data_dir).tokenizer.vocab_size)),
             "tokens_per_sec": tokens_this_run / max(time.perf_counter() - run_t0, 1e-9),
             "mfu": None,
-            "num_params": model.num_params() if hasattr(model, "num_params") else None,
+            "num_params": estimate_num_params(m),
+            "layout": str(layout),
             "num_workers": world,
             "precision": cfg.precision.dtype_name,
             "zero_stage": cfg.parallel.zero_stage,
@@ -200,7 +192,9 @@ def train_worker(config: dict[str, Any]) -> None:
             "wandb_id": wandb_id,
         }
         summary["mfu"] = summary["tokens_per_sec"] * flops_per_token / meter.peak
-        sample = generate_sample(engine, data_dir, t.sample_prompt, t.sample_tokens, t.seed)
+        sample = None
+        if not is_pipeline(engine):  # stages hold parts of the model: no single forward
+            sample = generate_sample(engine, data_dir, t.sample_prompt, t.sample_tokens, t.seed)
         summary["sample"] = sample
         if logger:
             logger.finish(summary)

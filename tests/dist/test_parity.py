@@ -1,0 +1,119 @@
+"""Every parallel layout trains the same model as one process.
+
+fp32, fixed seed, the same global batch. Each layout runs 5 steps, stops (checkpoint), then
+resumes for 5 more: its 10 losses must equal the single-process reference (1e-5 relative for
+ZeRO layouts, 1e-4 for tensor/pipeline parallel), so one run proves parity and resume. The
+reference itself is held to a stored golden-loss file to catch silent numeric drift
+(regenerate it deliberately with RAYGPT_UPDATE_GOLDEN=1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from trainer.config import load_config
+
+pytestmark = pytest.mark.timeout(900)
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "parity_gpt_tiny_fp32.json"
+STEPS, STOP = 10, 5
+# gpt-tiny's shape (6 layers, d_model 256, 8 heads) on a 512-token vocabulary.
+BASE = [
+    "+experiment=smoke", "model=gpt-tiny", "model.vocab_size=512", "model.block_size=64",
+    "precision=fp32", "logging.mode=disabled", f"trainer.max_steps={STEPS}",
+    "trainer.micro_batch_size=2", "trainer.global_batch_size=8", "trainer.eval_interval=0",
+    "trainer.checkpoint_interval=0", "trainer.sample_tokens=0", "trainer.keep_last=1",
+    "optim.warmup_steps=3",
+]
+LAYOUTS = {  # name -> (overrides, workers, relative tolerance)
+    "dp2-zero0": (["parallel=ddp"], 2, 1e-5),
+    "dp2-zero1": (["parallel=zero1"], 2, 1e-5),
+    "dp2-zero2": (["parallel=zero2"], 2, 1e-5),
+    "dp2-zero3": (["parallel=zero3"], 2, 1e-5),
+    "dp2-zero3-offload": (["parallel=zero3-offload"], 2, 1e-5),
+    "tp2": (["parallel=tp2"], 2, 1e-4),
+    "pp2": (["parallel=pp2"], 2, 1e-4),
+    "dp2xtp2": (["parallel=tp2"], 4, 1e-4),
+    "dp2xpp2": (["parallel=pp2"], 4, 1e-4),
+}
+
+
+@pytest.fixture(scope="module")
+def parity_data(tmp_path_factory) -> list[str]:
+    """A synthetic corpus made here (not the interpreter's stdlib): same bytes everywhere."""
+    from data_pipeline.prepare import prepare
+
+    src = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(1234)
+    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 7)))
+             for _ in range(300)]
+    for d in range(60):
+        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(40)]
+        (src / f"doc{d:03d}.txt").write_text("\n".join(lines) + "\n")
+    data = [f"data.sources=[{src}]", f"data.out_dir={tmp_path_factory.mktemp('data') / 'p'}"]
+    prepare(load_config([*BASE, *data]).data)
+    return data
+
+
+@pytest.fixture(scope="module")
+def shared_ray():
+    """One Ray instance for the module: each launch then costs DeepSpeed start-up only."""
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r["loss"] for r in rows}
+    return [by_step[s] for s in range(1, STEPS + 1)]
+
+
+def train(tmp_path: Path, data: list[str], name: str, overrides: list[str], workers: int) -> Path:
+    from cluster.launch import run_training
+
+    common = [*BASE, *overrides, f"cluster.num_workers={workers}",
+              f"cluster.cpus_per_worker={2 / workers}", *data,
+              f"run.root={tmp_path}", f"run.name={name}"]
+    run_training(load_config([*common, f"trainer.stop_at_step={STOP}"]))
+    run_training(load_config(common))  # the same run again: resumes at STOP
+    return tmp_path / name
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, parity_data, shared_ray) -> list[float]:
+    from cluster.launch import run_training
+
+    root = tmp_path_factory.mktemp("ref")
+    cfg = load_config([*BASE, "parallel=ddp", "cluster.num_workers=1", "cluster.cpus_per_worker=2",
+                       *parity_data, f"run.root={root}", "run.name=ref"])
+    run_training(cfg)
+    ref = losses(root / "ref")
+    if os.environ.get("RAYGPT_UPDATE_GOLDEN"):
+        GOLDEN.write_text(json.dumps({"overrides": BASE, "losses": ref}, indent=1) + "\n")
+    return ref
+
+
+def test_reference_matches_golden_losses(reference):
+    golden = json.loads(GOLDEN.read_text())
+    assert golden["overrides"] == BASE, "the golden file was made with another config"
+    assert reference == pytest.approx(golden["losses"], rel=1e-5, abs=0)
+    assert reference[-1] < reference[0], "the reference must learn"
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_single_process_across_resume(layout, reference, parity_data, tmp_path):
+    overrides, workers, rel = LAYOUTS[layout]
+    run_dir = train(tmp_path, parity_data, layout, overrides, workers)
+    got = losses(run_dir)
+    assert got == pytest.approx(reference, rel=rel, abs=0), (layout, got, reference)
+    resumed = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))  # no step run twice
+    assert resumed[-1]["consumed_samples"] == STEPS * 8
