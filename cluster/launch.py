@@ -117,8 +117,10 @@ def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, An
 
     from trainer.loop import train_worker
     from trainer.metrics import peak_flops_per_worker
+    from trainer.resume import check_resume_compatible
 
     check_sources(cfg)
+    check_resume_compatible(cfg)
     started = connect(cfg.cluster)
     try:
         if cfg.cluster.address is not None:

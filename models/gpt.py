@@ -170,6 +170,7 @@ class CausalSelfAttention(nn.Module):
         self.k_proj = nn.Linear(config.d_model, kv_dim, bias=config.bias)
         self.v_proj = nn.Linear(config.d_model, kv_dim, bias=config.bias)
         self.o_proj = nn.Linear(q_dim, config.d_model, bias=config.bias)
+        self.o_proj.residual_proj = True  # scaled init (GPT.init_module_weights)
         self.resid_drop = nn.Dropout(config.dropout)
         self.rotary = (
             RotaryEmbedding(config.head_dim, config.block_size, config.rope_theta)
@@ -208,6 +209,7 @@ class MLP(nn.Module):
         self.up = nn.Linear(d, f, bias=config.bias)
         self.act = nn.SiLU() if self.kind == "swiglu" else nn.GELU(approximate="tanh")
         self.down = nn.Linear(f, d, bias=config.bias)
+        self.down.residual_proj = True  # scaled init (GPT.init_module_weights)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -251,21 +253,23 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
 
-        self.apply(self._init_weights)
-        # GPT-2 scaled init: residual projections shrink with depth.
-        resid_std = config.init_std / math.sqrt(2 * config.n_layer)
-        for pn, p in self.named_parameters():
-            if pn.endswith("o_proj.weight") or pn.endswith("down.weight"):
-                nn.init.normal_(p, mean=0.0, std=resid_std)
+        self.apply(self.init_module_weights)
 
-    def _init_weights(self, module: nn.Module) -> None:
+    def init_module_weights(
+        self, module: nn.Module, generator: torch.Generator | None = None
+    ) -> None:
+        """GPT-2 init of one module's own parameters (children untouched), so a caller can
+        run it module by module, e.g. on gathered ZeRO-3 shards. Residual projections
+        (flagged `residual_proj`) shrink with depth: std / sqrt(2 * n_layer)."""
         std = self.config.init_std
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "residual_proj", False):
+                std = std / math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
         elif isinstance(module, (nn.LayerNorm, RMSNorm)):
             nn.init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:

@@ -3,11 +3,16 @@
 Layout of one checkpoint directory (Ray Train merges the files of every worker into it):
     ds/                       DeepSpeed engine state (model, optimizer shards per rank)
     rng/rank_<r>.pt           torch/numpy/python RNG states of each rank (tensors only)
-    trainer_state.json        step, consumed samples, loader state, W&B id, config
+    files/rank_<r>.json       what rank r wrote here: relative path -> size and sha256
+    trainer_state.json        step, consumed samples, loader state, W&B id, config, tokenizer
+
+`verify_checkpoint` checks a directory against every rank's files/rank_<r>.json before anything
+is loaded from it: a file that is missing, truncated or altered fails with one line naming it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -20,6 +25,12 @@ import torch
 
 DS_TAG = "ds"
 STATE_FILE = "trainer_state.json"
+FILES_DIR = "files"  # files/rank_<r>.json: the integrity record of each rank
+INTEGRITY_KEY = "integrity"  # in trainer_state.json: {"world_size": N} -> N records expected
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be trusted; str() is one line naming the file and the problem."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -54,14 +65,139 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_local(engine, rank: int, trainer_state: dict[str, Any]) -> Path:
-    """Writes this worker's share of a checkpoint into a fresh local directory."""
+    """Writes this worker's share of a checkpoint into a fresh local directory.
+
+    Ends with files/rank_<rank>.json: the size and sha256 of every file this worker wrote.
+    """
     d = Path(tempfile.mkdtemp(prefix="raygpt-ckpt-"))
     engine.save_checkpoint(str(d / "ds"), tag=DS_TAG)
     (d / "rng").mkdir()
     torch.save(rng_state(), d / "rng" / f"rank_{rank}.pt")
     if rank == 0:
-        (d / STATE_FILE).write_text(json.dumps(trainer_state, indent=1) + "\n")
+        state = {
+            **trainer_state,
+            INTEGRITY_KEY: {"world_size": _world_size(trainer_state)},
+            "tokenizer": _tokenizer_info(trainer_state),
+        }
+        (d / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+    write_file_record(d, rank)
     return d
+
+
+def _world_size(trainer_state: dict[str, Any]) -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    try:
+        return int(trainer_state["config"]["cluster"]["num_workers"])
+    except (KeyError, TypeError, ValueError):
+        return 1
+
+
+def _tokenizer_info(trainer_state: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The tokenizer the run trains with (from its dataset's manifest), kept in the checkpoint
+    so a resume can be checked against it even after the dataset directory is gone."""
+    try:
+        out_dir = Path(trainer_state["config"]["data"]["out_dir"])
+        tok = json.loads((out_dir / "manifest.json").read_text())["tokenizer"]
+        return {"sha256": tok["sha256"], "vocab_size": tok["vocab_size"], "data_dir": str(out_dir)}
+    except (KeyError, TypeError, ValueError, OSError):
+        return None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_file_record(ckpt_dir: Path, rank: int) -> Path:
+    """files/rank_<rank>.json: relative path -> {size, sha256} of every file under ckpt_dir."""
+    ckpt_dir = Path(ckpt_dir)
+    files = {
+        p.relative_to(ckpt_dir).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in sorted(ckpt_dir.rglob("*"))
+        if p.is_file() and p.relative_to(ckpt_dir).parts[0] != FILES_DIR
+    }
+    out = ckpt_dir / FILES_DIR / f"rank_{rank}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"rank": rank, "files": files}, indent=1) + "\n")
+    return out
+
+
+def verify_checkpoint(ckpt_dir: Path, *, hashes: bool = True) -> None:
+    """Raises CheckpointError (one line naming the file) unless the checkpoint is intact.
+
+    trainer_state.json must exist and parse. Every rank's files/rank_<r>.json must be present
+    (as many as trainer_state's integrity.world_size) and every file it lists must exist with
+    the recorded size and, with `hashes`, sha256. Checkpoints written before these records
+    existed (no files/ dir, no integrity key) are checked for trainer_state.json only.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    state = _read_state_checked(ckpt_dir)
+    integrity = state.get(INTEGRITY_KEY)
+    records_dir = ckpt_dir / FILES_DIR
+    if integrity is None and not records_dir.is_dir():
+        return  # written before integrity records existed
+    expected: dict[str, list[tuple[int, str]]] = {}
+    world = _int_or_none(integrity.get("world_size")) if isinstance(integrity, dict) else None
+    record_files = sorted(
+        {records_dir / f"rank_{r}.json" for r in range(world or 0)}
+        | set(records_dir.glob("rank_*.json"))
+    )
+    if not record_files:
+        raise CheckpointError(f"{records_dir}: missing (no integrity record of any rank)")
+    for rec_file in record_files:
+        if not rec_file.is_file():
+            raise CheckpointError(f"{rec_file}: missing (integrity record of a rank that saved)")
+        try:
+            for rel, meta in json.loads(rec_file.read_text())["files"].items():
+                expected.setdefault(rel, []).append((int(meta["size"]), str(meta["sha256"])))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{rec_file}: unreadable integrity record ({e})") from None
+    for rel, claims in sorted(expected.items()):
+        _check_file(ckpt_dir / rel, claims, hashes)
+
+
+def _check_file(path: Path, claims: list[tuple[int, str]], hashes: bool) -> None:
+    """One file against what its writer(s) recorded (ranks that wrote the same path agree)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (expected {claims[0][0]} bytes)")
+    size = path.stat().st_size
+    sizes = sorted({s for s, _ in claims})
+    if size not in sizes:
+        what = "truncated" if size < max(sizes) else "wrong size"
+        raise CheckpointError(f"{path}: {what}: expected {sizes[-1]} bytes, found {size}")
+    if hashes:
+        want = {sha for s, sha in claims if s == size}
+        got = file_sha256(path)
+        if got not in want:
+            raise CheckpointError(
+                f"{path}: hash mismatch: sha256 {got[:16]}..., expected {sorted(want)[0][:16]}..."
+            )
+
+
+def _int_or_none(v: Any) -> Optional[int]:
+    try:
+        return int(v) if v is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _read_state_checked(ckpt_dir: Path) -> dict[str, Any]:
+    path = Path(ckpt_dir) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path}: not a trainer state (no 'step')")
+    return state
 
 
 def report(metrics: dict[str, Any], local_dir: Optional[Path], step: int) -> None:
@@ -86,8 +222,13 @@ def read_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
 
 
 def load(engine, ckpt_dir: Path, rank: int) -> dict[str, Any]:
-    """Restores engine, RNG and trainer state from a checkpoint directory."""
+    """Restores engine, RNG and trainer state from a checkpoint directory.
+
+    Checks sizes against the integrity records first (the driver has verified the hashes of
+    the checkpoint it resumes from, see trainer/resume.py).
+    """
     ckpt_dir = Path(ckpt_dir)
+    verify_checkpoint(ckpt_dir, hashes=False)
     path, _ = engine.load_checkpoint(
         str(ckpt_dir / "ds"),
         tag=DS_TAG,

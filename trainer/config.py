@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from cluster.config import ClusterConfig
 from data_pipeline.config import DataConfig
 from models.gpt import GPTConfig
+from trainer.guard import GuardConfig
 from trainer.parallel import Layout, check_model_fits, make_layout
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -78,6 +79,10 @@ class ParallelConfig:
     overlap_comm: bool = False
     reduce_bucket_size: int = 50_000_000
     allgather_bucket_size: int = 50_000_000
+    # ZeRO-3 only: build the model already partitioned (deepspeed.zero.Init), for models one
+    # worker cannot hold. The weights equal a whole build's; DeepSpeed's gradient reduction
+    # order differs slightly (fp32 losses drift ~1e-5 relative over 10 steps of gpt-tiny).
+    partitioned_init: bool = False
     # Model parallelism; data-parallel size = cluster.num_workers / (tensor x pipeline).
     tensor_parallel: int = 1  # DeepSpeed AutoTP, ZeRO 0-2
     pipeline_parallel: int = 1  # DeepSpeed PipelineModule, ZeRO 0-1
@@ -90,6 +95,10 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage ({self.zero_stage}) must be 0, 1, 2 or 3")
+        if self.partitioned_init and self.zero_stage != 3:
+            raise ValueError(
+                f"partitioned_init needs zero_stage 3 (got zero_stage {self.zero_stage})"
+            )
         if self.tensor_parallel < 1 or self.pipeline_parallel < 1:
             raise ValueError(
                 f"tensor_parallel ({self.tensor_parallel}) and pipeline_parallel "
@@ -176,6 +185,8 @@ class TrainerConfig:
     # End this invocation after this step, checkpointing it (the LR schedule still follows
     # max_steps): for time-limited allocations. Run the same command again to continue.
     stop_at_step: Optional[int] = None
+    # Fault injection for tests and drills: these steps' first micro-batch loss becomes NaN.
+    inject_nan_at_steps: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for k in ("max_steps", "micro_batch_size", "global_batch_size", "keep_last"):
@@ -208,6 +219,7 @@ class RootConfig:
     precision: PrecisionConfig
     cluster: ClusterConfig
     logging: LoggingConfig
+    guard: GuardConfig
     trainer: TrainerConfig
     run: RunConfig
 
@@ -242,6 +254,7 @@ GROUPS: dict[str, type] = {
     "precision": PrecisionConfig,
     "cluster": ClusterConfig,
     "logging": LoggingConfig,
+    "guard": GuardConfig,
     "trainer": TrainerConfig,
     "run": RunConfig,
 }

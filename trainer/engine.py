@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import zlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from models.gpt import GPT, GPTConfig
 from trainer.config import OptimConfig, ParallelConfig, PrecisionConfig
+from trainer.guard import skipped_optimizer_step
 from trainer.parallel import Layout, pipeline_module, tensor_parallel_config
 
 
@@ -69,6 +74,79 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def _name_seed(seed: int, name: str) -> int:
+    return zlib.crc32(f"{seed}:{name}".encode())
+
+
+def init_weights(model: GPT, seed: int, gather=None) -> None:
+    """(Re)initialises every module from its own generator, seeded by (seed, module name), so
+    the weights do not depend on how the model was built: whole, or partitioned as it is built
+    (ZeRO-3), which draws from the global RNG differently. `gather(params)` is a context that
+    makes a module's parameters whole while it is initialised."""
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if not own:
+            continue
+        generator = torch.Generator().manual_seed(_name_seed(seed, name))
+        with gather(own) if gather else contextlib.nullcontext():
+            model.init_module_weights(module, generator=generator)
+
+
+def build_model(
+    model_cfg: GPTConfig,
+    parallel: ParallelConfig,
+    precision: PrecisionConfig,
+    optim: OptimConfig,
+    *,
+    seed: int,
+    layout: Layout,
+    micro_batch: int,
+    grad_accum: int,
+) -> GPT:
+    """The GPT for this rank, with weights that depend only on `seed` (or model.init_from).
+    With parallel.partitioned_init (ZeRO-3) no rank ever holds the whole model: modules are
+    partitioned as they are built (deepspeed.zero.Init) and initialised one module at a time
+    on gathered weights, to exactly the values of a whole build."""
+    _init_distributed()
+    if not parallel.partitioned_init:
+        model = GPT(model_cfg)
+        init_weights(model, seed)
+        if model_cfg.init_from:
+            from trainer.init_from import load_hf_weights
+
+            load_hf_weights(model, model_cfg.init_from)
+        return model
+    import deepspeed
+
+    ds_config = deepspeed_config(
+        parallel,
+        precision,
+        optim,
+        micro_batch=micro_batch,
+        grad_accum=grad_accum,
+        dp_size=layout.dp,
+    )
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = GPT(model_cfg)
+
+    def gather(params):
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+    init_weights(model, seed, gather)
+    if model_cfg.init_from:  # gathers the whole model once: fine-tuning sizes only
+        from trainer.init_from import load_hf_weights
+
+        with gather(list(model.parameters())):
+            load_hf_weights(model, model_cfg.init_from)
+    return model
+
+
+def _init_distributed() -> None:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
 def build_engine(
@@ -136,22 +214,45 @@ def _local_grad_norm(module: torch.nn.Module) -> float:
     return torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])).item()
 
 
-def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], *, tp: int):
-    """One optimizer step over this rank's micro batches; returns (losses, grad norm)."""
+def train_step(
+    engine,
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    tp: int,
+    judge: Callable[[list[torch.Tensor]], bool] | None = None,
+    poison: bool = False,
+):
+    """One optimizer step over this rank's micro batches; returns (losses, grad norm, skipped).
+
+    judge(losses) runs after the last forward, before the optimizer steps, and must give the
+    same answer on every rank (it sees the all-reduced loss); True skips the step: DeepSpeed
+    does its bookkeeping but no parameter or optimizer state changes. poison=True turns the
+    first micro-batch loss into NaN (fault injection). Under pipeline parallelism the step
+    runs inside DeepSpeed: non-finite gradients are skipped by DeepSpeed's own overflow check.
+    """
     if is_pipeline(engine):
         loss = engine.train_batch(iter(micro_batches))
-        return [loss.detach()], engine.get_global_grad_norm()
-    losses, norm = [], None
+        return [loss.detach()], engine.get_global_grad_norm(), False
+    losses, norm, skip = [], None, False
+    last = len(micro_batches) - 1
     for i, (x, y) in enumerate(micro_batches):
         _, loss = engine(x, y)
+        if poison and i == 0:
+            loss = loss * float("nan")
+        losses.append(loss.detach())
+        if i == last and judge is not None:
+            skip = judge(losses)
         engine.backward(loss)
-        if i == len(micro_batches) - 1 and engine.zero_optimization_stage() == 0 and tp == 1:
+        if i == last and not skip and engine.zero_optimization_stage() == 0 and tp == 1:
             # ZeRO-0 reports no norm; its gradients are whole and already averaged here.
             norm = _local_grad_norm(engine.module)
-        engine.step()
-        losses.append(loss.detach())
-    reported = engine.get_global_grad_norm()
-    return losses, reported if reported is not None else norm
+        if i == last and skip:
+            with skipped_optimizer_step(engine):
+                engine.step()
+        else:
+            engine.step()
+    reported = None if skip else engine.get_global_grad_norm()
+    return losses, reported if reported is not None else norm, skip
 
 
 @torch.no_grad()

@@ -68,7 +68,7 @@ class RunLogger:
         self._metrics.write(json.dumps(row) + "\n")
         if self.wandb is not None:
             self.wandb.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
-        self._console(step, row)
+        self._console(step, {"step": step, **metrics})
 
     def log_eval(self, step: int, val_loss: float) -> None:
         row = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}

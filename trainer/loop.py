@@ -15,12 +15,20 @@ import torch.distributed as dist
 
 from data_pipeline.loader import DistributedLoader, TokenShards
 from data_pipeline.manifest import Manifest
-from models.gpt import GPT, estimate_flops_per_token, estimate_num_params
+from models.gpt import estimate_flops_per_token, estimate_num_params
 from trainer import checkpoint
 from trainer.config import RootConfig
-from trainer.engine import build_engine, eval_losses, is_pipeline, set_lr, train_step
+from trainer.engine import (
+    build_engine,
+    build_model,
+    eval_losses,
+    is_pipeline,
+    set_lr,
+    train_step,
+)
+from trainer.guard import LossGuard, TooManyBadSteps
 from trainer.logger import RunLogger
-from trainer.metrics import Throughput, memory_stats
+from trainer.metrics import Throughput, memory_stats, model_state_bytes, peak_rss_mib
 from trainer.schedule import lr_at
 
 
@@ -57,20 +65,16 @@ def train_worker(config: dict[str, Any]) -> None:
 
     layout = cfg.layout
     dp_rank = layout.dp_rank(rank)  # TP/PP peers read the same batch
-    model = GPT(m)  # same seed on every rank -> identical initial weights
-    if m.init_from:  # fine-tuning; on resume the checkpoint overwrites these weights
-        from trainer.init_from import load_hf_weights
-
-        load_hf_weights(model, m.init_from)
-    engine = build_engine(
-        model,
-        cfg.parallel,
-        cfg.precision,
-        cfg.optim,
-        layout=layout,
-        micro_batch=t.micro_batch_size,
-        grad_accum=cfg.grad_accum,
-    )
+    sizes = dict(layout=layout, micro_batch=t.micro_batch_size, grad_accum=cfg.grad_accum)
+    # Same seed on every rank -> identical initial weights (ZeRO-3: built partitioned).
+    model = build_model(m, cfg.parallel, cfg.precision, cfg.optim, seed=t.seed, **sizes)
+    engine = build_engine(model, cfg.parallel, cfg.precision, cfg.optim, **sizes)
+    memory = {
+        "rank": rank,
+        "layout": str(layout),
+        **model_state_bytes(engine),
+        "rss_after_build_mib": memory_stats()["rss_mib"],
+    }
 
     state: dict[str, Any] = {"step": 0, "consumed_samples": 0, "wandb_id": None}
     ckpt = ray.train.get_checkpoint()
@@ -103,6 +107,17 @@ def train_worker(config: dict[str, Any]) -> None:
         shuffle=False,
     )
 
+    guard = LossGuard(cfg.guard)
+    if state.get("guard"):
+        guard.load_state_dict(state["guard"])
+    step_loss: dict[str, Any] = {}
+
+    def judge(losses: list[torch.Tensor]) -> bool:
+        """Same verdict on every rank: it sees the loss averaged over all of them."""
+        step_loss["mean"] = mean_across_ranks([x.float().item() for x in losses])
+        step_loss["reason"] = guard.judge(step_loss["mean"])
+        return step_loss["reason"] is not None
+
     wandb_id = state.get("wandb_id") or uuid.uuid4().hex[:12]
     logger: Optional[RunLogger] = None
     if rank == 0:
@@ -129,18 +144,41 @@ def train_worker(config: dict[str, Any]) -> None:
     val_loss: Optional[float] = None
     last_metrics: dict[str, Any] = {}
     try:
-        for step in range(start_step + 1, last_step + 1):
+        poison_left = set(t.inject_nan_at_steps)  # fires once, even if a rollback repeats it
+        step = start_step
+        while step < last_step:
+            step += 1
             lr = lr_at(step, cfg.optim, t.max_steps)
             set_lr(engine, lr)
+            step_loss.clear()
             t_data = time.perf_counter()
             micro_batches = train_loader.next_step()
             data_s = time.perf_counter() - t_data
-            losses, grad_norm = train_step(engine, micro_batches, tp=layout.tp)
+            losses, grad_norm, skipped = train_step(
+                engine,
+                micro_batches,
+                tp=layout.tp,
+                judge=judge if guard.cfg.enabled else None,
+                poison=step in poison_left,
+            )
+            poison_left.discard(step)
             meter.step()
             tokens_this_run += t.global_batch_size * seq_len
+            roll_back = False
+            if skipped:
+                if logger:
+                    print(
+                        f"[guard] step {step} skipped: {step_loss['reason']} "
+                        f"({guard.skipped + 1} skipped so far)"
+                    )
+                roll_back = guard.reject()
+            elif "mean" in step_loss:
+                guard.accept(step_loss["mean"])
 
             if step % cfg.logging.log_interval == 0 or step == last_step:
-                loss_mean = mean_across_ranks([x.float().item() for x in losses])
+                loss_mean = step_loss.get("mean")
+                if loss_mean is None:
+                    loss_mean = mean_across_ranks([x.float().item() for x in losses])
                 last_metrics = {
                     "loss": loss_mean,
                     "lr": lr,
@@ -149,10 +187,14 @@ def train_worker(config: dict[str, Any]) -> None:
                     "data_time_s": data_s,
                     "consumed_samples": train_loader.consumed_samples,
                     "tokens": train_loader.consumed_samples * seq_len,
+                    "skipped_steps": guard.skipped,
                     **memory_stats(),
                 }
                 if logger:
                     logger.log(step, last_metrics)
+            if roll_back:
+                step = recover(engine, guard, cfg, rank, step, train_loader, logger)
+                continue
 
             is_last = step == last_step
             if (t.eval_interval and step % t.eval_interval == 0) or is_last:
@@ -166,6 +208,7 @@ def train_worker(config: dict[str, Any]) -> None:
                     "consumed_samples": train_loader.consumed_samples,
                     "loader": train_loader.state_dict(),
                     "wandb_id": wandb_id,
+                    "guard": guard.state_dict(),
                     "run_name": cfg.run.name,
                     "config": cfg.to_dict(),
                 }
@@ -189,9 +232,11 @@ def train_worker(config: dict[str, Any]) -> None:
             "precision": cfg.precision.dtype_name,
             "zero_stage": cfg.parallel.zero_stage,
             "consumed_samples": train_loader.consumed_samples,
+            "skipped_steps": guard.skipped,
             "wandb_id": wandb_id,
         }
         summary["mfu"] = summary["tokens_per_sec"] * flops_per_token / meter.peak
+        write_memory_report(cfg.run_dir, {**memory, "peak_rss_mib": peak_rss_mib()})
         sample = None
         if not is_pipeline(engine):  # stages hold parts of the model: no single forward
             sample = generate_sample(engine, data_dir, t.sample_prompt, t.sample_tokens, t.seed)
@@ -202,6 +247,39 @@ def train_worker(config: dict[str, Any]) -> None:
     finally:
         if logger:
             logger.close()
+
+
+def recover(engine, guard: LossGuard, cfg: RootConfig, rank: int, step: int, loader, logger) -> int:
+    """After guard.max_consecutive bad steps: stop, or roll back to the newest checkpoint
+    and carry on from the current data position (skipping the offending window)."""
+    where = f"{guard.cfg.max_consecutive} bad steps in a row up to step {step}"
+    latest = sorted(Path(cfg.run_dir).glob("checkpoint_*"))
+    if guard.cfg.on_repeated == "stop" or not latest:
+        why = "guard.on_repeated=stop" if latest else "no checkpoint to roll back to yet"
+        raise TooManyBadSteps(
+            f"{where}; stopping ({why}). Lower optim.lr, check the data "
+            f"around sample {loader.consumed_samples}, or raise "
+            "guard.max_consecutive"
+        )
+    position = loader.state_dict()
+    state = checkpoint.load(engine, latest[-1], rank)
+    loader.load_state_dict(position)  # continue past the bad window, not through it again
+    guard.consecutive = 0
+    if logger:
+        print(
+            f"[guard] {where}: rolled back to step {state['step']} ({latest[-1].name}); "
+            f"skipping samples {state['consumed_samples']}..{position['consumed_samples']}"
+        )
+    return int(state["step"])
+
+
+def write_memory_report(run_dir: Path, report: dict[str, Any]) -> None:
+    """run_dir/memory/rank_<r>.json: what each worker held (bench/memory.py reads these)."""
+    import json
+
+    out = Path(run_dir) / "memory"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank_{report['rank']}.json").write_text(json.dumps(report, indent=1) + "\n")
 
 
 def generate_sample(engine, data_dir: str, prompt: str, n_tokens: int, seed: int) -> Optional[str]:

@@ -113,3 +113,46 @@ class Throughput:
             "step_time_s": dt / steps,
             "mfu": tps * self.flops_per_token / self.peak,
         }
+
+
+def _innermost_optimizer(opt):
+    """DeepSpeed wraps the torch optimizer (ZeRO, bf16); the innermost one owns the states."""
+    seen = set()
+    while hasattr(opt, "optimizer") and id(opt) not in seen and opt.optimizer is not None:
+        seen.add(id(opt))
+        opt = opt.optimizer
+    return opt
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def model_state_bytes(engine) -> dict[str, int]:
+    """Bytes of model state this rank holds: parameters (ZeRO-3: its partition), and the
+    optimizer's own tensors (fp32 master copies when separate, Adam moments)."""
+    seen: set[int] = set()
+    params = 0
+    for p in engine.module.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        params += _nbytes(p.ds_tensor) if hasattr(p, "ds_tensor") else _nbytes(p)
+    inner = _innermost_optimizer(engine.optimizer)
+    master = moments = 0
+    for group in inner.param_groups:
+        for p in group["params"]:
+            if id(p) not in seen:  # a separate (fp32) master copy, not the model's own tensor
+                seen.add(id(p))
+                master += _nbytes(p)
+            for v in inner.state.get(p, {}).values():
+                if torch.is_tensor(v) and v.dim() > 0:
+                    moments += _nbytes(v)
+    return {"param_bytes": params, "master_bytes": master, "optim_state_bytes": moments}
+
+
+def peak_rss_mib() -> float:
+    """High-water RSS of this process (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

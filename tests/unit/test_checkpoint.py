@@ -1,0 +1,319 @@
+"""Checkpoint integrity records and the resume compatibility rules, on synthetic directories."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer import checkpoint
+from trainer.checkpoint import CheckpointError, verify_checkpoint
+from trainer.config import ConfigError, load_config
+from trainer.resume import (
+    LAYOUT_FIELDS,
+    MODEL_SHAPE_FIELDS,
+    SNAPSHOT_FILE,
+    check_resume_compatible,
+    compare_configs,
+    find_resume_checkpoint,
+)
+
+
+class FakeEngine:
+    """Writes what DeepSpeed's save_checkpoint writes for one rank (rank 0 adds `latest`)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def save_checkpoint(self, save_dir: str, tag: str) -> None:
+        d = Path(save_dir) / tag
+        d.mkdir(parents=True, exist_ok=True)
+        torch.save({"w": torch.arange(1000.0) + self.rank}, d / f"zero_pp_rank_{self.rank}.pt")
+        if self.rank == 0:
+            torch.save({"module": torch.ones(50)}, d / "mp_rank_00_model_states.pt")
+            (Path(save_dir) / "latest").write_text(tag)
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    return load_config(
+        [
+            "+experiment=smoke",
+            f"run.root={root}",
+            "run.name=r",
+            f"data.out_dir={root / 'no-data'}",
+        ]
+    )
+
+
+def make_checkpoint(dest: Path, state: dict, world: int = 2) -> Path:
+    """Each rank saves into its own local dir (save_local); the dirs are merged, as Ray does."""
+    dest.mkdir(parents=True)
+    for rank in range(world):
+        local = checkpoint.save_local(FakeEngine(rank), rank, state)
+        shutil.copytree(local, dest, dirs_exist_ok=True)
+        shutil.rmtree(local)
+    return dest
+
+
+@pytest.fixture
+def ckpt(tmp_path, cfg) -> Path:
+    state = {"step": 10, "consumed_samples": 80, "wandb_id": "abc", "config": cfg.to_dict()}
+    return make_checkpoint(tmp_path / "checkpoint_00000010", state)
+
+
+def digest(d: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(d.rglob("*")):
+        h.update(str(p.relative_to(d)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------- integrity
+
+
+def test_save_local_records_every_file_of_each_rank(ckpt):
+    rec0 = json.loads((ckpt / "files" / "rank_0.json").read_text())["files"]
+    rec1 = json.loads((ckpt / "files" / "rank_1.json").read_text())["files"]
+    assert set(rec0) == {
+        "ds/ds/zero_pp_rank_0.pt",
+        "ds/ds/mp_rank_00_model_states.pt",
+        "ds/latest",
+        "rng/rank_0.pt",
+        "trainer_state.json",
+    }
+    assert set(rec1) == {"ds/ds/zero_pp_rank_1.pt", "rng/rank_1.pt"}
+    meta = rec1["rng/rank_1.pt"]
+    data = (ckpt / "rng" / "rank_1.pt").read_bytes()
+    assert meta == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    state = checkpoint.read_trainer_state(ckpt)
+    assert state["step"] == 10 and state["integrity"] == {"world_size": 2}
+    verify_checkpoint(ckpt)
+
+
+def test_truncated_file_is_named_with_both_sizes(ckpt):
+    f = ckpt / "ds" / "ds" / "zero_pp_rank_1.pt"
+    size = f.stat().st_size
+    f.write_bytes(f.read_bytes()[: size // 2])
+    with pytest.raises(CheckpointError) as e:
+        verify_checkpoint(ckpt)
+    msg = str(e.value)
+    assert str(f) in msg and f"truncated: expected {size} bytes, found {size // 2}" in msg
+    assert "\n" not in msg
+
+
+def test_missing_file_is_named(ckpt):
+    (ckpt / "rng" / "rank_0.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"rng/rank_0\.pt: missing"):
+        verify_checkpoint(ckpt)
+
+
+def test_same_size_other_bytes_is_a_hash_mismatch(ckpt):
+    f = ckpt / "ds" / "ds" / "mp_rank_00_model_states.pt"
+    data = bytearray(f.read_bytes())
+    data[-100] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states\.pt: hash mismatch"):
+        verify_checkpoint(ckpt)
+    verify_checkpoint(ckpt, hashes=False)  # sizes alone cannot see it
+
+
+def test_missing_rank_record_is_named(ckpt):
+    (ckpt / "files" / "rank_1.json").unlink()
+    with pytest.raises(CheckpointError, match=r"files/rank_1\.json: missing"):
+        verify_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [(None, "trainer_state.json: missing"), ('{"step": 3', "trainer_state.json: not valid JSON")],
+)
+def test_bad_trainer_state(ckpt, content, problem):
+    f = ckpt / "trainer_state.json"
+    if content is None:
+        f.unlink()
+    else:
+        f.write_text(content)
+    with pytest.raises(CheckpointError) as e:
+        verify_checkpoint(ckpt)
+    assert problem in str(e.value) and "\n" not in str(e.value)
+
+
+def test_checkpoint_without_records_is_checked_for_its_state_only(tmp_path):
+    (tmp_path / "trainer_state.json").write_text('{"step": 10}')
+    verify_checkpoint(tmp_path)  # written before integrity records existed
+    (tmp_path / "trainer_state.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="not a trainer state"):
+        verify_checkpoint(tmp_path)
+
+
+def test_load_refuses_a_truncated_checkpoint_before_deepspeed(ckpt):
+    class Engine:
+        def load_checkpoint(self, *a, **k):
+            raise AssertionError("DeepSpeed must not be reached")
+
+    f = ckpt / "rng" / "rank_1.pt"
+    f.write_bytes(f.read_bytes()[:10])
+    with pytest.raises(CheckpointError, match="truncated"):
+        checkpoint.load(Engine(), ckpt, rank=1)
+
+
+# ------------------------------------------------------------------ which checkpoint
+
+
+def test_snapshot_names_the_checkpoint_even_when_not_the_highest(tmp_path):
+    for step in (2, 4):
+        (tmp_path / f"checkpoint_{step:08d}").mkdir()
+    snap = {"ray_version": "2.60.0", "latest_checkpoint_result": None}
+    snap["latest_checkpoint_result"] = {"version": 0, "checkpoint_dir_name": "checkpoint_00000002"}
+    (tmp_path / SNAPSHOT_FILE).write_text(json.dumps(snap))
+    assert find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint_00000002"
+    (tmp_path / SNAPSHOT_FILE).write_text(json.dumps({**snap, "latest_checkpoint_result": None}))
+    assert find_resume_checkpoint(tmp_path) is None  # Ray starts from scratch
+    (tmp_path / SNAPSHOT_FILE).write_text("{not json")
+    assert find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint_00000004"
+
+
+def test_without_snapshot_the_highest_step_wins(tmp_path):
+    assert find_resume_checkpoint(tmp_path / "nope") is None
+    for name in ("checkpoint_00000009", "checkpoint_00000010", "checkpoint_x"):
+        (tmp_path / name).mkdir()
+    assert find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint_00000010"
+
+
+# ---------------------------------------------------------------- compatibility rules
+
+
+def _other(v):
+    if isinstance(v, bool):
+        return not v
+    if isinstance(v, int):
+        return v * 2
+    if v is None:
+        return 2
+    return {"learned": "rope", "layernorm": "rmsnorm", "gelu": "swiglu"}[v]
+
+
+@pytest.mark.parametrize("key", MODEL_SHAPE_FIELDS)
+def test_every_model_shape_field_is_a_problem(cfg, key):
+    saved = cfg.to_dict()
+    now = copy.deepcopy(saved)
+    now["model"][key] = _other(saved["model"][key])
+    problems, notes = compare_configs(saved, now)
+    assert problems == [
+        f"model.{key} is {saved['model'][key]!r} there, {now['model'][key]!r} now"
+    ], problems
+    assert notes == []
+
+
+@pytest.mark.parametrize("group, key", LAYOUT_FIELDS)
+def test_layout_changes_are_notes_not_problems(cfg, group, key):
+    saved = cfg.to_dict()
+    now = copy.deepcopy(saved)
+    v = saved[group][key]
+    now[group][key] = "fp32" if key == "name" else _other(v)
+    problems, notes = compare_configs(saved, now)
+    assert problems == [] and notes == [f"{group}.{key} {v!r} -> {now[group][key]!r}"]
+
+
+@pytest.mark.parametrize(
+    "group, key, value, problem",
+    [
+        ("data", "seq_len", 32, "data.seq_len is 64 there, 32 now"),
+        ("optim", "lr", 1e-3, None),
+        ("trainer", "max_steps", 500, None),
+        ("model", "dropout", 0.1, None),
+        ("model", "activation_checkpointing", True, None),
+        # no tokenizer hash on either side: the settings that decide the BPE are compared
+        ("data", "vocab_size", 384, "data.vocab_size is 512 there, 384 now (it decides"),
+        ("data", "max_documents", 80, "data.max_documents is 40 there, 80 now (it decides"),
+        ("data", "tokenizer", "/x/tokenizer.json", "data.tokenizer is None there"),
+        ("data", "samples_per_shard", 64, None),
+    ],
+)
+def test_rule_table(cfg, group, key, value, problem):
+    saved = cfg.to_dict()
+    now = copy.deepcopy(saved)
+    now[group][key] = value
+    problems, _ = compare_configs(saved, now)
+    if problem is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and problems[0].startswith(problem), problems
+
+
+def test_tokenizer_hashes_decide_when_both_are_known(cfg):
+    saved = cfg.to_dict()
+    now = copy.deepcopy(saved)
+    now["data"]["vocab_size"] = 384  # settings differ, but the tokenizer file is the same
+    same = ("a" * 64, "/old/manifest.json")
+    assert compare_configs(saved, now, saved_tok=same, now_tok=("a" * 64, "/new"))[0] == []
+    problems, _ = compare_configs(saved, saved, saved_tok=same, now_tok=("b" * 64, "/new"))
+    assert problems == ["the tokenizer is sha256 aaaaaaaaaaaa there, bbbbbbbbbbbb now (from /new)"]
+
+
+# ------------------------------------------------------------ on a synthetic run dir
+
+
+def _run_with_checkpoint(cfg, **config_changes) -> Path:
+    saved = cfg.to_dict()
+    for dotted, value in config_changes.items():
+        group, key = dotted.split("__")
+        saved[group][key] = value
+    state = {"step": 10, "consumed_samples": 80, "config": saved}
+    run_dir = cfg.run_dir
+    shutil.rmtree(run_dir, ignore_errors=True)
+    make_checkpoint(run_dir / "checkpoint_00000010", state)
+    return run_dir
+
+
+def test_compatible_checkpoint_is_returned_and_nothing_is_written(cfg, capsys):
+    run_dir = _run_with_checkpoint(cfg, parallel__zero_stage=3)
+    before = digest(run_dir)
+    assert check_resume_compatible(cfg) == run_dir / "checkpoint_00000010"
+    out = capsys.readouterr().out
+    assert "continues from" in out and "parallel.zero_stage 3 -> 2" in out
+    assert digest(run_dir) == before
+
+
+def test_other_model_shape_is_one_config_error_line(cfg):
+    run_dir = _run_with_checkpoint(cfg, model__n_layer=4)
+    before = digest(run_dir)
+    with pytest.raises(ConfigError) as e:
+        check_resume_compatible(cfg)
+    assert str(e.value) == (
+        "cannot resume run 'r' from checkpoint_00000010: model.n_layer is 4 there, 2 now "
+        "(start a new run.name, or restore the config)"
+    )
+    assert digest(run_dir) == before
+
+
+def test_damaged_checkpoint_is_a_config_error_naming_the_file(cfg):
+    run_dir = _run_with_checkpoint(cfg)
+    (run_dir / "checkpoint_00000010" / "ds" / "latest").write_text("dz")
+    with pytest.raises(ConfigError) as e:
+        check_resume_compatible(cfg)
+    msg = str(e.value)
+    assert msg.startswith("cannot resume run 'r' from checkpoint_00000010: ")
+    assert "ds/latest: hash mismatch" in msg and "\n" not in msg
+
+
+def test_registered_checkpoint_that_is_gone_is_a_config_error(cfg):
+    run_dir = _run_with_checkpoint(cfg)
+    snap = {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_00000020"}}
+    (run_dir / SNAPSHOT_FILE).write_text(json.dumps(snap))
+    with pytest.raises(ConfigError, match="checkpoint_00000020 is missing"):
+        check_resume_compatible(cfg)
+
+
+def test_no_run_dir_means_a_fresh_start(cfg):
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    assert check_resume_compatible(cfg) is None

@@ -1,0 +1,135 @@
+"""The layout arithmetic and the model-shape rules of each parallel dimension."""
+
+from __future__ import annotations
+
+import pytest
+
+from models.gpt import GPTConfig
+from trainer.config import ConfigError, load_config
+from trainer.parallel import Layout, check_model_fits, make_layout, tensor_parallel_config
+
+
+@pytest.mark.parametrize(
+    "world,tp,pp,dp", [(1, 1, 1, 1), (2, 2, 1, 1), (2, 1, 2, 1), (4, 2, 1, 2), (8, 2, 2, 2)]
+)
+def test_layout_factors(world, tp, pp, dp):
+    layout = make_layout(world, tp, pp)
+    assert (layout.dp, layout.tp, layout.pp) == (dp, tp, pp)
+    assert layout.dp * layout.tp * layout.pp == world
+
+
+def test_layout_that_does_not_fit_prints_every_factor():
+    with pytest.raises(ValueError) as e:
+        make_layout(6, 4, 1)
+    msg = str(e.value)
+    for part in ("num_workers (6)", "tensor_parallel (4)", "pipeline_parallel (1)", "1.5"):
+        assert part in msg, msg
+
+
+def test_data_parallel_rank_follows_deepspeed_rank_order():
+    # TP peers are consecutive ranks and share a data shard.
+    tp = Layout(world=4, dp=2, tp=2, pp=1)
+    assert [tp.dp_rank(r) for r in range(4)] == [0, 0, 1, 1]
+    # Pipeline ranks are stage-major: stage s, data-parallel d -> rank s*dp + d.
+    pp = Layout(world=4, dp=2, tp=1, pp=2)
+    assert [pp.dp_rank(r) for r in range(4)] == [0, 1, 0, 1]
+    dp = Layout(world=3, dp=3, tp=1, pp=1)
+    assert [dp.dp_rank(r) for r in range(3)] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "kwargs,tp,pp,message",
+    [
+        (
+            dict(n_head=6, d_model=384),
+            4,
+            1,
+            r"n_head \(6\) is not divisible by tensor_parallel \(4\)",
+        ),
+        (dict(n_head=8, n_kv_head=2), 4, 1, r"n_kv_head \(2\) is not divisible by tensor_parallel"),
+        (
+            dict(n_head=16, d_model=512, d_ff=1000),
+            16,
+            1,
+            r"d_ff\) \(1000\) is not divisible by tensor_parallel \(16\)",
+        ),
+        (dict(n_layer=2), 1, 4, r"n_layer \(2\) is smaller than pipeline_parallel \(4\)"),
+    ],
+)
+def test_model_shape_rules(kwargs, tp, pp, message):
+    cfg = GPTConfig(**kwargs)
+    with pytest.raises(ValueError, match=message):
+        check_model_fits(cfg, make_layout(tp * pp, tp, pp))
+
+
+def test_tensor_parallel_specs_cover_every_projection():
+    import re
+
+    specs = tensor_parallel_config(2)["partition_config"]["layer_specs"]
+    kinds = {}
+    for name in (
+        "attn.q_proj",
+        "attn.k_proj",
+        "attn.v_proj",
+        "attn.o_proj",
+        "mlp.up",
+        "mlp.gate",
+        "mlp.down",
+        "ln_1",
+        "wte",
+    ):
+        full = f"blocks.3.{name}.weight"
+        hits = [s["partition_type"] for s in specs if any(re.match(p, full) for p in s["patterns"])]
+        kinds[name] = hits
+    assert kinds["attn.q_proj"] == kinds["mlp.up"] == kinds["mlp.gate"] == ["column"]
+    assert kinds["attn.o_proj"] == kinds["mlp.down"] == ["row"]
+    assert kinds["ln_1"] == kinds["wte"] == []
+
+
+BAD = [
+    (
+        ["parallel=tp2", "model.n_head=4", "model.n_kv_head=1"],
+        r"n_kv_head \(1\) is not divisible by tensor_parallel \(2\)",
+    ),
+    (
+        ["parallel=tp2", "parallel.tensor_parallel=4", "cluster.num_workers=2"],
+        r"num_workers \(2\) is not divisible by tensor_parallel \(4\)",
+    ),
+    (["parallel=pp2", "parallel.zero_stage=2"], r"DeepSpeed pipelines support ZeRO stage 0 or 1"),
+    (["parallel=pp2", "parallel.zero_stage=3"], r"DeepSpeed pipelines support ZeRO stage 0 or 1"),
+    (["parallel=tp2", "parallel.zero_stage=3"], r"AutoTP trains with ZeRO stage 0, 1 or 2"),
+    (
+        [
+            "parallel=tp2",
+            "parallel.pipeline_parallel=2",
+            "cluster.num_workers=4",
+            "cluster.cpus_per_worker=0.5",
+            "trainer.global_batch_size=8",
+        ],
+        r"3-D\) are not supported",
+    ),
+    (["parallel=zero2", "parallel.offload_params=true"], r"offload_params needs zero_stage 3"),
+    (["parallel=ddp", "parallel.offload_optimizer=true"], r"offload_optimizer needs zero_stage"),
+    (["parallel=pp2", "parallel.zero_stage=0"], r"pipeline_parallel with bf16 needs zero_stage 1"),
+    (["parallel=pp2", "model.n_layer=1"], r"n_layer \(1\) is smaller than pipeline_parallel \(2\)"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_layouts_fail_before_any_worker(overrides, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(overrides, default_name="t")
+    assert "\n" not in str(e.value)
+
+
+def test_layout_sets_the_data_parallel_batch():
+    cfg = load_config(
+        [
+            "parallel=tp2",
+            "cluster.num_workers=2",
+            "trainer.micro_batch_size=4",
+            "trainer.global_batch_size=8",
+        ],
+        default_name="t",
+    )
+    assert cfg.dp_size == 1 and cfg.grad_accum == 2

@@ -1,0 +1,107 @@
+"""Loss-spike and NaN guard.
+
+Every step's loss (mean over micro batches and data-parallel ranks, so every rank decides the
+same) is judged before the optimizer steps: non-finite, or above `spike_factor` x the running
+mean of accepted losses, makes it a bad step. A bad step is skipped (no parameter or optimizer
+state changes), logged and counted. After `max_consecutive` bad steps in a row the run either
+rolls back to its last checkpoint and continues past the offending data, or stops with a
+clear message (`on_repeated`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True, kw_only=True)
+class GuardConfig:
+    name: str = "default"
+    enabled: bool = True
+    spike_factor: float = 3.0  # a loss above this x running mean is a spike; 0 disables
+    warmup_steps: int = 20  # accepted steps before spikes are judged (losses fall fast early)
+    ema_beta: float = 0.95  # running mean of accepted losses
+    max_consecutive: int = 3  # bad steps in a row before on_repeated
+    on_repeated: str = "rollback"  # rollback | stop
+
+    def __post_init__(self) -> None:
+        if self.spike_factor != 0 and self.spike_factor <= 1:
+            raise ValueError(f"spike_factor ({self.spike_factor}) must be > 1 (or 0 to disable)")
+        if not 0 < self.ema_beta < 1:
+            raise ValueError(f"ema_beta ({self.ema_beta}) must be in (0, 1)")
+        if self.max_consecutive < 1:
+            raise ValueError(f"max_consecutive ({self.max_consecutive}) must be >= 1")
+        if self.on_repeated not in ("rollback", "stop"):
+            raise ValueError(f"on_repeated ('{self.on_repeated}') must be 'rollback' or 'stop'")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be >= 0")
+
+
+class TooManyBadSteps(RuntimeError):
+    """Raised with on_repeated=stop; its message is the one line the user sees."""
+
+
+class LossGuard:
+    def __init__(self, cfg: GuardConfig):
+        self.cfg = cfg
+        self.mean: Optional[float] = None
+        self.accepted = 0
+        self.consecutive = 0
+        self.skipped = 0
+
+    def judge(self, loss: float) -> Optional[str]:
+        """Why this step's loss is bad, or None if it is fine."""
+        if not self.cfg.enabled:
+            return None
+        if not math.isfinite(loss):
+            return f"non-finite loss ({loss})"
+        c = self.cfg
+        if c.spike_factor and self.mean is not None and self.accepted >= c.warmup_steps:
+            if loss > c.spike_factor * self.mean:
+                return (
+                    f"loss spike ({loss:.4f} > {c.spike_factor:g} x running mean {self.mean:.4f})"
+                )
+        return None
+
+    def accept(self, loss: float) -> None:
+        self.consecutive = 0
+        self.accepted += 1
+        b = self.cfg.ema_beta
+        self.mean = loss if self.mean is None else b * self.mean + (1 - b) * loss
+
+    def reject(self) -> bool:
+        """Counts a skipped step; True when max_consecutive bad steps have come in a row."""
+        self.skipped += 1
+        self.consecutive += 1
+        return self.consecutive >= self.cfg.max_consecutive
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "accepted": self.accepted, "skipped": self.skipped}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.mean, self.accepted, self.skipped = d["mean"], d["accepted"], d["skipped"]
+        self.consecutive = 0
+
+
+def innermost_optimizer(opt):
+    """DeepSpeed wraps the torch optimizer (ZeRO, bf16); the innermost one updates state."""
+    seen = set()
+    while getattr(opt, "optimizer", None) is not None and id(opt) not in seen:
+        seen.add(id(opt))
+        opt = opt.optimizer
+    return opt
+
+
+@contextlib.contextmanager
+def skipped_optimizer_step(engine):
+    """engine.step() inside this context does DeepSpeed's bookkeeping (micro-step counters,
+    gradient clearing, ZeRO partition copies) but the torch optimizer changes nothing."""
+    inner = innermost_optimizer(engine.optimizer)
+    original = inner.step
+    inner.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        inner.step = original
