@@ -16,6 +16,7 @@ sequential write bandwidth; and the time from a restart to the first new trainin
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import shutil
 import socket
@@ -81,9 +82,12 @@ def engine_checkpoint(model_overrides: list[str], root: Path, seq: int = 256) ->
     cfg = common.load_cfg([*model_overrides, f"model.block_size={seq}", "cluster.num_workers=1"])
     torch.manual_seed(0)
     model = GPT(cfg.model)
-    engine = build_engine(
-        model, cfg.parallel, cfg.precision, cfg.optim, micro_batch=2, grad_accum=1, dp_size=1
-    )
+    sizes: dict[str, Any] = {"micro_batch": 2, "grad_accum": 1}
+    if "layout" in inspect.signature(build_engine).parameters:
+        sizes["layout"] = cfg.layout  # world 1 = data 1 x tensor 1 x pipeline 1
+    else:
+        sizes["dp_size"] = 1
+    engine = build_engine(model, cfg.parallel, cfg.precision, cfg.optim, **sizes)
     x = torch.randint(0, cfg.model.vocab_size, (2, seq))
     _, loss = engine(x, x)
     engine.backward(loss)

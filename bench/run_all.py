@@ -1,6 +1,7 @@
 """Runs every benchmark in turn and prints a final summary table against the targets.
 
     python -m bench.run_all [--quick]
+    python -m bench.run_all --summary-only     # the table of the figures saved last time
 
 mfu and data reuse the gpt-tiny runs of stack_overhead (--reuse). Each benchmark also saves
 its figures as runs/bench/<name>.json.
@@ -9,12 +10,14 @@ its figures as runs/bench/<name>.json.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from typing import Any, Optional
 
 from bench import common
 
+NAMES = ("stack_overhead", "mfu", "data", "checkpoint")
 TARGETS = {
     "overhead": 0.97,  # raygpt tokens/s >= 0.97 x bare, gpt-tiny bf16
     "mfu": 0.50,  # larger model, of the measured bf16 matmul peak
@@ -120,6 +123,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m bench.run_all")
     p.add_argument("--quick", action="store_true", help="the small smoke version of each")
+    p.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="run nothing: the summary of the figures saved in runs/bench/<name>.json",
+    )
     args = p.parse_args(argv)
     quick = ["--quick"] if args.quick else []
 
@@ -127,10 +135,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     results: dict[str, Any] = {}
-    results["stack_overhead"] = stack_overhead.main(quick)
-    results["mfu"] = mfu.main([*quick, "--reuse"])
-    results["data"] = data.main([*quick, "--reuse"])
-    results["checkpoint"] = checkpoint.main(quick)
+    if args.summary_only:
+        for name in NAMES:
+            path = common.BENCH_DIR / f"{name}.json"
+            if path.is_file():
+                results[name] = json.loads(path.read_text())
+    else:
+        results["stack_overhead"] = stack_overhead.main(quick)
+        results["mfu"] = mfu.main([*quick, "--reuse"])
+        results["data"] = data.main([*quick, "--reuse"])
+        results["checkpoint"] = checkpoint.main(quick)
     rows = summary_rows(results)
     common.print_table(
         f"raygpt benchmark summary ({time.perf_counter() - t0:.0f} s)",

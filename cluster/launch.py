@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from cluster.config import ClusterConfig
 from trainer.config import ConfigError, RootConfig
@@ -97,11 +97,6 @@ def write_run_config(cfg: RootConfig) -> None:
     run_dir = cfg.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    ckpts = sorted(Path(run_dir).glob("checkpoint_*"))
-    return ckpts[-1] if ckpts else None
 
 
 def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, Any]:

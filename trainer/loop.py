@@ -29,6 +29,7 @@ from trainer.engine import (
 from trainer.guard import LossGuard, TooManyBadSteps
 from trainer.logger import RunLogger
 from trainer.metrics import Throughput, memory_stats, model_state_bytes, peak_rss_mib
+from trainer.resume import find_resume_checkpoint
 from trainer.schedule import lr_at
 
 
@@ -253,8 +254,8 @@ def recover(engine, guard: LossGuard, cfg: RootConfig, rank: int, step: int, loa
     """After guard.max_consecutive bad steps: stop, or roll back to the newest checkpoint
     and carry on from the current data position (skipping the offending window)."""
     where = f"{guard.cfg.max_consecutive} bad steps in a row up to step {step}"
-    latest = sorted(Path(cfg.run_dir).glob("checkpoint_*"))
-    if guard.cfg.on_repeated == "stop" or not latest:
+    latest = find_resume_checkpoint(Path(cfg.run_dir))  # the newest registered checkpoint
+    if guard.cfg.on_repeated == "stop" or latest is None:
         why = "guard.on_repeated=stop" if latest else "no checkpoint to roll back to yet"
         raise TooManyBadSteps(
             f"{where}; stopping ({why}). Lower optim.lr, check the data "
@@ -262,7 +263,7 @@ def recover(engine, guard: LossGuard, cfg: RootConfig, rank: int, step: int, loa
             "guard.max_consecutive"
         )
     position = loader.state_dict()
-    state = checkpoint.load(engine, latest[-1], rank)
+    state = checkpoint.load(engine, latest, rank)
     loader.load_state_dict(position)  # continue past the bad window, not through it again
     guard.consecutive = 0
     if logger:
