@@ -199,7 +199,8 @@ def train_worker(config: dict[str, Any]) -> None:
 
             is_last = step == last_step
             if (t.eval_interval and step % t.eval_interval == 0) or is_last:
-                val_loss = evaluate(engine, val_loader)
+                with meter.paused():
+                    val_loss = evaluate(engine, val_loader)
                 if logger:
                     logger.log_eval(step, val_loss)
 
@@ -213,8 +214,9 @@ def train_worker(config: dict[str, Any]) -> None:
                     "run_name": cfg.run.name,
                     "config": cfg.to_dict(),
                 }
-                local = checkpoint.save_local(engine, rank, trainer_state)
-                checkpoint.report({"step": step, "loss": last_metrics.get("loss")}, local, step)
+                with meter.paused():
+                    local = checkpoint.save_local(engine, rank, trainer_state)
+                    checkpoint.report({"step": step, "loss": last_metrics.get("loss")}, local, step)
 
         summary = {
             "run_name": cfg.run.name,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -99,14 +100,24 @@ class Throughput:
         self.peak = peak_flops_total
         self._t = time.perf_counter()
         self._steps = 0
+        self._paused = 0.0
 
     def step(self) -> None:
         self._steps += 1
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (eval, checkpoints) does not count against training throughput."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused += time.perf_counter() - t0
+
     def lap(self) -> dict[str, float]:
         now = time.perf_counter()
-        dt, steps = max(now - self._t, 1e-9), max(self._steps, 1)
-        self._t, self._steps = now, 0
+        dt, steps = max(now - self._t - self._paused, 1e-9), max(self._steps, 1)
+        self._t, self._steps, self._paused = now, 0, 0.0
         tps = self.tokens_per_step * steps / dt
         return {
             "tokens_per_sec": tps,

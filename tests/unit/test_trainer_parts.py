@@ -93,3 +93,18 @@ def test_measured_peak_is_cached(tmp_path, monkeypatch):
     assert (tmp_path / "peak.json").is_file()
     assert metrics.measure_matmul_flops("fp32", 1, seconds=0.05) == first  # from the cache
     assert metrics.peak_flops_per_worker("bf16", 1, configured=123.0) == 123.0
+
+
+def test_throughput_excludes_paused_time():
+    import time
+
+    from trainer.metrics import Throughput
+
+    meter = Throughput(tokens_per_step=1000, flops_per_token=6.0, peak_flops_total=1e9)
+    time.sleep(0.05)
+    meter.step()
+    with meter.paused():
+        time.sleep(0.2)  # an eval: must not dilute tokens/s
+    lap = meter.lap()
+    assert lap["step_time_s"] < 0.15
+    assert lap["tokens_per_sec"] > 1000 / 0.15
