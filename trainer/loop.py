@@ -270,7 +270,7 @@ def recover(engine, guard: LossGuard, cfg: RootConfig, rank: int, step: int, loa
     guard.consecutive = 0
     if logger:
         print(
-            f"[guard] {where}: rolled back to step {state['step']} ({latest[-1].name}); "
+            f"[guard] {where}: rolled back to step {state['step']} ({latest.name}); "
             f"skipping samples {state['consumed_samples']}..{position['consumed_samples']}"
         )
     return int(state["step"])

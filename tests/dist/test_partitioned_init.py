@@ -42,6 +42,11 @@ def _worker(rank: int, port: int, out: str) -> None:
                    f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    # DeepSpeed's CPU shared-memory comm leaves a joinable C++ thread behind: a normal
+    # interpreter exit sometimes aborts ("terminate called without an active exception")
+    # after the result above is written. Skip the C++ teardown; a failure before the
+    # torch.save still fails the test (no result file).
+    os._exit(0)
 
 
 def test_partitioned_build_equals_whole_build(tmp_path):

@@ -81,6 +81,10 @@ def test_resume_after_interruption_matches_uninterrupted_fp32(tmp_path, smoke_da
     summary, _ = run(tmp_path, smoke_data, "part", *fp32)  # same command -> resumes at 10
     assert summary["finished"]
 
+    # Checkpoints every 5 steps, trainer.keep_last=2: only the newest two remain.
+    kept = sorted(p.name for p in full.glob("checkpoint_0*"))
+    assert kept == ["checkpoint_00000015", "checkpoint_00000020"], kept
+
     ref, got = losses_by_step(full), losses_by_step(part)
     assert sorted(got) == list(range(1, 21))
     for step in range(1, 21):
