@@ -7,7 +7,8 @@ Each layout trains a few steps on local Ray; every worker writes run_dir/memory/
 (parameters it holds, the optimizer's fp32 master copy and Adam moments, RSS). Theory, with P
 the model's parameter bytes in fp32 and Adam's two moments (2P):
     parameters: P, or P/dp under ZeRO-3, ~P/tp under tensor parallel, ~P/pp per pipeline stage
-    optimizer:  2P, or 2P/dp under ZeRO 1-3, ~2P/tp, ~2P/pp
+    optimizer:  2P (moments; ZeRO-0 fp32 steps the model's own tensors), or 3P/dp under
+                ZeRO 1-3 (an fp32 master partition + moments), ~3P/tp, ~3P/pp (ZeRO-1, dp 1)
 (~: embeddings and norms are replicated under TP; stages differ in size under PP.)
 Then peak RSS with and without activation checkpointing at a larger micro batch.
 """
@@ -80,11 +81,11 @@ def theory(name: str, p_bytes: float, workers: int) -> tuple[float, float]:
     """(parameter bytes, optimizer bytes) per worker in theory."""
     params, optim = p_bytes, 2 * p_bytes
     if "ZeRO-3" in name:
-        params, optim = p_bytes / workers, 2 * p_bytes / workers
+        params, optim = p_bytes / workers, 3 * p_bytes / workers
     elif "tp2" in name or "pp2" in name:
-        params, optim = p_bytes / 2, 2 * p_bytes / 2
+        params, optim = p_bytes / 2, 3 * p_bytes / 2
     elif "ZeRO-1" in name or "ZeRO-2" in name:
-        optim = 2 * p_bytes / workers
+        optim = 3 * p_bytes / workers
     return params, optim
 
 

@@ -239,7 +239,10 @@ def train_worker(config: dict[str, Any]) -> None:
             "wandb_id": wandb_id,
         }
         summary["mfu"] = summary["tokens_per_sec"] * flops_per_token / meter.peak
-        write_memory_report(cfg.run_dir, {**memory, "peak_rss_mib": peak_rss_mib()})
+        # After training: Adam's moments exist only once the optimizer has stepped.
+        write_memory_report(
+            cfg.run_dir, {**memory, **model_state_bytes(engine), "peak_rss_mib": peak_rss_mib()}
+        )
         sample = None
         if not is_pipeline(engine):  # stages hold parts of the model: no single forward
             sample = generate_sample(engine, data_dir, t.sample_prompt, t.sample_tokens, t.seed)
