@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,34 +15,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cli_helpers import error_lines, run_cli, tree_digest
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 SMOKE = ["+experiment=smoke", "logging.mode=disabled", "trainer.sample_tokens=0"]
 
 
-def cli(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [PY, "-m", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def tree_digest(d: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(d.rglob("*")):
-        h.update(str(p.relative_to(d)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
-def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
-    return [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+cli = run_cli
 
 
 @pytest.fixture

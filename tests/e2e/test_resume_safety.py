@@ -7,15 +7,13 @@ One real 2-worker run (W&B offline, fake secrets in its environment) is shared b
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+from cli_helpers import error_lines, run_cli, tree_digest
 
 from trainer.config import load_config
 
@@ -31,27 +29,7 @@ RUN += ["trainer.eval_interval=0", "trainer.sample_tokens=0", "run.name=safe"]
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "trainer.train", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=400,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def tree_digest(d: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(d.rglob("*")):
-        h.update(str(p.relative_to(d)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
-def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
-    return [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    return run_cli("trainer.train", *args, timeout=400, env=env)
 
 
 def files_containing(root: Path, needles: list[bytes]) -> list[str]:
