@@ -177,7 +177,15 @@ class TrainerConfig:
     eval_interval: int = 100  # 0 disables periodic eval (a final eval still runs)
     eval_batches: int = 4  # micro batches per rank per eval
     checkpoint_interval: int = 100  # 0 -> only the final checkpoint
-    keep_last: int = 2
+    # Also checkpoint when this many minutes passed since the last one (preemptible clusters).
+    checkpoint_every_minutes: Optional[float] = None
+    keep_last: int = 2  # Ray keeps the newest K checkpoints ...
+    # ... and every M-th checkpoint_interval checkpoint (step % (M x interval) == 0) is kept
+    # for good under run_dir/kept/ (hard links: no extra bytes). 0: keep only the last K.
+    keep_every: int = 0
+    # SIGTERM to the driver (preemption notice, `ray job stop`): checkpoint at the next step
+    # boundary, then exit 143. False: stop without that checkpoint.
+    checkpoint_on_sigterm: bool = True
     seed: int = 1337
     sample_tokens: int = 120  # generated at the end of training; 0 disables
     sample_prompt: str = "def "
@@ -187,6 +195,10 @@ class TrainerConfig:
     stop_at_step: Optional[int] = None
     # Fault injection for tests and drills: these steps' first micro-batch loss becomes NaN.
     inject_nan_at_steps: list[int] = field(default_factory=list)
+    # Audit trail: run_dir/samples.jsonl gets the global sample ids of every step (rank 0).
+    log_sample_ids: bool = False
+    # torch.profiler trace of these steps into run_dir/profile/ (e.g. [5,6]).
+    profile_steps: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for k in ("max_steps", "micro_batch_size", "global_batch_size", "keep_last"):
@@ -201,6 +213,21 @@ class TrainerConfig:
             )
         if self.grad_accum is not None and self.grad_accum < 1:
             raise ValueError(f"grad_accum ({self.grad_accum}) must be >= 1")
+        if self.checkpoint_every_minutes is not None and not self.checkpoint_every_minutes > 0:
+            raise ValueError(
+                f"checkpoint_every_minutes ({self.checkpoint_every_minutes}) must be > 0 or null"
+            )
+        if self.keep_every < 0:
+            raise ValueError(f"keep_every ({self.keep_every}) must be >= 0")
+        if self.keep_every and not self.checkpoint_interval:
+            raise ValueError(
+                f"keep_every ({self.keep_every}) counts checkpoint_interval checkpoints, "
+                "so checkpoint_interval must be > 0"
+            )
+        for k in ("inject_nan_at_steps", "profile_steps"):
+            bad = [s for s in getattr(self, k) if not 1 <= s <= self.max_steps]
+            if bad:
+                raise ValueError(f"{k} {bad} must be steps in [1, max_steps ({self.max_steps})]")
 
 
 @dataclass(frozen=True, kw_only=True)
