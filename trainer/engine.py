@@ -12,6 +12,7 @@ import torch
 from models.gpt import GPT, GPTConfig
 from trainer.config import OptimConfig, ParallelConfig, PrecisionConfig
 from trainer.guard import skipped_optimizer_step
+from trainer.metrics import StepTimes
 from trainer.parallel import Layout, pipeline_module, tensor_parallel_config
 
 
@@ -214,6 +215,51 @@ def _local_grad_norm(module: torch.nn.Module) -> float:
     return torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])).item()
 
 
+def _timed(fn, timing: dict[str, Any]):
+    """fn, its time added to timing["timer"]'s "comm" phase; nested calls count once."""
+
+    def wrapper(*args, **kwargs):
+        timer = timing.get("timer")
+        if timer is None or timing["depth"]:
+            return fn(*args, **kwargs)
+        timing["depth"] += 1
+        try:
+            with timer.phase("comm"):
+                return fn(*args, **kwargs)
+        finally:
+            timing["depth"] -= 1
+
+    return wrapper
+
+
+def _time_gradient_reduction(engine, timer) -> None:
+    """Times this engine's gradient reduction as the "comm" phase of `timer` (installed once).
+
+    What DeepSpeed offers is not usable per step: its engine timers need wall_clock_breakdown,
+    which prints a line every step, and its comms logger (comms_logger) keeps every latency
+    forever and records cumulative sums. So we time the engine's own reduce entry points:
+    engine.allreduce_gradients (ZeRO-0: the all-reduce; ZeRO-1: reduce at the accumulation
+    boundary; ZeRO-2: the last bucket) and optimizer.reduce_ipg_grads (ZeRO-1/2 buckets
+    reduced from backward hooks). The figure includes their bucket copies and is part of
+    backward_time_s. Not measured, so the key is absent: ZeRO-3 (its parameter all-gathers are
+    asynchronous prefetches whose waits land inside forward/backward, so a gradient-only
+    figure would mislead), CUDA (reductions run on side streams: host time is launch time),
+    the tensor-parallel all-reduces inside forward/backward, and the ZeRO-1/2 all-gather of
+    updated parameters inside the optimizer step.
+    """
+    timing = getattr(engine, "_raygpt_comm_timing", None)
+    if timing is None:
+        timing = {"timer": None, "depth": 0}
+        engine._raygpt_comm_timing = timing
+        if not timer.cuda and engine.zero_optimization_stage() <= 2:
+            engine.allreduce_gradients = _timed(engine.allreduce_gradients, timing)
+            if hasattr(engine.optimizer, "reduce_ipg_grads"):
+                engine.optimizer.reduce_ipg_grads = _timed(
+                    engine.optimizer.reduce_ipg_grads, timing
+                )
+    timing["timer"] = timer
+
+
 def train_step(
     engine,
     micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -221,6 +267,7 @@ def train_step(
     tp: int,
     judge: Callable[[list[torch.Tensor]], bool] | None = None,
     poison: bool = False,
+    timer: StepTimes | None = None,
 ):
     """One optimizer step over this rank's micro batches; returns (losses, grad norm, skipped).
 
@@ -229,28 +276,38 @@ def train_step(
     does its bookkeeping but no parameter or optimizer state changes. poison=True turns the
     first micro-batch loss into NaN (fault injection). Under pipeline parallelism the step
     runs inside DeepSpeed: non-finite gradients are skipped by DeepSpeed's own overflow check.
+
+    timer: adds this step's forward (engine(...) calls), backward (engine.backward), optimizer
+    (engine.step) and, where measurable, comm seconds, summed over the micro batches. Pipeline
+    engines run the step as one call (train_batch): only the step count is added.
     """
+    timer = timer or StepTimes(cuda=False)
+    timer.step()
     if is_pipeline(engine):
         loss = engine.train_batch(iter(micro_batches))
         return [loss.detach()], engine.get_global_grad_norm(), False
+    _time_gradient_reduction(engine, timer)
     losses, norm, skip = [], None, False
     last = len(micro_batches) - 1
     for i, (x, y) in enumerate(micro_batches):
-        _, loss = engine(x, y)
+        with timer.phase("forward"):
+            _, loss = engine(x, y)
         if poison and i == 0:
             loss = loss * float("nan")
         losses.append(loss.detach())
         if i == last and judge is not None:
             skip = judge(losses)
-        engine.backward(loss)
+        with timer.phase("backward"):
+            engine.backward(loss)
         if i == last and not skip and engine.zero_optimization_stage() == 0 and tp == 1:
             # ZeRO-0 reports no norm; its gradients are whole and already averaged here.
             norm = _local_grad_norm(engine.module)
-        if i == last and skip:
-            with skipped_optimizer_step(engine):
+        with timer.phase("optimizer"):
+            if i == last and skip:
+                with skipped_optimizer_step(engine):
+                    engine.step()
+            else:
                 engine.step()
-        else:
-            engine.step()
     reported = None if skip else engine.get_global_grad_norm()
     return losses, reported if reported is not None else norm, skip
 

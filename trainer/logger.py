@@ -13,6 +13,16 @@ from typing import Any, Optional
 from trainer.config import LoggingConfig
 
 
+def wandb_key(key: str) -> str:
+    """The W&B name of a metrics.jsonl key: step-time breakdown under time/ (data_time_s ->
+    time/data_s), memory under memory/, everything else under train/."""
+    if key.endswith("_time_s"):
+        return f"time/{key[: -len('_time_s')]}_s"
+    if key.endswith("_mib"):
+        return f"memory/{key}"
+    return f"train/{key}"
+
+
 def _jsonable(v: Any) -> Any:
     if hasattr(v, "item"):
         v = v.item()
@@ -44,6 +54,11 @@ class RunLogger:
         self._t0 = time.perf_counter()
         self._metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         self._eval = open(self.run_dir / "eval.jsonl", "a", buffering=1)
+        # For the summary, over this invocation's rows: the first row's step times (warm-up),
+        # running sums and counts of the later rows' step times, memory maxima.
+        self._first_times: Optional[dict[str, float]] = None
+        self._time_sums: dict[str, list[float]] = {}
+        self._memory_max: dict[str, float] = {}
         self.wandb = None
         if logging.mode != "disabled":
             import wandb
@@ -66,8 +81,9 @@ class RunLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         self._metrics.write(json.dumps(row) + "\n")
+        self._aggregate(row)
         if self.wandb is not None:
-            self.wandb.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
+            self.wandb.log({wandb_key(k): v for k, v in row.items() if k != "step"}, step=step)
         self._console(step, {"step": step, **metrics})
 
     def log_eval(self, step: int, val_loss: float) -> None:
@@ -91,7 +107,31 @@ class RunLogger:
         )
         sys.stdout.flush()
 
+    def _aggregate(self, row: dict[str, Any]) -> None:
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+        for k in ("peak_rss_mib", "cuda_peak_mib", "cuda_reserved_mib"):
+            if k in numbers:
+                self._memory_max[k] = max(self._memory_max.get(k, 0.0), numbers[k])
+        times = {k[: -len("_time_s")]: v for k, v in numbers.items() if k.endswith("_time_s")}
+        if self._first_times is None:
+            self._first_times = times
+            return
+        for k, v in times.items():
+            total = self._time_sums.setdefault(k, [0.0, 0])
+            total[0] += v
+            total[1] += 1
+
+    def summary_figures(self) -> dict[str, Any]:
+        """Step-time breakdown means (seconds per step over this invocation's logged rows, the
+        first left out as warm-up when there are more) and rank 0's memory high-water marks."""
+        if self._time_sums:
+            breakdown = {k: total / n for k, (total, n) in self._time_sums.items()}
+        else:
+            breakdown = dict(self._first_times or {})
+        return {"step_time_breakdown_s": breakdown, **self._memory_max}
+
     def finish(self, summary: dict[str, Any]) -> None:
+        summary = {**summary, **self.summary_figures()}
         (self.run_dir / "summary.json").write_text(
             json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2) + "\n"
         )
@@ -99,9 +139,14 @@ class RunLogger:
             for k, v in summary.items():
                 if isinstance(v, (int, float)):
                     self.wandb.summary[k] = v
+            for phase, v in summary["step_time_breakdown_s"].items():
+                self.wandb.summary[f"time/{phase}_s_mean"] = v
             self.wandb.finish()
             self.wandb = None
         self.close()
+        from trainer.plot import try_plot_run
+
+        try_plot_run(self.run_dir)  # after close: every row is on disk
 
     def close(self) -> None:
         for f in (self._metrics, self._eval):

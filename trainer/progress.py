@@ -14,10 +14,37 @@ from pathlib import Path
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 
+def _num(row: dict, key: str, spec: str, scale: float = 1.0, unit: str = "") -> str:
+    """row[key] formatted; '-' when missing, as stored when not a number ("nan")."""
+    v = row.get(key)
+    if isinstance(v, (int, float)):
+        return f"{v * scale:{spec}}{unit}"
+    return "-" if v is None else str(v)
+
+
+def _last_step(path: Path) -> int:
+    """The last step already in an existing metrics.jsonl (a resumed run starts from it)."""
+    if not path.is_file():
+        return 0
+    with open(path, "rb") as f:
+        f.seek(max(path.stat().st_size - 4096, 0))
+        lines = f.read().decode(errors="replace").splitlines()
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return 0
+
+
 class MetricsProgress:
+    """Step, loss, tokens/s, MFU and ETA. Only drawn where the driver's stdout is a terminal
+    (trainer.train passes sys.stdout.isatty()); otherwise rank 0 prints plain lines."""
+
     def __init__(self, metrics_file: Path, max_steps: int):
         self.path = Path(metrics_file)
         self.offset = self.path.stat().st_size if self.path.exists() else 0
+        start = _last_step(self.path)
         self.progress = Progress(
             TextColumn("step {task.completed:>6.0f}/{task.total:.0f}"),
             BarColumn(),
@@ -27,7 +54,10 @@ class MetricsProgress:
             TextColumn("eta"),
             TimeRemainingColumn(),
         )
-        self.task = self.progress.add_task("train", total=max_steps, loss="-", tps="-", mfu="-")
+        # Starting at a resumed run's step keeps the jump to it out of the ETA's speed.
+        self.task = self.progress.add_task(
+            "train", total=max_steps, completed=start, loss="-", tps="-", mfu="-"
+        )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, daemon=True)
 
@@ -57,12 +87,13 @@ class MetricsProgress:
         for line in complete.splitlines():
             try:
                 row = json.loads(line)
-            except ValueError:
+                step = int(row["step"])
+            except (ValueError, KeyError, TypeError):
                 continue
             self.progress.update(
                 self.task,
-                completed=row["step"],
-                loss=f"{row['loss']:.4f}",
-                tps=f"{row['tokens_per_sec']:,.0f}",
-                mfu=f"{100 * row['mfu']:.1f}%",
+                completed=step,
+                loss=_num(row, "loss", ".4f"),
+                tps=_num(row, "tokens_per_sec", ",.0f"),
+                mfu=_num(row, "mfu", ".1f", 100, "%"),
             )

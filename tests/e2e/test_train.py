@@ -35,12 +35,31 @@ def run(tmp_path: Path, data: str, name: str, *extra: str) -> tuple[dict, Path]:
 
 
 def test_two_workers_zero2_bf16_trains_and_logs(tmp_path, smoke_data):
-    summary, run_dir = run(tmp_path, smoke_data, "z2", "parallel=zero2", "precision=bf16")
+    summary, run_dir = run(
+        tmp_path, smoke_data, "z2", "parallel=zero2", "precision=bf16", "trainer.profile_steps=[2]"
+    )
 
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, 21))
     for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "consumed_samples"):
         assert all(key in m for m in metrics), key
+    # Step-time breakdown (seconds per step; ZeRO-2 on CPU: gradient reduction is measured).
+    phases = ["data", "forward", "backward", "comm", "optimizer"]
+    for m in metrics:
+        assert all(m[f"{p}_time_s"] >= 0 for p in phases), m
+        assert m["comm_time_s"] <= m["backward_time_s"], m
+        assert (
+            m["forward_time_s"] + m["backward_time_s"] + m["optimizer_time_s"]
+            <= m["step_time_s"] * 1.05
+        ), m
+        assert m["rss_mib"] > 0 and m["peak_rss_mib"] >= m["rss_mib"]
+
+    # trainer.profile_steps=[2]: one Chrome trace per rank, of step 2 only.
+    traces = sorted(p.name for p in (run_dir / "profile").iterdir())
+    assert traces == ["rank_0.json", "rank_1.json"], traces
+    trace = (run_dir / "profile" / "rank_0.json").read_text()
+    assert "train_step 2" in trace and "train_step 3" not in trace
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     first, last = metrics[0]["loss"], metrics[-1]["loss"]
     assert last < first - 0.2, f"loss did not fall: {first} -> {last}"
     assert metrics[-1]["consumed_samples"] == 20 * 8
@@ -54,6 +73,7 @@ def test_two_workers_zero2_bf16_trains_and_logs(tmp_path, smoke_data):
     assert s["finished"] and s["final_step"] == 20
     assert s["final_val_loss"] < s["uniform_loss"]
     assert s["sample"] and isinstance(s["sample"], str)
+    assert set(s["step_time_breakdown_s"]) == {"step", *phases}
     assert summary["checkpoint"].endswith("checkpoint_00000020")
     assert (Path(summary["checkpoint"]) / "trainer_state.json").is_file()
 
@@ -65,6 +85,7 @@ def test_two_workers_zero2_bf16_trains_and_logs(tmp_path, smoke_data):
     assert len(wandb_files) == 1, list((run_dir / "wandb").rglob("*"))
     blob = wandb_files[0].read_bytes()
     assert b"train/loss" in blob and b"val/loss" in blob and s["wandb_id"].encode() in blob
+    assert b"time/forward_s" in blob and b"memory/rss_mib" in blob
 
 
 def test_resume_after_interruption_matches_uninterrupted_fp32(tmp_path, smoke_data):
