@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,23 +102,62 @@ def write_run_config(cfg: RootConfig) -> None:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+@contextlib.contextmanager
+def stop_on_sigterm(stop_signal: Any) -> Iterator[None]:
+    """While training: SIGTERM (a preemption notice, `ray job stop`) asks the workers to
+    checkpoint at the next step boundary and stop; a second SIGTERM ends the driver at once."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        print(
+            "SIGTERM: checkpointing at the next step boundary, then stopping "
+            "(a second SIGTERM stops at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+        stop_signal.request.remote("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, Any]:
     """Trains on Ray; returns the run's summary. The caller has validated `cfg`.
 
     progress_bar: draw a live bar on this (driver) terminal; otherwise rank 0 prints lines.
     """
-    import contextlib
-
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from trainer import faults, universal
+    from trainer.checkpoint import read_trainer_state
+    from trainer.control import make_stop_signal
     from trainer.loop import train_worker
     from trainer.metrics import peak_flops_per_worker
-    from trainer.resume import check_resume_compatible
+    from trainer.resume import check_resume_compatible, set_aside_unregistered
 
+    try:
+        faults.from_env()  # a drill's spec is checked here, not in a worker
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     check_sources(cfg)
-    check_resume_compatible(cfg)
+    resume_from = check_resume_compatible(cfg)
+    saved_cfg = read_trainer_state(resume_from).get("config") if resume_from else None
+    convert = bool(resume_from and saved_cfg and universal.plan(cfg, resume_from, saved_cfg))
+    # Validated: from here on the run directory may change.
+    if "://" not in cfg.run.root:
+        set_aside_unregistered(cfg.run_dir)
+    uni = universal.prepare(cfg, resume_from, saved_cfg) if convert else None
     started = connect(cfg.cluster)
     try:
         if cfg.cluster.address is not None:
@@ -126,6 +168,7 @@ def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, An
             peak = peak_flops_per_worker(cfg.precision.dtype_name, cfg.cluster.threads_per_worker)
         write_run_config(cfg)
         c = cfg.cluster
+        stop_signal = make_stop_signal()
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={
@@ -133,6 +176,8 @@ def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, An
                 "data_dir": data_dir,
                 "peak_flops": peak,
                 "console_lines": not progress_bar,
+                "universal": uni,
+                "stop_signal": stop_signal,
             },
             scaling_config=ScalingConfig(
                 num_workers=c.num_workers,
@@ -159,7 +204,7 @@ def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, An
             from trainer.progress import MetricsProgress
 
             bar = MetricsProgress(cfg.run_dir / "metrics.jsonl", cfg.trainer.max_steps)
-        with bar:
+        with bar, stop_on_sigterm(stop_signal):
             result = trainer.fit()
         summary_file = cfg.run_dir / "summary.json"
         summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -200,43 +202,113 @@ def _read_state_checked(ckpt_dir: Path) -> dict[str, Any]:
     return state
 
 
-def report(metrics: dict[str, Any], local_dir: Optional[Path], step: int) -> None:
-    """Persists the local directory as checkpoint `checkpoint_<step>` (a barrier across workers)."""
+def report(
+    metrics: dict[str, Any],
+    local_dir: Optional[Path],
+    step: int,
+    *,
+    before_upload: Optional[Callable[[], None]] = None,
+) -> None:
+    """Persists the local directory as checkpoint `checkpoint_<step>` (a barrier across workers).
+
+    Every worker uploads its own files into the same directory; Ray registers the checkpoint
+    (checkpoint_manager_snapshot.json) only once all of them have. `before_upload` runs on this
+    worker just before its upload (fault drills use it).
+    """
     import ray.train
 
     if local_dir is None:
         ray.train.report(metrics)
         return
+    kwargs: dict[str, Any] = {}
+    if before_upload is not None:
+
+        def upload(ckpt, dir_name: str):
+            before_upload()
+            storage = ray.train.get_context().get_storage()
+            return storage.persist_current_checkpoint(ckpt, dir_name)
+
+        kwargs["checkpoint_upload_fn"] = upload
     try:
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(str(local_dir)),
             checkpoint_dir_name=f"checkpoint_{step:08d}",
+            **kwargs,
         )
     finally:
         shutil.rmtree(local_dir, ignore_errors=True)
+
+
+KEPT_DIR = "kept"
+
+
+def keep_for_good(run_dir: Path, name: str) -> Optional[Path]:
+    """Copies the persisted checkpoint run_dir/<name> to run_dir/kept/<name>, where Ray's
+    keep-last-K never deletes it. On a local or shared filesystem the copy is hard links (no
+    extra bytes); elsewhere (s3://...) pyarrow copies the files. Returns the copy (local)."""
+    if "://" in str(run_dir):
+        import pyarrow.fs as pafs
+
+        fs, base = pafs.FileSystem.from_uri(str(run_dir))
+        pafs.copy_files(f"{base}/{name}", f"{base}/{KEPT_DIR}/{name}", fs, fs)
+        return None
+    src, dest = Path(run_dir) / name, Path(run_dir) / KEPT_DIR / name
+    if dest.exists():
+        return dest
+    tmp = dest.with_name(f".{name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, copy_function=_link_or_copy)
+    os.replace(tmp, dest)
+    return dest
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def read_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
     return json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
 
 
-def load(engine, ckpt_dir: Path, rank: int) -> dict[str, Any]:
+def load(
+    engine, ckpt_dir: Path, rank: int, *, universal_dir: Optional[Path] = None
+) -> dict[str, Any]:
     """Restores engine, RNG and trainer state from a checkpoint directory.
 
     Checks sizes against the integrity records first (the driver has verified the hashes of
-    the checkpoint it resumes from, see trainer/resume.py).
+    the checkpoint it resumes from, see trainer/resume.py). With `universal_dir` (the
+    checkpoint converted by trainer/universal.py for another data-parallel size) the engine
+    state comes from there, loaded as a DeepSpeed universal checkpoint.
     """
     ckpt_dir = Path(ckpt_dir)
     verify_checkpoint(ckpt_dir, hashes=False)
-    path, _ = engine.load_checkpoint(
-        str(ckpt_dir / "ds"),
-        tag=DS_TAG,
-        load_optimizer_states=True,
-        load_lr_scheduler_states=False,
-    )
+    if universal_dir is None:
+        path, _ = engine.load_checkpoint(
+            str(ckpt_dir / "ds"),
+            tag=DS_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
+    else:
+        # DeepSpeed reads this flag from its config at load time only; set it for this load.
+        engine._config.load_universal_checkpoint = True
+        try:
+            path, _ = engine.load_checkpoint(
+                str(universal_dir),
+                tag=DS_TAG,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
+        finally:
+            engine._config.load_universal_checkpoint = False
     if path is None:
-        raise RuntimeError(f"DeepSpeed found no checkpoint under {ckpt_dir / 'ds'}")
+        raise RuntimeError(
+            f"DeepSpeed found no checkpoint under {universal_dir or ckpt_dir / 'ds'}"
+        )
     rng_file = ckpt_dir / "rng" / f"rank_{rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))

@@ -16,8 +16,9 @@ import torch.distributed as dist
 from data_pipeline.loader import DistributedLoader, TokenShards
 from data_pipeline.manifest import Manifest
 from models.gpt import estimate_flops_per_token, estimate_num_params
-from trainer import checkpoint
+from trainer import checkpoint, faults
 from trainer.config import RootConfig
+from trainer.control import CheckpointPolicy, StepControl, comm_device
 from trainer.engine import (
     build_engine,
     build_model,
@@ -28,7 +29,8 @@ from trainer.engine import (
 )
 from trainer.guard import LossGuard, TooManyBadSteps
 from trainer.logger import RunLogger
-from trainer.metrics import Throughput, memory_stats, model_state_bytes, peak_rss_mib
+from trainer.metrics import StepTimes, Throughput, memory_stats, model_state_bytes, peak_rss_mib
+from trainer.profiling import StepProfiler
 from trainer.resume import find_resume_checkpoint
 from trainer.schedule import lr_at
 
@@ -43,6 +45,7 @@ def mean_across_ranks(values: list[float]) -> float:
     """Mean of `values` over every rank (each rank may hold a different number)."""
     t = torch.tensor([sum(values), float(len(values))], dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.to(comm_device())  # NCCL reduces only GPU tensors
         dist.all_reduce(t)
     return (t[0] / t[1]).item()
 
@@ -79,11 +82,15 @@ def train_worker(config: dict[str, Any]) -> None:
 
     state: dict[str, Any] = {"step": 0, "consumed_samples": 0, "wandb_id": None}
     ckpt = ray.train.get_checkpoint()
+    # Saved at another data-parallel size: the driver converted it (trainer/universal.py).
+    universal = config.get("universal") or {}
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = checkpoint.load(engine, Path(d), rank)
+            uni = universal.get("dir") if Path(d).name == universal.get("checkpoint") else None
+            state = checkpoint.load(engine, Path(d), rank, universal_dir=uni)
         if rank == 0:
-            print(f"resumed from {ckpt.path} at step {state['step']}")
+            how = " (universal checkpoint)" if uni else ""
+            print(f"resumed from {ckpt.path}{how} at step {state['step']}")
     start_step = int(state["step"])
 
     data_dir = config["data_dir"]
@@ -108,6 +115,10 @@ def train_worker(config: dict[str, Any]) -> None:
         shuffle=False,
     )
 
+    fault = faults.from_env()
+    policy = CheckpointPolicy(t)
+    control = StepControl(policy, config.get("stop_signal"), rank)
+    sample_log = SampleLog(cfg.run_dir, rank, dp_rank) if t.log_sample_ids else None
     guard = LossGuard(cfg.guard)
     if state.get("guard"):
         guard.load_state_dict(state["guard"])
@@ -141,6 +152,8 @@ def train_worker(config: dict[str, Any]) -> None:
         peak_flops_total=config["peak_flops"] * world,
     )
     last_step = min(t.max_steps, t.stop_at_step or t.max_steps)
+    step_times = StepTimes()  # data/forward/backward/comm/optimizer seconds per step
+    profiler = StepProfiler(t.profile_steps, cfg.run_dir / "profile", rank, last_step=last_step)
     run_t0, tokens_this_run = time.perf_counter(), 0
     val_loss: Optional[float] = None
     last_metrics: dict[str, Any] = {}
@@ -152,18 +165,29 @@ def train_worker(config: dict[str, Any]) -> None:
             lr = lr_at(step, cfg.optim, t.max_steps)
             set_lr(engine, lr)
             step_loss.clear()
+            profiler.start(step)
             t_data = time.perf_counter()
+            if sample_log:
+                sample_log.write(
+                    step, train_loader.sample_ids_for_step(train_loader.consumed_samples)
+                )
             micro_batches = train_loader.next_step()
             data_s = time.perf_counter() - t_data
+            step_times.add("data", data_s)
+            faults.maybe_pause(fault, "step", step, rank, cfg.run_dir)
             losses, grad_norm, skipped = train_step(
                 engine,
                 micro_batches,
                 tp=layout.tp,
                 judge=judge if guard.cfg.enabled else None,
                 poison=step in poison_left,
+                timer=step_times,
             )
             poison_left.discard(step)
             meter.step()
+            if profiler.active:
+                with meter.paused():  # writing the trace is not training time
+                    profiler.step(step)
             tokens_this_run += t.global_batch_size * seq_len
             roll_back = False
             if skipped:
@@ -185,7 +209,7 @@ def train_worker(config: dict[str, Any]) -> None:
                     "lr": lr,
                     "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                     **meter.lap(),
-                    "data_time_s": data_s,
+                    **step_times.lap(),  # data_time_s, forward_time_s, ... per step
                     "consumed_samples": train_loader.consumed_samples,
                     "tokens": train_loader.consumed_samples * seq_len,
                     "skipped_steps": guard.skipped,
@@ -194,17 +218,21 @@ def train_worker(config: dict[str, Any]) -> None:
                 if logger:
                     logger.log(step, last_metrics)
             if roll_back:
-                step = recover(engine, guard, cfg, rank, step, train_loader, logger)
+                step = recover(engine, guard, cfg, rank, step, train_loader, logger, universal)
                 continue
 
-            is_last = step == last_step
+            stop, time_due = control.decide()
+            is_last = step == last_step or stop
             if (t.eval_interval and step % t.eval_interval == 0) or is_last:
                 with meter.paused():
                     val_loss = evaluate(engine, val_loader)
                 if logger:
                     logger.log_eval(step, val_loss)
 
-            if (t.checkpoint_interval and step % t.checkpoint_interval == 0) or is_last:
+            why = policy.reason(step, last=step == last_step, time_due=time_due, stop=stop)
+            if why == "stop" and not t.checkpoint_on_sigterm:
+                why = None
+            if why:
                 trainer_state = {
                     "step": step,
                     "consumed_samples": train_loader.consumed_samples,
@@ -216,13 +244,38 @@ def train_worker(config: dict[str, Any]) -> None:
                 }
                 with meter.paused():
                     local = checkpoint.save_local(engine, rank, trainer_state)
-                    checkpoint.report({"step": step, "loss": last_metrics.get("loss")}, local, step)
+                    faults.maybe_pause(fault, "save", step, rank, cfg.run_dir)
+                    checkpoint.report(
+                        {"step": step, "loss": last_metrics.get("loss")},
+                        local,
+                        step,
+                        before_upload=(
+                            lambda s=step: faults.maybe_pause(fault, "upload", s, rank, cfg.run_dir)
+                        )
+                        if fault
+                        else None,
+                    )
+                    policy.saved()
+                    if policy.keep_for_good(step):
+                        if dist.is_initialized():
+                            dist.barrier()  # every rank's files are in the run directory
+                        if rank == 0:
+                            checkpoint.keep_for_good(cfg.run_dir, f"checkpoint_{step:08d}")
+                if logger and why in ("time", "stop"):
+                    print(f"[checkpoint] step {step} saved ({why})", flush=True)
+            if stop:
+                last_step = step
+                if logger:
+                    print(f"stopping at step {step}: {control.stop_reason}", flush=True)
+                break
+        profiler.close()  # a stop inside the profiled steps still writes their trace
 
         summary = {
             "run_name": cfg.run.name,
             "final_step": last_step,
             "max_steps": t.max_steps,
             "finished": last_step == t.max_steps,
+            "stopped_by": control.stop_reason,
             "final_train_loss": last_metrics.get("loss"),
             "final_val_loss": val_loss,
             "final_val_ppl": float(np.exp(val_loss)) if val_loss is not None else None,
@@ -255,7 +308,16 @@ def train_worker(config: dict[str, Any]) -> None:
             logger.close()
 
 
-def recover(engine, guard: LossGuard, cfg: RootConfig, rank: int, step: int, loader, logger) -> int:
+def recover(
+    engine,
+    guard: LossGuard,
+    cfg: RootConfig,
+    rank: int,
+    step: int,
+    loader,
+    logger,
+    universal: dict[str, str],
+) -> int:
     """After guard.max_consecutive bad steps: stop, or roll back to the newest checkpoint
     and carry on from the current data position (skipping the offending window)."""
     where = f"{guard.cfg.max_consecutive} bad steps in a row up to step {step}"
@@ -268,7 +330,8 @@ def recover(engine, guard: LossGuard, cfg: RootConfig, rank: int, step: int, loa
             "guard.max_consecutive"
         )
     position = loader.state_dict()
-    state = checkpoint.load(engine, latest, rank)
+    uni = universal.get("dir") if latest.name == universal.get("checkpoint") else None
+    state = checkpoint.load(engine, latest, rank, universal_dir=uni)
     loader.load_state_dict(position)  # continue past the bad window, not through it again
     guard.consecutive = 0
     if logger:
@@ -277,6 +340,26 @@ def recover(engine, guard: LossGuard, cfg: RootConfig, rank: int, step: int, loa
             f"skipping samples {state['consumed_samples']}..{position['consumed_samples']}"
         )
     return int(state["step"])
+
+
+class SampleLog:
+    """run_dir/samples/rank_<r>.jsonl: the global sample ids this rank trained on, per step
+    (trainer.log_sample_ids): an audit that every sample is seen exactly once, also across
+    interruptions, restarts and a new data-parallel size (the last record of a step counts)."""
+
+    def __init__(self, run_dir: Path, rank: int, dp_rank: int):
+        import json
+
+        self._dumps = json.dumps
+        self.dp_rank = dp_rank
+        path = Path(run_dir) / "samples" / f"rank_{rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(path, "a")  # noqa: SIM115 - kept open for the run, line-buffered below
+
+    def write(self, step: int, ids) -> None:
+        row = {"step": step, "dp_rank": self.dp_rank, "ids": [int(i) for i in ids]}
+        self._f.write(self._dumps(row) + "\n")
+        self._f.flush()
 
 
 def write_memory_report(run_dir: Path, report: dict[str, Any]) -> None:

@@ -67,11 +67,14 @@ def find_resume_checkpoint(run_dir: Path) -> Optional[Path]:
     """The checkpoint Ray Train will resume `run_dir` from, or None.
 
     Ray's snapshot names it (`latest_checkpoint_result.checkpoint_dir_name`); a snapshot that
-    exists but registered no checkpoint means a fresh start. Without a readable snapshot the
-    highest-numbered checkpoint_* directory is taken: new checkpoints would land beside it.
+    exists but registered no checkpoint, or no snapshot at all, means a fresh start (checkpoint
+    directories without a snapshot were never registered: see set_aside_unregistered). With an
+    unreadable snapshot the highest-numbered checkpoint_* directory is taken.
     """
     run_dir = Path(run_dir)
     snapshot = run_dir / SNAPSHOT_FILE
+    if not snapshot.is_file():
+        return None
     if snapshot.is_file():
         try:
             latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
@@ -82,6 +85,52 @@ def find_resume_checkpoint(run_dir: Path) -> Optional[Path]:
             pass  # unreadable: fall back to what is on disk
     ckpts = [p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()]
     return max(ckpts, key=_step_of) if ckpts else None
+
+
+INCOMPLETE_DIR = "incomplete"
+
+
+def registered_checkpoints(run_dir: Path) -> Optional[set[str]]:
+    """Names of the checkpoints Ray's snapshot registers (None: no readable snapshot)."""
+    try:
+        snapshot = json.loads((Path(run_dir) / SNAPSHOT_FILE).read_text())
+        return {str(r["checkpoint_dir_name"]) for r in snapshot["checkpoint_results"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def set_aside_unregistered(run_dir: Path, *, echo: bool = True) -> list[Path]:
+    """Moves checkpoint_* directories that Ray never registered into run_dir/incomplete/.
+
+    Such a directory is what a run killed while writing a checkpoint leaves behind (some ranks'
+    shards, no registration). Ray resumes from its snapshot and ignores it, but the resumed run
+    would later write the same directory name on top of the leftovers. Nothing is deleted.
+    Without a snapshot file no checkpoint was ever registered, so every checkpoint_* goes.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    snapshot_exists = (run_dir / SNAPSHOT_FILE).is_file()
+    registered = registered_checkpoints(run_dir)
+    if snapshot_exists and registered is None:
+        return []  # unreadable snapshot: touch nothing (check_resume_compatible reports it)
+    moved = []
+    for d in sorted(p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()):
+        if d.name in (registered or set()):
+            continue
+        dest = run_dir / INCOMPLETE_DIR / d.name
+        n = 1
+        while dest.exists():
+            dest, n = run_dir / INCOMPLETE_DIR / f"{d.name}.{n}", n + 1
+        dest.parent.mkdir(exist_ok=True)
+        d.rename(dest)
+        moved.append(dest)
+        if echo:
+            print(
+                f"resume: {d.name} was never completed (the run stopped while writing it); "
+                f"moved to {dest.relative_to(run_dir)}"
+            )
+    return moved
 
 
 def _step_of(p: Path) -> tuple[int, str]:

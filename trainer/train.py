@@ -53,6 +53,13 @@ def train(cfg: RootConfig) -> int:
         )
         return 1
     print_summary(summary)
+    if summary.get("stopped_by"):
+        print(
+            f"stopped at step {summary.get('final_step')} ({summary['stopped_by']}); "
+            "run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 143  # 128 + SIGTERM: stopped early, not finished
     return 0 if summary else 1
 
 

@@ -21,6 +21,7 @@ from trainer.resume import (
     check_resume_compatible,
     compare_configs,
     find_resume_checkpoint,
+    set_aside_unregistered,
 )
 
 
@@ -182,11 +183,34 @@ def test_snapshot_names_the_checkpoint_even_when_not_the_highest(tmp_path):
     assert find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint_00000004"
 
 
-def test_without_snapshot_the_highest_step_wins(tmp_path):
+def test_without_snapshot_nothing_was_registered_and_leftovers_are_set_aside(tmp_path):
     assert find_resume_checkpoint(tmp_path / "nope") is None
-    for name in ("checkpoint_00000009", "checkpoint_00000010", "checkpoint_x"):
+    for name in ("checkpoint_00000009", "checkpoint_00000010"):
         (tmp_path / name).mkdir()
-    assert find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint_00000010"
+        (tmp_path / name / "shard.pt").write_bytes(b"x")
+    assert find_resume_checkpoint(tmp_path) is None  # what Ray does: a fresh start
+    moved = set_aside_unregistered(tmp_path, echo=False)
+    assert [p.name for p in moved] == ["checkpoint_00000009", "checkpoint_00000010"]
+    assert not list(tmp_path.glob("checkpoint_*"))
+    assert (tmp_path / "incomplete" / "checkpoint_00000010" / "shard.pt").read_bytes() == b"x"
+
+
+def test_only_unregistered_checkpoints_are_set_aside(tmp_path):
+    for step in (2, 4, 6):
+        (tmp_path / f"checkpoint_{step:08d}").mkdir()
+    (tmp_path / "incomplete" / "checkpoint_00000006").mkdir(parents=True)  # an earlier one
+    registered = [{"checkpoint_dir_name": f"checkpoint_{s:08d}"} for s in (2, 4)]
+    snap = {"checkpoint_results": registered, "latest_checkpoint_result": registered[-1]}
+    (tmp_path / SNAPSHOT_FILE).write_text(json.dumps(snap))
+    moved = set_aside_unregistered(tmp_path, echo=False)
+    assert moved == [tmp_path / "incomplete" / "checkpoint_00000006.1"]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_0*")) == [
+        "checkpoint_00000002",
+        "checkpoint_00000004",
+    ]
+    (tmp_path / SNAPSHOT_FILE).write_text("{not json")  # unreadable: touch nothing
+    (tmp_path / "checkpoint_00000008").mkdir()
+    assert set_aside_unregistered(tmp_path, echo=False) == []
 
 
 # ---------------------------------------------------------------- compatibility rules
@@ -272,6 +296,9 @@ def _run_with_checkpoint(cfg, **config_changes) -> Path:
     run_dir = cfg.run_dir
     shutil.rmtree(run_dir, ignore_errors=True)
     make_checkpoint(run_dir / "checkpoint_00000010", state)
+    entry = {"checkpoint_dir_name": "checkpoint_00000010"}
+    snapshot = {"checkpoint_results": [entry], "latest_checkpoint_result": entry}
+    (run_dir / SNAPSHOT_FILE).write_text(json.dumps(snapshot))
     return run_dir
 
 

@@ -1,0 +1,145 @@
+"""Resume at another data-parallel size (or ZeRO stage) through DeepSpeed universal checkpoints.
+
+ZeRO saves the optimizer state as one shard per data-parallel rank, so a checkpoint written by 2
+workers cannot be loaded natively by 1 (or 4). When the driver sees that the checkpoint a run
+resumes from was written with another data-parallel size, ZeRO stage or precision, it converts
+that checkpoint once with DeepSpeed's ds_to_universal (per-parameter fp32 weights and Adam
+moments, independent of the layout) into run_dir/universal/<checkpoint name>/, and every worker
+loads it with load_universal. The next checkpoint is written natively at the new size. The
+checkpoint itself is only read; the conversion appears complete or not at all (it is written
+beside its destination and renamed).
+
+The data stream needs nothing: the loader's position is the global consumed-sample count,
+which does not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from trainer.checkpoint import DS_TAG
+from trainer.config import ConfigError, RootConfig
+
+DIR = "universal"
+LOG = "convert.log"
+
+
+def saved_layout(saved: dict[str, Any]) -> dict[str, Any]:
+    """dp, tp, pp, zero and precision of the run that wrote a checkpoint (from its config)."""
+    p, c = saved.get("parallel", {}), saved.get("cluster", {})
+    tp, pp = int(p.get("tensor_parallel", 1)), int(p.get("pipeline_parallel", 1))
+    return {
+        "dp": int(c.get("num_workers", 1)) // (tp * pp),
+        "tp": tp,
+        "pp": pp,
+        "zero": int(p.get("zero_stage", 0)),
+        "precision": saved.get("precision", {}).get("name"),
+    }
+
+
+def current_layout(cfg: RootConfig) -> dict[str, Any]:
+    lay = cfg.layout
+    return {
+        "dp": lay.dp,
+        "tp": lay.tp,
+        "pp": lay.pp,
+        "zero": cfg.parallel.zero_stage,
+        "precision": cfg.precision.name,
+    }
+
+
+def has_zero_shards(ckpt: Path) -> bool:
+    return any((Path(ckpt) / "ds" / DS_TAG).glob("*optim_states.pt"))
+
+
+def plan(cfg: RootConfig, ckpt: Path, saved_cfg: dict[str, Any]) -> bool:
+    """True if resuming `ckpt` under `cfg` needs a universal conversion; ConfigError (one line)
+    if the change cannot be resumed at all."""
+    was, now = saved_layout(saved_cfg), current_layout(cfg)
+    where = f"cannot resume run '{cfg.run.name}' from {Path(ckpt).name}"
+    for k, name in (("tp", "parallel.tensor_parallel"), ("pp", "parallel.pipeline_parallel")):
+        if was[k] != now[k]:
+            raise ConfigError(
+                f"{where}: {name} was {was[k]}, now {now[k]}; resuming at another tensor or "
+                f"pipeline size is not supported (the data-parallel size may change): keep "
+                f"{name}={was[k]}, or export it (python -m trainer.export) and start a new run "
+                "with model.init_from"
+            )
+    changed = [k for k in ("dp", "zero", "precision") if was[k] != now[k]]
+    if not changed:
+        return False
+    if was["tp"] > 1 or was["pp"] > 1:
+        raise ConfigError(
+            f"{where}: {', '.join(f'{k} {was[k]} -> {now[k]}' for k in changed)} with tensor or "
+            "pipeline parallelism is not supported; keep the layout it was saved with"
+        )
+    if has_zero_shards(ckpt):
+        return True
+    if changed == ["dp"] and now["zero"] == 0:
+        return False  # one replicated optimizer state in mp_rank_00: loads at any size
+    raise ConfigError(
+        f"{where}: it holds no ZeRO optimizer shards (ZeRO-0), so it cannot move to "
+        f"{', '.join(f'{k} {now[k]}' for k in changed)}; resume with parallel.zero_stage=0 "
+        f"and precision={was['precision']}"
+    )
+
+
+def universal_dir(cfg: RootConfig, ckpt: Path) -> Path:
+    return cfg.run_dir / DIR / Path(ckpt).name
+
+
+def convert(ckpt: Path, out: Path) -> Path:
+    """ds_to_universal of `ckpt` into `out` (out/latest_universal, out/ds/). Idempotent."""
+    out = Path(out)
+    if (out / "latest_universal").is_file() and (out / DS_TAG).is_dir():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    log = out.parent / f"{out.name}.{LOG}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(Path(ckpt) / "ds" / DS_TAG),
+        "--output_folder",
+        str(tmp / DS_TAG),
+        "--num_extract_workers",
+        "1",
+        "--num_merge_workers",
+        "1",
+        # Our engines do not record DeepSpeed's (Megatron-oriented) universal_checkpoint_info.
+        "--inject_missing_state",
+    ]
+    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=3600)
+    if proc.returncode != 0 or not (tmp / "latest_universal").is_file():
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(
+            f"converting {ckpt} to a universal checkpoint failed (exit {proc.returncode}); "
+            f"see {log}"
+        )
+    shutil.rmtree(tmp / DS_TAG / "tmp", ignore_errors=True)  # per-shard scratch files
+    os.replace(tmp, out)
+    return out
+
+
+def prepare(cfg: RootConfig, ckpt: Path, saved_cfg: dict[str, Any]) -> dict[str, str]:
+    """Converts `ckpt` (plan() said it must be) and returns what the workers need:
+    {"checkpoint": its name, "dir": the universal checkpoint}. Prints one line."""
+    was, now = saved_layout(saved_cfg), current_layout(cfg)
+    what = ", ".join(
+        f"{k} {was[k]} -> {now[k]}" for k in ("dp", "zero", "precision") if was[k] != now[k]
+    )
+    out = universal_dir(cfg, ckpt)
+    print(f"resume: {what}: converting {Path(ckpt).name} to a universal checkpoint in {out}")
+    sys.stdout.flush()
+    convert(ckpt, out)
+    return {"checkpoint": Path(ckpt).name, "dir": str(out)}
