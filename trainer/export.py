@@ -5,19 +5,22 @@ and the run's tokenizer) that `AutoModelForCausalLM.from_pretrained(out_dir)` an
 `AutoTokenizer.from_pretrained(out_dir)` load: GPT2LMHeadModel for learned-position models,
 LlamaForCausalLM for RoPE ones (see models/hf.py).
 
-The weights are the fp32 ones of the checkpoint, consolidated from the DeepSpeed shards of
-every rank (ZeRO 1/2/3 via DeepSpeed's zero_to_fp32; ZeRO-0 from the replicated module state).
+The weights are the fp32 ones of the checkpoint, consolidated from the DeepSpeed files of
+every rank: the fp32 master weights of the ZeRO 1/2/3 optimizer shards (ZeRO-0: the module
+state), AutoTP shards concatenated in tensor-parallel rank order, pipeline layers renamed to
+the GPT's module names; any data x tensor or data x pipeline layout, read from the run's
+config. Every file is loaded with weights_only=True (see load_checkpoint_file).
 The directory appears complete or not at all: it is written beside out_dir and renamed.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import io
 import json
+import math
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -31,6 +34,7 @@ from data_pipeline.config import EOS_TOKEN
 from models.gpt import GPTConfig
 from models.hf import hf_config, to_hf_state_dict
 from trainer.checkpoint import DS_TAG, STATE_FILE
+from trainer.parallel import make_layout, pipeline_layers, tensor_parallel_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
@@ -81,32 +85,256 @@ def _model_config(state: dict[str, Any], ckpt_dir: Path) -> GPTConfig:
         raise ExportError(f"{ckpt_dir / STATE_FILE} holds no valid model config: {e}") from None
 
 
-def _load_model_states(path: Path) -> dict[str, Any]:
+# -----------------------------------------------------------------------------
+# Reading DeepSpeed's checkpoint files
+#
+# What DeepSpeed 0.19 writes into ckpt/ds/ds/ (d: data-parallel rank; m: model-parallel rank,
+# which is the tensor-parallel rank under AutoTP and the stage under pipeline parallelism; the
+# optimizer files have a "bf16_" prefix when bf16 is on):
+#   ZeRO-0    mp_rank_<m>_model_states.pt: "module" holds rank m's weights (an AutoTP shard or
+#             the whole model). No optimizer files.
+#   ZeRO-1/2  the same model states, whose "param_shapes" list rank m's parameters (name and
+#             shape, per optimizer group), plus zero_pp_rank_<d>_mp_rank_<m>_optim_states.pt:
+#             data rank d's slice of the flat fp32 master weights of each group, and in
+#             "param_slice_mappings" where each parameter's piece sits in that slice.
+#   ZeRO-3    zero_pp_rank_<d>_mp_rank_00_{model,optim}_states.pt (data parallel only).
+#   pipeline  also layer_<i>-model_states.pt: the module state of pipeline layer i under local
+#             names, written by data rank 0 of its stage. mp_rank_<m> then has no "module", and
+#             its parameter names are "<i>.<local name>" or "tied_modules.<key>.<local name>".
+
+
+def _deepspeed_globals() -> list[type]:
+    """The non-tensor classes DeepSpeed pickles into its optimizer files: the loss scaler, the
+    ZeRO stage enum and the fragment addresses of param_slice_mappings (found by listing the
+    pickle globals of ZeRO 0-3, AutoTP and pipeline checkpoints, fp32 and bf16). Model-state
+    and layer files hold only tensors, containers and torch.Size."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_checkpoint_file(path: Path) -> Any:
+    """torch.load(weights_only=True), allowing exactly the DeepSpeed classes above. A file that
+    pickles anything else (which could run code on load) is refused with an ExportError."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - retried below, and a real failure is raised there
-        # DeepSpeed's own mp_rank_*_model_states.pt may pickle objects (its config, optimizer
-        # scalars) that weights_only refuses; this file comes from our own training run.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_deepspeed_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = found.group(1) if found else "an object weights_only loading refuses"
+        raise ExportError(
+            f"refusing to load {path}: it pickles {what}, which is neither a tensor nor one of "
+            "the DeepSpeed types a checkpoint holds"
+        ) from None
 
 
-def _consolidate(ds_dir: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 state dict from the DeepSpeed directory ckpt/ds (any ZeRO stage)."""
-    tag_dir = ds_dir / DS_TAG
-    if any(tag_dir.glob("*_optim_states.pt")):
-        # ZeRO 1/2/3: the fp32 master weights live, flattened and partitioned, in the
-        # optimizer shards of every rank; DeepSpeed reassembles them by parameter name.
-        if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
-            os.environ["DS_ACCELERATOR"] = "cpu"
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def _file(tag_dir: Path, name: str) -> Path:
+    path = tag_dir / name
+    if not path.is_file():
+        raise ExportError(f"{path} is missing: the checkpoint is incomplete")
+    return path
 
-        # It prints a line per step and draws progress bars; failures come back as exceptions.
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=DS_TAG)
-    # ZeRO-0 (plain data parallel): rank 0's module state is the whole model. With bf16 these
-    # are the bf16 weights (the fp32 master copy sits unnamed in the optimizer state).
-    states = _load_model_states(tag_dir / "mp_rank_00_model_states.pt")
-    return dict(states["module"])
+
+def _optim_file(tag_dir: Path, dp_rank: int, mp_rank: int) -> Path:
+    name = f"zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
+    if (tag_dir / f"bf16_{name}").is_file():
+        return tag_dir / f"bf16_{name}"
+    return _file(tag_dir, name)
+
+
+def _has_optim_files(tag_dir: Path, mp_rank: int) -> bool:
+    return any(tag_dir.glob(f"*zero_pp_rank_0_mp_rank_{mp_rank:02d}_optim_states.pt"))
+
+
+def _optimizer_shards(tag_dir: Path, mp_rank: int, dp: Optional[int]) -> list[dict[str, Any]]:
+    """The ZeRO optimizer state of each data-parallel rank of model-parallel rank mp_rank."""
+    first = load_checkpoint_file(_optim_file(tag_dir, 0, mp_rank))["optimizer_state_dict"]
+    count = first["partition_count"]  # one per group (ZeRO-1/2), or one int (ZeRO-3)
+    count = max(count) if isinstance(count, list) else int(count)
+    if dp is not None and count != dp:
+        raise ExportError(
+            f"{tag_dir} holds optimizer shards of data-parallel size {count}, but the run's "
+            f"config gives {dp}"
+        )
+    rest = [
+        load_checkpoint_file(_optim_file(tag_dir, d, mp_rank))["optimizer_state_dict"]
+        for d in range(1, count)
+    ]
+    return [first, *rest]
+
+
+def _fp32_from_zero12(
+    shards: list[dict[str, Any]], param_shapes: list[dict[str, torch.Size]]
+) -> dict[str, torch.Tensor]:
+    """ZeRO-1/2: a parameter is the concatenation, in data-parallel rank order, of its pieces in
+    each rank's flat fp32 partition, located by that rank's param_slice_mappings."""
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for shard in shards:
+        groups, mappings = shard["single_partition_of_fp32_groups"], shard["param_slice_mappings"]
+        for flat, mapping in zip(groups, mappings):
+            for name, fragment in mapping.items():
+                pieces.setdefault(name, []).append(flat.narrow(0, fragment.start, fragment.numel))
+    out = {}
+    for shapes in param_shapes:
+        for name, shape in shapes.items():
+            flat = torch.cat(pieces.get(name, [torch.empty(0)]))
+            if flat.numel() != shape.numel():
+                raise ExportError(
+                    f"parameter {name}: the optimizer shards hold {flat.numel()} values for "
+                    f"shape {tuple(shape)}"
+                )
+            out[name] = flat.view(shape).clone()
+    return out
+
+
+def _fp32_from_zero3(tag_dir: Path, dp: Optional[int]) -> dict[str, torch.Tensor]:
+    """ZeRO-3: rank r's flat fp32 groups hold, parameter after parameter in param_shapes order,
+    elements [r * p, (r + 1) * p) of each, p = ceil(numel / dp), the last rank's zero-padded."""
+    states = load_checkpoint_file(_file(tag_dir, "zero_pp_rank_0_mp_rank_00_model_states.pt"))
+    flats = [torch.cat(list(s["fp32_flat_groups"])) for s in _optimizer_shards(tag_dir, 0, dp)]
+    world, offset, out = len(flats), 0, {}
+    for shapes in states["param_shapes"]:
+        for name, shape in shapes.items():
+            part = math.ceil(shape.numel() / world)
+            whole = torch.cat([flat.narrow(0, offset, part) for flat in flats])
+            out[name] = whole[: shape.numel()].view(shape).clone()
+            offset += part
+    if offset != flats[0].numel():
+        raise ExportError(
+            f"{tag_dir}: the ZeRO-3 shards hold {flats[0].numel()} values per rank, "
+            f"the parameters {offset}"
+        )
+    return out
+
+
+def _model_parallel_rank(
+    tag_dir: Path, mp_rank: int, dp: Optional[int]
+) -> Optional[dict[str, torch.Tensor]]:
+    """Model-parallel rank mp_rank's parameters under DeepSpeed's names: the fp32 master weights
+    of the ZeRO-1/2 optimizer shards, else (ZeRO-0) the module state; None for a pipeline stage
+    with ZeRO-0 (its weights are in the layer files)."""
+    states = load_checkpoint_file(_file(tag_dir, f"mp_rank_{mp_rank:02d}_model_states.pt"))
+    if _has_optim_files(tag_dir, mp_rank):
+        return _fp32_from_zero12(_optimizer_shards(tag_dir, mp_rank, dp), states["param_shapes"])
+    # ZeRO-0: with bf16 these are the bf16 weights (the fp32 master copy sits unnamed in the
+    # optimizer state).
+    return states["module"]
+
+
+def _merge_tensor_parallel(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Whole tensors from the AutoTP shards of the tensor-parallel ranks, in rank order."""
+    specs = tensor_parallel_config(len(shards))["partition_config"]["layer_specs"]
+    out = {}
+    for name, first in shards[0].items():
+        dim = tensor_parallel_dim(name, specs)
+        out[name] = first if dim is None else torch.cat([s[name] for s in shards], dim=dim)
+    return out
+
+
+def tensor_parallel_dim(name: str, specs: list[dict[str, Any]]) -> Optional[int]:
+    """The dimension AutoTP splits parameter `name` along under `specs` (the layer specs of
+    trainer/parallel.py tensor_parallel_config), None when it is replicated. A spec matches a
+    Linear's weight name (re.match, first match wins, as DeepSpeed does) and AutoTP replaces
+    the whole Linear: a column split takes a slice of the rows of weight and bias, a row split
+    a slice of the columns of the weight, and keeps the bias whole on every rank."""
+    module, _, leaf = name.rpartition(".")
+    for spec in specs:
+        if any(re.match(pattern, f"{module}.weight") for pattern in spec["patterns"]):
+            kind = spec["partition_type"]
+            if kind == "column":
+                return 0
+            if kind == "row":
+                return 1 if leaf == "weight" else None
+            raise ExportError(f"parameter {name}: unknown AutoTP partition type {kind!r}")
+    return None
+
+
+def pipeline_names(cfg: GPTConfig) -> tuple[dict[str, str], dict[int, str]]:
+    """(PipelineModule parameter name -> GPT state_dict name, layer index -> name prefix of the
+    layer's module), for the layer list the trainer builds its PipelineModule from
+    (trainer/parallel.py pipeline_layers) and PipelineModule's naming: layer i is module "<i>",
+    a tied layer "tied_modules.<key>" (built once; later layers with its key reuse it and have
+    no file). A layer's parameters are the GPT's own, so identity gives their GPT names."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    from models.gpt import GPT
+
+    with torch.device("meta"):
+        gpt = GPT(cfg)
+        gpt_name = {id(p): name for name, p in gpt.named_parameters()}
+        names: dict[str, str] = {}
+        prefixes: dict[int, str] = {}
+        for index, layer in enumerate(pipeline_layers(gpt)):
+            if isinstance(layer, TiedLayerSpec):
+                prefix = f"tied_modules.{layer.key}"
+                if prefix in prefixes.values():
+                    continue
+                module = layer.build()
+            elif isinstance(layer, LayerSpec):
+                prefix, module = str(index), layer.build()
+            elif isinstance(layer, torch.nn.Module):
+                prefix, module = str(index), layer
+            else:
+                continue  # a plain function: no parameters
+            prefixes[index] = prefix
+            for local, p in module.named_parameters():
+                names[f"{prefix}.{local}"] = gpt_name[id(p)]
+    return names, prefixes
+
+
+def _merge_pipeline(
+    cfg: GPTConfig, stages: list[Optional[dict[str, torch.Tensor]]], tag_dir: Path
+) -> dict[str, torch.Tensor]:
+    """The GPT state dict from the parameters of every pipeline stage, or (ZeRO-0) from the
+    layer files. A tied module is on two stages: the first stage's copy is the one in use (the
+    last stage holds the embedding module for its tied weight only, so its copy of a learned
+    position table is never trained)."""
+    names, prefixes = pipeline_names(cfg)
+    if any(stage is None for stage in stages):
+        stages = []
+        for index, prefix in prefixes.items():
+            layer = load_checkpoint_file(_file(tag_dir, f"layer_{index:02d}-model_states.pt"))
+            stages.append({f"{prefix}.{local}": t for local, t in layer.items()})
+    out: dict[str, torch.Tensor] = {}
+    for stage in stages:
+        for name, t in stage.items():
+            if name not in names:
+                raise ExportError(f"pipeline parameter {name} matches no layer of the model")
+            out.setdefault(names[name], t)
+    return out
+
+
+def _layout(state: dict[str, Any]) -> tuple[int, int, Optional[int]]:
+    """(tensor parallel, pipeline parallel, data parallel or None when unknown) of the run."""
+    config = state.get("config", {})
+    parallel = config.get("parallel", {})
+    tp, pp = int(parallel.get("tensor_parallel", 1)), int(parallel.get("pipeline_parallel", 1))
+    world = config.get("cluster", {}).get("num_workers")
+    if world is None:
+        return tp, pp, None
+    try:
+        return tp, pp, make_layout(int(world), tp, pp).dp
+    except ValueError as e:
+        raise ExportError(f"the checkpoint's config has no valid layout: {e}") from None
+
+
+def _consolidate(ckpt_dir: Path, state: dict[str, Any], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """The fp32 weights of checkpoint ckpt_dir from its DeepSpeed files, for any ZeRO stage and
+    any data x tensor or data x pipeline layout (from the run's config)."""
+    tag_dir = ckpt_dir / "ds" / DS_TAG
+    tp, pp, dp = _layout(state)
+    if (tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file():
+        return _fp32_from_zero3(tag_dir, dp)  # ZeRO-3 runs are data parallel only
+    ranks = [_model_parallel_rank(tag_dir, m, dp) for m in range(tp * pp)]
+    if pp > 1:
+        return _merge_pipeline(cfg, ranks, tag_dir)
+    if tp > 1:
+        return _merge_tensor_parallel(ranks)
+    return ranks[0]
 
 
 def consolidated_state_dict(ckpt_dir: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
@@ -120,7 +348,9 @@ def consolidated_state_dict(ckpt_dir: Path) -> tuple[GPTConfig, dict[str, torch.
         raise ExportError(f"cannot read {ckpt_dir / STATE_FILE}: {_one_line(e)}") from None
     cfg = _model_config(state, ckpt_dir)
     try:
-        raw = _consolidate(ckpt_dir / "ds")
+        raw = _consolidate(ckpt_dir, state, cfg)
+    except ExportError:
+        raise
     except Exception as e:  # noqa: BLE001 - any failure reading the shards is bad input here
         raise ExportError(
             f"cannot read the DeepSpeed checkpoint in {ckpt_dir / 'ds'}: "
@@ -136,8 +366,8 @@ def consolidated_state_dict(ckpt_dir: Path) -> tuple[GPTConfig, dict[str, torch.
         shared = sd.get("wte.weight", sd.get("lm_head.weight"))
         if shared is not None:
             sd["wte.weight"] = sd["lm_head.weight"] = shared
-    expected = _state_keys(cfg)
-    missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
+    expected = _state_shapes(cfg)
+    missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
     if missing or unexpected:
         raise ExportError(
             f"checkpoint {ckpt_dir} does not match its model config: "
@@ -146,15 +376,20 @@ def consolidated_state_dict(ckpt_dir: Path) -> tuple[GPTConfig, dict[str, torch.
     for name, t in sd.items():
         if t.numel() == 0:
             raise ExportError(f"checkpoint {ckpt_dir}: tensor {name} is empty (not consolidated)")
+        if t.shape != expected[name]:
+            raise ExportError(
+                f"checkpoint {ckpt_dir}: tensor {name} has shape {tuple(t.shape)}, the model "
+                f"config gives {tuple(expected[name])} (a shard of another layout?)"
+            )
     return cfg, sd
 
 
-def _state_keys(cfg: GPTConfig) -> set[str]:
-    """The keys of GPT(cfg).state_dict(), from a weightless (meta device) instance."""
+def _state_shapes(cfg: GPTConfig) -> dict[str, torch.Size]:
+    """The shapes of GPT(cfg).state_dict(), from a weightless (meta device) instance."""
     from models.gpt import GPT
 
     with torch.device("meta"):
-        return set(GPT(cfg).state_dict().keys())
+        return {name: t.shape for name, t in GPT(cfg).state_dict().items()}
 
 
 # -----------------------------------------------------------------------------

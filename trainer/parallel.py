@@ -136,10 +136,11 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
 
 
-def pipeline_module(gpt: GPT, layout: Layout, *, partition_method: str, checkpoint_interval: int):
-    """The GPT as pipeline stages. Every rank built the same `gpt` (same seed), so each stage
-    starts from exactly the weights a single process would have."""
-    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+def pipeline_layers(gpt: GPT) -> list:
+    """The GPT as DeepSpeed pipeline layers, in order: embedding, blocks, final norm, head (with
+    tied embeddings the head is the embedding module again, under the key "embed"). The export
+    (trainer/export.py) reads the layer order of pipeline checkpoints from this list."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     cfg = gpt.config
     if cfg.tie_embeddings:
@@ -153,9 +154,16 @@ def pipeline_module(gpt: GPT, layout: Layout, *, partition_method: str, checkpoi
     else:
         first = LayerSpec(EmbeddingStage, gpt)
         last = [LayerSpec(FinalNormStage, gpt), LayerSpec(HeadStage, gpt)]
-    layers = [first, *gpt.blocks, *last]
+    return [first, *gpt.blocks, *last]
+
+
+def pipeline_module(gpt: GPT, layout: Layout, *, partition_method: str, checkpoint_interval: int):
+    """The GPT as pipeline stages. Every rank built the same `gpt` (same seed), so each stage
+    starts from exactly the weights a single process would have."""
+    from deepspeed.pipe import PipelineModule
+
     return PipelineModule(
-        layers=layers,
+        layers=pipeline_layers(gpt),
         num_stages=layout.pp,
         loss_fn=lm_loss,
         partition_method=partition_method,
