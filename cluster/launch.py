@@ -75,6 +75,27 @@ def check_sources(cfg: RootConfig) -> None:
         list_work_units(cfg.data)
 
 
+def check_offload(cfg: RootConfig) -> None:
+    """NVMe offload needs DeepSpeed's async_io op and a writable nvme_path: say so up front."""
+    p = cfg.parallel
+    if p.offload_device != "nvme":
+        return
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        raise ConfigError(
+            "parallel.offload_device=nvme needs DeepSpeed's async_io op, which needs libaio: "
+            "install libaio-dev (apt install libaio-dev) on every node, or use offload_device=cpu"
+        )
+    try:
+        Path(p.nvme_path).mkdir(parents=True, exist_ok=True)
+        probe = Path(p.nvme_path) / ".raygpt-write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"parallel.nvme_path ({p.nvme_path}) is not writable: {e}") from None
+
+
 def prepare_data(cfg: RootConfig) -> str:
     """Runs data preparation (idempotent, on Ray Data) and checks it against the model."""
     from data_pipeline.prepare import prepare
@@ -151,6 +172,7 @@ def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, An
     except ValueError as e:
         raise ConfigError(str(e)) from None
     check_sources(cfg)
+    check_offload(cfg)
     resume_from = check_resume_compatible(cfg)
     saved_cfg = read_trainer_state(resume_from).get("config") if resume_from else None
     convert = bool(resume_from and saved_cfg and universal.plan(cfg, resume_from, saved_cfg))

@@ -47,6 +47,9 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
+    # torch.optim.AdamW(fused=True): one fused kernel per parameter group instead of a loop
+    # of element-wise ops (CPU and CUDA); DeepSpeed gets it as the client optimizer.
+    fused: bool = False
 
     def __post_init__(self) -> None:
         if self.name != "adamw":
@@ -76,6 +79,14 @@ class ParallelConfig:
     zero_stage: int = 2
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU
     offload_params: bool = False  # ZeRO-Infinity style parameter offload (stage 3 only)
+    # Where offloaded state goes: "cpu" memory, or "nvme" files under nvme_path (ZeRO-Infinity,
+    # stage 3; needs DeepSpeed's async_io op, i.e. libaio-dev). nvme lets a model whose Adam
+    # state exceeds host memory train, at disk speed.
+    offload_device: str = "cpu"
+    nvme_path: str = "/tmp/raygpt-offload"
+    # ZeRO-3 optimizer steps this many parameters at a time; with offload, one sub-group's fp32
+    # weights, gradients and Adam moments (16 bytes/param) are in host memory at once.
+    sub_group_size: int = 1_000_000_000
     overlap_comm: bool = False
     reduce_bucket_size: int = 50_000_000
     allgather_bucket_size: int = 50_000_000
@@ -129,6 +140,18 @@ class ParallelConfig:
             raise ValueError(
                 f"offload_params needs zero_stage 3 (got zero_stage {self.zero_stage})"
             )
+        if self.offload_device not in ("cpu", "nvme"):
+            raise ValueError(f"offload_device ('{self.offload_device}') must be 'cpu' or 'nvme'")
+        if self.offload_device == "nvme" and (
+            self.zero_stage != 3 or not (self.offload_optimizer or self.offload_params)
+        ):
+            raise ValueError(
+                "offload_device 'nvme' needs zero_stage 3 and offload_optimizer or "
+                f"offload_params (got zero_stage {self.zero_stage}, offload_optimizer "
+                f"{self.offload_optimizer}, offload_params {self.offload_params})"
+            )
+        if self.sub_group_size < 1:
+            raise ValueError(f"sub_group_size ({self.sub_group_size}) must be >= 1")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3 (got zero_stage 0)")
         if self.reduce_bucket_size < 1 or self.allgather_bucket_size < 1:
@@ -199,6 +222,10 @@ class TrainerConfig:
     log_sample_ids: bool = False
     # torch.profiler trace of these steps into run_dir/profile/ (e.g. [5,6]).
     profile_steps: list[int] = field(default_factory=list)
+    # torch.compile (inductor) of every transformer block, applied from outside the model
+    # before DeepSpeed wraps it (trainer/engine.py compile_blocks); needs a C++ compiler on
+    # CPU. Not with pipeline parallelism.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for k in ("max_steps", "micro_batch_size", "global_batch_size", "keep_last"):

@@ -39,11 +39,18 @@ def deepspeed_config(
             stage3_prefetch_bucket_size=parallel.allgather_bucket_size,
             stage3_param_persistence_threshold=0,
             stage3_gather_16bit_weights_on_model_save=False,
+            sub_group_size=parallel.sub_group_size,
         )
+    offload: dict[str, Any] = {
+        "device": parallel.offload_device,
+        "pin_memory": torch.cuda.is_available(),
+    }
+    if parallel.offload_device == "nvme":
+        offload["nvme_path"] = parallel.nvme_path
     if parallel.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_optimizer"] = dict(offload)
     if parallel.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_param"] = dict(offload)
     cfg: dict[str, Any] = {
         "train_batch_size": micro_batch * grad_accum * dp_size,
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -159,8 +166,10 @@ def build_engine(
     layout: Layout,
     micro_batch: int,
     grad_accum: int,
+    compile: bool = False,
 ):
-    """Wraps `model` in a DeepSpeed engine for `layout` (the process group must exist)."""
+    """Wraps `model` in a DeepSpeed engine for `layout` (the process group must exist).
+    compile: torch.compile the model's blocks first (compile_blocks)."""
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -187,16 +196,27 @@ def build_engine(
             partition_method=parallel.pipeline_partition,
             checkpoint_interval=interval,
         )
+    if compile:
+        compile_blocks(model)
     optimizer = torch.optim.AdamW(
         param_groups(model, optim.weight_decay),
         lr=optim.lr,
         betas=(optim.beta1, optim.beta2),
         eps=optim.eps,
+        fused=optim.fused or None,
     )
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config, dist_init_required=False
     )
     return engine
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """torch.compile (inductor) of each transformer block, in place (Module.compile), from
+    outside the model: parameter names, state_dict keys and so checkpoints stay as they are,
+    and DeepSpeed's hooks around the blocks stay eager."""
+    for block in model.blocks:
+        block.compile()
 
 
 def is_pipeline(engine) -> bool:

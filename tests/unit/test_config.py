@@ -102,6 +102,15 @@ BAD = [
     (["parallel.zero_stage=-1"], r"zero_stage \(-1\) must be 0, 1, 2 or 3"),
     (["precision.fp16=true"], r"bf16 and fp16 are both true"),
     (["parallel=zero2", "parallel.offload_params=true"], r"offload_params needs zero_stage 3"),
+    (
+        ["parallel=zero2", "parallel.offload_device=nvme"],
+        r"offload_device 'nvme' needs zero_stage 3",
+    ),
+    (
+        ["parallel=zero3", "parallel.offload_device=nvme"],
+        r"and offload_optimizer or offload_params",
+    ),
+    (["parallel=zero3-offload", "parallel.offload_device=disk"], r"must be 'cpu' or 'nvme'"),
     (["optim.warmup_steps=-1"], r"warmup_steps \(-1\) must be >= 0"),
     (["trainer.stop_at_step=500"], r"stop_at_step \(500\) must be in \[1, max_steps \(300\)\]"),
     (["logging.mode=loud"], r"mode \('loud'\) must be one of"),
