@@ -108,3 +108,40 @@ def test_throughput_excludes_paused_time():
     lap = meter.lap()
     assert lap["step_time_s"] < 0.15
     assert lap["tokens_per_sec"] > 1000 / 0.15
+
+
+def test_deepspeed_config_nvme_offload():
+    p = ParallelConfig(
+        zero_stage=3,
+        offload_optimizer=True,
+        offload_params=True,
+        offload_device="nvme",
+        nvme_path="/scratch/x",
+        sub_group_size=5_000_000,
+    )
+    zero = deepspeed_config(
+        p, PrecisionConfig(), OptimConfig(), micro_batch=1, grad_accum=1, dp_size=2
+    )["zero_optimization"]
+    for key in ("offload_optimizer", "offload_param"):
+        assert zero[key]["device"] == "nvme" and zero[key]["nvme_path"] == "/scratch/x"
+    assert zero["sub_group_size"] == 5_000_000
+
+
+def test_nvme_offload_without_libaio_is_one_line_before_ray(monkeypatch, tmp_path):
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    from cluster.launch import check_offload
+    from trainer.config import ConfigError, load_config
+
+    cfg = load_config(["parallel=zero3-nvme", f"parallel.nvme_path={tmp_path / 'nv'}"])
+    monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: False)
+    with pytest.raises(ConfigError, match="install libaio-dev") as e:
+        check_offload(cfg)
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: True)
+    check_offload(cfg)  # with the op, a writable path passes
+    assert (tmp_path / "nv").is_dir()
+    (tmp_path / "file").write_text("")
+    bad = load_config(["parallel=zero3-nvme", f"parallel.nvme_path={tmp_path / 'file' / 'x'}"])
+    with pytest.raises(ConfigError, match="is not writable"):
+        check_offload(bad)
