@@ -12,13 +12,16 @@ is loaded from it: a file that is missing, truncated or altered fails with one l
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -274,6 +277,50 @@ def read_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
     return json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
 
 
+def deepspeed_safe_globals() -> list[type]:
+    """The non-tensor classes DeepSpeed pickles into its checkpoint files: the loss scaler, the
+    ZeRO stage enum and the fragment addresses of param_slice_mappings (found by listing the
+    pickle globals of ZeRO 0-3, AutoTP and pipeline checkpoints, fp32 and bf16). Model-state
+    and layer files hold only tensors, containers and torch.Size."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_torch_load(path: Any, map_location: Any = None) -> Any:
+    """torch.load(weights_only=True) allowing exactly deepspeed_safe_globals(). A file that
+    pickles anything else (which could run code when loaded) raises CheckpointError."""
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = found.group(1) if found else "an object weights_only loading refuses"
+        raise CheckpointError(
+            f"refusing to load {path}: it pickles {what}, which is neither a tensor nor one of "
+            "the DeepSpeed types a checkpoint holds"
+        ) from None
+
+
+@contextlib.contextmanager
+def _weights_only(engine) -> Iterator[None]:
+    """DeepSpeed's checkpoint engine loads with weights_only=False; make this load safe."""
+    ce = getattr(engine, "checkpoint_engine", None)
+    if ce is None:
+        yield
+        return
+    original = ce.load
+    ce.load = safe_torch_load
+    try:
+        yield
+    finally:
+        ce.load = original
+
+
 def load(
     engine, ckpt_dir: Path, rank: int, *, universal_dir: Optional[Path] = None
 ) -> dict[str, Any]:
@@ -287,13 +334,16 @@ def load(
     ckpt_dir = Path(ckpt_dir)
     verify_checkpoint(ckpt_dir, hashes=False)
     if universal_dir is None:
-        path, _ = engine.load_checkpoint(
-            str(ckpt_dir / "ds"),
-            tag=DS_TAG,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=False,
-        )
+        with _weights_only(engine):
+            path, _ = engine.load_checkpoint(
+                str(ckpt_dir / "ds"),
+                tag=DS_TAG,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
     else:
+        # Universal files are read by DeepSpeed with torch.load directly; they were written
+        # on the driver from this verified checkpoint (trainer/universal.py).
         # DeepSpeed reads this flag from its config at load time only; set it for this load.
         engine._config.load_universal_checkpoint = True
         try:

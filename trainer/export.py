@@ -33,7 +33,7 @@ import torch
 from data_pipeline.config import EOS_TOKEN
 from models.gpt import GPTConfig
 from models.hf import hf_config, to_hf_state_dict
-from trainer.checkpoint import DS_TAG, STATE_FILE
+from trainer.checkpoint import DS_TAG, STATE_FILE, deepspeed_safe_globals
 from trainer.parallel import make_layout, pipeline_layers, tensor_parallel_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -103,25 +103,11 @@ def _model_config(state: dict[str, Any], ckpt_dir: Path) -> GPTConfig:
 #             its parameter names are "<i>.<local name>" or "tied_modules.<key>.<local name>".
 
 
-def _deepspeed_globals() -> list[type]:
-    """The non-tensor classes DeepSpeed pickles into its optimizer files: the loss scaler, the
-    ZeRO stage enum and the fragment addresses of param_slice_mappings (found by listing the
-    pickle globals of ZeRO 0-3, AutoTP and pipeline checkpoints, fp32 and bf16). Model-state
-    and layer files hold only tensors, containers and torch.Size."""
-    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
 def load_checkpoint_file(path: Path) -> Any:
     """torch.load(weights_only=True), allowing exactly the DeepSpeed classes above. A file that
     pickles anything else (which could run code on load) is refused with an ExportError."""
     try:
-        with torch.serialization.safe_globals(_deepspeed_globals()):
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))

@@ -34,7 +34,7 @@ BASE = [
 # reference, which has it off, that proves it changes no loss in any kind of layout.
 AC = "model.activation_checkpointing=true"
 # resume=True: stop after STOP steps and resume. ZeRO 0/1/2 share one checkpoint path whose
-# exact resume tests/e2e/test_train.py proves (to 1e-6); they run straight through here.
+# exact resume tests/e2e/test_interruptions.py proves (to 1e-6); they run straight through here.
 LAYOUTS = {  # name -> (overrides, workers, relative tolerance, stop and resume)
     "dp2-zero0": (["parallel=ddp"], 2, 1e-5, False),
     "dp2-zero1-ac": (["parallel=zero1", AC], 2, 1e-5, False),

@@ -167,6 +167,62 @@ def test_load_refuses_a_truncated_checkpoint_before_deepspeed(ckpt):
         checkpoint.load(Engine(), ckpt, rank=1)
 
 
+def _run_on_load(path: str) -> dict:
+    Path(path).write_text("code ran")
+    return {}
+
+
+class RunsCodeOnLoad:
+    """Unpickling this calls _run_on_load: what a hostile checkpoint file could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (_run_on_load, (str(self.marker),))
+
+
+class CheckpointEngine:
+    """DeepSpeed's TorchCheckpointEngine.load: torch.load(weights_only=False)."""
+
+    def load(self, path, map_location=None):
+        return torch.load(path, map_location=map_location, weights_only=False)
+
+
+class LoadingEngine:
+    """Loads its model-state file through its checkpoint engine, as DeepSpeed's does."""
+
+    def __init__(self):
+        self.checkpoint_engine = CheckpointEngine()
+        self.loaded = None
+
+    def load_checkpoint(self, load_dir, tag, **kwargs):
+        path = Path(load_dir) / tag / "mp_rank_00_model_states.pt"
+        self.loaded = self.checkpoint_engine.load(path, map_location="cpu")
+        return str(path), {}
+
+
+def test_resume_loads_deepspeed_files_with_weights_only(ckpt, tmp_path):
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    engine = LoadingEngine()
+    model_file = ckpt / "ds" / "ds" / "mp_rank_00_model_states.pt"
+    torch.save({"module": torch.ones(3), "scaler": LossScaler(1.0)}, model_file)
+    checkpoint.write_file_record(ckpt, 0)  # a legitimate rewrite: records match again
+    checkpoint.load(engine, ckpt, rank=0)
+    assert torch.equal(engine.loaded["module"], torch.ones(3))
+    assert isinstance(engine.checkpoint_engine.load.__self__, CheckpointEngine)  # restored
+
+    marker = tmp_path / "marker"
+    torch.save({"module": torch.ones(3), "x": RunsCodeOnLoad(marker)}, model_file)
+    checkpoint.write_file_record(ckpt, 0)
+    with pytest.raises(CheckpointError, match=r"refusing to load .*_run_on_load") as e:
+        checkpoint.load(engine, ckpt, rank=0)
+    assert not marker.exists() and "\n" not in str(e.value)
+    torch.load(model_file, weights_only=False)  # the file really is hostile
+    assert marker.read_text() == "code ran"
+
+
 # ------------------------------------------------------------------ which checkpoint
 
 
