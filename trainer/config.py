@@ -471,6 +471,13 @@ def validate(cfg: RootConfig) -> None:
             "pipeline_parallel with bf16 needs zero_stage 1 (DeepSpeed's bf16 pipeline "
             "checkpoints cannot be loaded at ZeRO stage 0)"
         )
+    par = cfg.parallel
+    if t.compile and (par.tensor_parallel > 1 or par.pipeline_parallel > 1 or par.zero_stage == 3):
+        raise ConfigError(
+            f"trainer.compile with tensor_parallel {par.tensor_parallel}, pipeline_parallel "
+            f"{par.pipeline_parallel}, zero_stage {par.zero_stage}: compile is supported with "
+            "data parallelism at ZeRO stage 0-2 only (TP/PP/ZeRO-3 hooks inside the blocks)"
+        )
     vocab, source = tokenizer_vocab_size(d)
     if m.vocab_size < vocab:
         raise ConfigError(
