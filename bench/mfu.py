@@ -4,6 +4,7 @@ in the bare loop (bf16 autocast, 1 process x 2 threads) and in raygpt (DeepSpeed
 1 worker x 2 threads), as a share of the 2-thread bf16 peak.
 
     python -m bench.mfu [--quick] [--steps 20] [--d-model 768 --n-layer 2 --n-head 12]
+        [--micro-batch 8 --global-batch 16] [--raygpt-overrides parallel=ddp optim.fused=true]
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     reused = {}
     if args.reuse:
         prior = common.BENCH_DIR / "stack_overhead.json"
-        if prior.is_file():
+        if prior.is_file() and not args.raygpt_overrides:
             so = json.loads(prior.read_text())
             if "bf16-w1" in so.get("raygpt", {}) and "bf16-autocast" in so.get("bare", {}):
                 reused["gpt-tiny"] = (so["bare"]["bf16-autocast"], so["raygpt"]["bf16-w1"])
@@ -96,6 +97,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                     model=overrides,
                     quick=args.quick,
                 )
+                + args.raygpt_overrides
             )
             steady = common.steady_tokens_per_sec(common.read_jsonl(run_dir / "metrics.jsonl"))
             ray_tps, ray_med = steady["tokens_per_sec"], steady["median_tokens_per_sec"]
@@ -150,6 +152,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--peak-n", type=int, default=2048, help="matmul size of the peak")
     p.add_argument(
         "--reuse", action="store_true", help="gpt-tiny figures from runs/bench/stack_overhead.json"
+    )
+    p.add_argument(
+        "--raygpt-overrides",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra Hydra overrides of the raygpt runs, e.g. parallel=ddp trainer.compile=true",
     )
     args = p.parse_args(argv)
     args.steps = args.steps or (5 if args.quick else 20)

@@ -16,12 +16,16 @@ an fp32 master copy in the optimizer); the bare loop runs both nanoGPT's autocas
 weights) and a hand-written DeepSpeed-style bf16 ("bf16-weights"). Ratios are against each.
 
     python -m bench.stack_overhead [--quick] [--steps 40] [--precisions bf16,fp32]
+        [--raygpt-overrides parallel=ddp optim.fused=true]
+        [--variants 'parallel=zero2;parallel=ddp;parallel=ddp optim.fused=true']
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
+import os
 import sys
 from typing import Any
 
@@ -40,6 +44,17 @@ LABEL = {
 def raygpt_layouts(workers: list[int], total_cpus: int = 2) -> list[tuple[int, float]]:
     """(num_workers, cpus_per_worker) pairs that use all `total_cpus` cores."""
     return [(w, total_cpus / w) for w in workers]
+
+
+def parse_variants(text: str) -> list[list[str]]:
+    """'a=1 b=2;c=3' -> [["a=1", "b=2"], ["c=3"]]; empty text -> one variant without
+    overrides."""
+    variants = [v.split() for v in text.split(";") if v.strip()]
+    return variants or [[]]
+
+
+def variant_tag(overrides: list[str]) -> str:
+    return ",".join(overrides)
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
@@ -83,9 +98,17 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                     None,
                 ]
             )
-        for workers, cpus in raygpt_layouts(args.workers):
-            name = f"overhead-{prec}-w{workers}" + ("-quick" if args.quick else "")
-            print(f"raygpt {prec} {workers} worker(s) x {cpus:g} CPU: {args.steps} steps ...")
+        for (workers, cpus), (v, variant) in itertools.product(
+            raygpt_layouts(args.workers), enumerate(args.variants)
+        ):
+            tag = variant_tag(variant)
+            name = f"overhead-{prec}-w{workers}" + (f"-v{v}" if variant else "")
+            name += "-quick" if args.quick else ""
+            print(
+                f"raygpt {prec} {workers} worker(s) x {cpus:g} CPU"
+                + (f" [{tag}]" if tag else "")
+                + f": {args.steps} steps ..."
+            )
             overrides = common.train_overrides(
                 seq,
                 run_name=name,
@@ -99,9 +122,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                 log_interval=args.log_interval,
                 quick=args.quick,
             )
+            overrides += [*args.raygpt_overrides, *variant]
             _, run_dir = common.run_raygpt(overrides)
             steady = common.steady_tokens_per_sec(common.read_jsonl(run_dir / "metrics.jsonl"))
-            key = f"{prec}-w{workers}"
+            key = f"{prec}-w{workers}" + (f"[{tag}]" if tag else "")
             ratios = {
                 mode: {
                     "mean": common.ratio(steady["tokens_per_sec"], b["tokens_per_sec"]),
@@ -111,12 +135,19 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                 }
                 for mode, b in bare.items()
             }
-            result["raygpt"][key] = {**steady, "run_dir": str(run_dir), "vs_bare": ratios}
+            result["raygpt"][key] = {
+                **steady,
+                "run_dir": str(run_dir),
+                "overrides": [*args.raygpt_overrides, *variant],
+                "load_average": os.getloadavg()[0],
+                "vs_bare": ratios,
+            }
             accum = args.global_batch // (args.micro_batch * workers)
             for i, (mode, rt) in enumerate(ratios.items()):
                 rows.append(
                     [
                         f"raygpt {workers}p x {int(cpus)}t, {args.micro_batch}x{accum}"
+                        + (f" [{tag}]" if tag else "")
                         if i == 0
                         else "",
                         LABEL[prec] if i == 0 else "",
@@ -129,7 +160,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                 )
     common.print_table(
         f"stack overhead: gpt-tiny, seq {seq}, global batch {args.global_batch}, "
-        f"{args.parallel}, log_interval {args.log_interval}",
+        f"{args.parallel}, log_interval {args.log_interval}"
+        + (f", raygpt overrides {' '.join(args.raygpt_overrides)}" if args.raygpt_overrides else ""),
         ["run (procs x threads, micro x accum)", "precision", "tok/s mean", "tok/s median",
          "ratio mean", "ratio median", "ratio vs bare"],
         rows,
@@ -155,7 +187,21 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--global-batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--log-interval", type=int, default=1)
+    p.add_argument(
+        "--raygpt-overrides",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra Hydra overrides of every raygpt run, e.g. parallel=ddp optim.fused=true",
+    )
+    p.add_argument(
+        "--variants",
+        default="",
+        help="';'-separated override sets, each a raygpt run of its own against the same bare "
+        "figures, e.g. 'parallel=zero2;parallel=ddp;parallel=ddp optim.fused=true'",
+    )
     args = p.parse_args(argv)
+    args.variants = parse_variants(args.variants)
     args.steps = args.steps or (6 if args.quick else 40)
     args.precisions = (args.precisions or ("bf16" if args.quick else "bf16,fp32")).split(",")
     args.workers = [int(w) for w in args.workers.split(",")]

@@ -126,3 +126,19 @@ def test_command_reproduces_the_arguments():
     assert common.command("bench.mfu", ["--quick", "--steps", "3"]) == (
         ".venv/bin/python -m bench.mfu --quick --steps 3"
     )
+
+
+def test_stack_overhead_variants_and_extra_overrides():
+    from bench import stack_overhead
+
+    assert stack_overhead.parse_variants("") == [[]]
+    assert stack_overhead.parse_variants("parallel=zero2; parallel=ddp optim.fused=true") == [
+        ["parallel=zero2"],
+        ["parallel=ddp", "optim.fused=true"],
+    ]
+    args = stack_overhead.parse(["--raygpt-overrides", "parallel=ddp", "optim.fused=true"])
+    assert args.raygpt_overrides == ["parallel=ddp", "optim.fused=true"]
+    assert args.variants == [[]]
+    assert stack_overhead.variant_tag(["parallel=ddp", "optim.fused=true"]) == (
+        "parallel=ddp,optim.fused=true"
+    )
