@@ -165,7 +165,7 @@ def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, An
     from trainer.control import make_stop_signal
     from trainer.loop import train_worker
     from trainer.metrics import peak_flops_per_worker
-    from trainer.resume import check_resume_compatible, set_aside_unregistered
+    from trainer.resume import check_resume_compatible, repair_snapshot, set_aside_unregistered
 
     try:
         faults.from_env()  # a drill's spec is checked here, not in a worker
@@ -178,6 +178,7 @@ def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, An
     convert = bool(resume_from and saved_cfg and universal.plan(cfg, resume_from, saved_cfg))
     # Validated: from here on the run directory may change.
     if "://" not in cfg.run.root:
+        repair_snapshot(cfg.run_dir)
         set_aside_unregistered(cfg.run_dir)
     uni = universal.prepare(cfg, resume_from, saved_cfg) if convert else None
     started = connect(cfg.cluster)

@@ -31,7 +31,6 @@ from trainer.guard import LossGuard, TooManyBadSteps
 from trainer.logger import RunLogger
 from trainer.metrics import StepTimes, Throughput, memory_stats, model_state_bytes, peak_rss_mib
 from trainer.profiling import StepProfiler
-from trainer.resume import find_resume_checkpoint
 from trainer.schedule import lr_at
 
 
@@ -56,12 +55,26 @@ def evaluate(engine, loader: DistributedLoader) -> float:
     return mean_across_ranks(eval_losses(engine, loader.next_step()))
 
 
+def quiet_ray_train_logs() -> None:
+    """Ray Train logs every report ("Reporting training result ...") at INFO under a logger
+    named after its file, which RunConfig's LoggingConfig does not reach; our own lines say
+    when a checkpoint is saved."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray Train version: its logging stays as it is
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Entry point on every Ray worker. `config` = {"cfg": RootConfig, "data_dir", "peak_flops"}."""
     import ray.train
 
     cfg: RootConfig = config["cfg"]
     t, m = cfg.trainer, cfg.model
+    quiet_ray_train_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.cluster.threads_per_worker)
@@ -81,6 +94,7 @@ def train_worker(config: dict[str, Any]) -> None:
     }
 
     state: dict[str, Any] = {"step": 0, "consumed_samples": 0, "wandb_id": None}
+    newest: Optional[str] = None  # the newest checkpoint of this run (guard rollbacks go there)
     ckpt = ray.train.get_checkpoint()
     # Saved at another data-parallel size: the driver converted it (trainer/universal.py).
     universal = config.get("universal") or {}
@@ -88,6 +102,7 @@ def train_worker(config: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             uni = universal.get("dir") if Path(d).name == universal.get("checkpoint") else None
             state = checkpoint.load(engine, Path(d), rank, universal_dir=uni)
+        newest = Path(ckpt.path).name
         if rank == 0:
             how = " (universal checkpoint)" if uni else ""
             print(f"resumed from {ckpt.path}{how} at step {state['step']}")
@@ -218,7 +233,9 @@ def train_worker(config: dict[str, Any]) -> None:
                 if logger:
                     logger.log(step, last_metrics)
             if roll_back:
-                step = recover(engine, guard, cfg, rank, step, train_loader, logger, universal)
+                step = recover(
+                    engine, guard, cfg, rank, step, train_loader, logger, universal, newest
+                )
                 continue
 
             stop, time_due = control.decide()
@@ -256,6 +273,7 @@ def train_worker(config: dict[str, Any]) -> None:
                         else None,
                     )
                     policy.saved()
+                    newest = f"checkpoint_{step:08d}"
                     if policy.keep_for_good(step):
                         if dist.is_initialized():
                             dist.barrier()  # every rank's files are in the run directory
@@ -317,11 +335,12 @@ def recover(
     loader,
     logger,
     universal: dict[str, str],
+    newest: Optional[str],
 ) -> int:
     """After guard.max_consecutive bad steps: stop, or roll back to the newest checkpoint
     and carry on from the current data position (skipping the offending window)."""
     where = f"{guard.cfg.max_consecutive} bad steps in a row up to step {step}"
-    latest = find_resume_checkpoint(Path(cfg.run_dir))  # the newest registered checkpoint
+    latest = Path(cfg.run_dir) / newest if newest else None
     if guard.cfg.on_repeated == "stop" or latest is None:
         why = "guard.on_repeated=stop" if latest else "no checkpoint to roll back to yet"
         raise TooManyBadSteps(

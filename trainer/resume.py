@@ -12,6 +12,7 @@ an error here: it is reported on one info line.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -69,22 +70,76 @@ def find_resume_checkpoint(run_dir: Path) -> Optional[Path]:
     Ray's snapshot names it (`latest_checkpoint_result.checkpoint_dir_name`); a snapshot that
     exists but registered no checkpoint, or no snapshot at all, means a fresh start (checkpoint
     directories without a snapshot were never registered: see set_aside_unregistered). With an
-    unreadable snapshot the highest-numbered checkpoint_* directory is taken.
+    unreadable snapshot (a kill while Ray rewrote it) the newest complete checkpoint_* directory
+    is taken: repair_snapshot makes Ray agree before it starts.
     """
     run_dir = Path(run_dir)
     snapshot = run_dir / SNAPSHOT_FILE
     if not snapshot.is_file():
         return None
-    if snapshot.is_file():
+    try:
+        latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+        if latest is None:
+            return None
+        return run_dir / str(latest["checkpoint_dir_name"])
+    except (OSError, ValueError, KeyError, TypeError):
+        complete = complete_checkpoints(run_dir)
+        return complete[-1] if complete else None
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The checkpoint_* directories of `run_dir` that pass verify_checkpoint, oldest first."""
+    out = []
+    for d in sorted(
+        (p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()), key=_step_of
+    ):
         try:
-            latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
-            if latest is None:
-                return None
-            return run_dir / str(latest["checkpoint_dir_name"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # unreadable: fall back to what is on disk
-    ckpts = [p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()]
-    return max(ckpts, key=_step_of) if ckpts else None
+            verify_checkpoint(d)
+            out.append(d)
+        except CheckpointError:
+            pass
+    return out
+
+
+def repair_snapshot(run_dir: Path, *, echo: bool = True) -> Optional[Path]:
+    """Rewrites an unreadable checkpoint_manager_snapshot.json from the complete checkpoints on
+    disk (the damaged file is kept beside it as .corrupt). Ray writes the snapshot in place, so
+    a driver killed at that moment leaves it truncated, and Ray would refuse to start. Returns
+    the kept copy, or None when the snapshot was fine (or absent)."""
+    import ray
+
+    run_dir = Path(run_dir)
+    snapshot = run_dir / SNAPSHOT_FILE
+    if not snapshot.is_file() or registered_checkpoints(run_dir) is not None:
+        return None
+    entries = [
+        {"version": 0, "checkpoint_dir_name": d.name, "metrics": {"step": _step_of(d)[0]}}
+        for d in complete_checkpoints(run_dir)
+    ]
+    state = {
+        "ray_version": ray.__version__,
+        "checkpoint_results": entries,
+        "checkpoint_report_indices": list(range(len(entries))),
+        "latest_checkpoint_result": entries[-1] if entries else None,
+        "pending_training_results": [],
+        "pending_validation_specs": [],
+        "current_report_index": len(entries),
+        "validated_checkpoint_dir_names": [],
+        "timed_out_validation_checkpoint_dir_names": [],
+        "failed_validation_checkpoint_dir_names": [],
+    }
+    kept = snapshot.with_name(f"{SNAPSHOT_FILE}.corrupt")
+    os.replace(snapshot, kept)
+    tmp = snapshot.with_name(f".{SNAPSHOT_FILE}.tmp")
+    tmp.write_text(json.dumps(state, indent=1) + "\n")
+    os.replace(tmp, snapshot)
+    if echo:
+        latest = entries[-1]["checkpoint_dir_name"] if entries else "none"
+        print(
+            f"resume: {SNAPSHOT_FILE} was unreadable (kept as {kept.name}); rebuilt from "
+            f"{len(entries)} complete checkpoints, latest {latest}"
+        )
+    return kept
 
 
 INCOMPLETE_DIR = "incomplete"

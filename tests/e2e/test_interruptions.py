@@ -193,9 +193,13 @@ def test_driver_kill_sigterm_and_new_dp_sizes_resume_exactly_once(reference, tmp
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stopped_by"] == "SIGTERM" and not summary["finished"]
 
-    # 3. One worker (data-parallel 2 -> 1): a universal checkpoint, made automatically.
+    # 3. One worker (data-parallel 2 -> 1): a universal checkpoint, made automatically. And as
+    #    if the driver had been killed while Ray rewrote its snapshot: it is truncated.
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    snapshot.write_text(snapshot.read_text()[:40])
     run = Run([*args, "cluster.num_workers=1", "trainer.stop_at_step=8"], tmp_path / "3.log")
     assert run.wait() == 0, run.output[-3000:]
+    assert "was unreadable (kept as" in run.output and "latest checkpoint_00000006" in run.output
     assert "dp 2 -> 1: converting checkpoint_00000006 to a universal checkpoint" in run.output
     assert "(universal checkpoint) at step 6" in run.output
 

@@ -21,6 +21,7 @@ from trainer.resume import (
     check_resume_compatible,
     compare_configs,
     find_resume_checkpoint,
+    repair_snapshot,
     set_aside_unregistered,
 )
 
@@ -236,7 +237,29 @@ def test_snapshot_names_the_checkpoint_even_when_not_the_highest(tmp_path):
     (tmp_path / SNAPSHOT_FILE).write_text(json.dumps({**snap, "latest_checkpoint_result": None}))
     assert find_resume_checkpoint(tmp_path) is None  # Ray starts from scratch
     (tmp_path / SNAPSHOT_FILE).write_text("{not json")
+    assert find_resume_checkpoint(tmp_path) is None  # unreadable, and no complete checkpoint
+
+
+def test_a_truncated_snapshot_is_rebuilt_from_the_complete_checkpoints(tmp_path, cfg):
+    state = {"step": 2, "consumed_samples": 16, "config": cfg.to_dict()}
+    for step in (2, 4, 6):
+        make_checkpoint(tmp_path / f"checkpoint_{step:08d}", {**state, "step": step})
+    (tmp_path / "checkpoint_00000006" / "files" / "rank_0.json").unlink()  # half-written
+    (tmp_path / SNAPSHOT_FILE).write_text('{"ray_version": "2.6')  # killed mid-rewrite
     assert find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint_00000004"
+
+    kept = repair_snapshot(tmp_path, echo=False)
+    assert kept.read_text() == '{"ray_version": "2.6'
+    snap = json.loads((tmp_path / SNAPSHOT_FILE).read_text())
+    assert [r["checkpoint_dir_name"] for r in snap["checkpoint_results"]] == [
+        "checkpoint_00000002",
+        "checkpoint_00000004",
+    ]
+    assert snap["latest_checkpoint_result"]["checkpoint_dir_name"] == "checkpoint_00000004"
+    assert find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint_00000004"
+    assert repair_snapshot(tmp_path, echo=False) is None  # readable now: left alone
+    moved = set_aside_unregistered(tmp_path, echo=False)
+    assert [p.name for p in moved] == ["checkpoint_00000006"]
 
 
 def test_without_snapshot_nothing_was_registered_and_leftovers_are_set_aside(tmp_path):
