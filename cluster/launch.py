@@ -176,16 +176,16 @@ def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, An
     resume_from = check_resume_compatible(cfg)
     saved_cfg = read_trainer_state(resume_from).get("config") if resume_from else None
     convert = bool(resume_from and saved_cfg and universal.plan(cfg, resume_from, saved_cfg))
-    # Validated: from here on the run directory may change.
-    if "://" not in cfg.run.root:
-        repair_snapshot(cfg.run_dir)
-        set_aside_unregistered(cfg.run_dir)
-    uni = universal.prepare(cfg, resume_from, saved_cfg) if convert else None
     started = connect(cfg.cluster)
     try:
         if cfg.cluster.address is not None:
             check_capacity(cfg.cluster)
         data_dir = prepare_data(cfg)
+        # Validated, data included: from here on the run directory may change.
+        if "://" not in cfg.run.root:
+            repair_snapshot(cfg.run_dir)
+            set_aside_unregistered(cfg.run_dir)
+        uni = universal.prepare(cfg, resume_from, saved_cfg) if convert else None
         peak = cfg.trainer.peak_flops
         if peak is None and not cfg.cluster.use_gpu:
             peak = peak_flops_per_worker(cfg.precision.dtype_name, cfg.cluster.threads_per_worker)
