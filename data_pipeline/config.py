@@ -31,7 +31,7 @@ class DataConfig:
     out_dir: str = "data/stdlib"  # shards, tokenizer.json and manifest.json go here
     samples_per_shard: int = 4096
     max_documents: Optional[int] = None  # noqa: UP045  (cap on documents, for tests)
-    num_tasks: int = 0  # Ray Data tasks for tokenization; 0 -> from the corpus size
+    num_tasks: int = 0  # Ray tasks for tokenization; 0 -> from the corpus size
     seed: int = 1234
 
     def __post_init__(self) -> None:
