@@ -291,12 +291,12 @@ def deepspeed_safe_globals() -> list[type]:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-def safe_torch_load(path: Any, map_location: Any = None) -> Any:
+def safe_torch_load(path: Any, map_location: Any = None, mmap: bool = False) -> Any:
     """torch.load(weights_only=True) allowing exactly deepspeed_safe_globals(). A file that
     pickles anything else (which could run code when loaded) raises CheckpointError."""
     try:
         with torch.serialization.safe_globals(deepspeed_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         what = found.group(1) if found else "an object weights_only loading refuses"

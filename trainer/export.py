@@ -20,7 +20,6 @@ import dataclasses
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 import sys
@@ -33,7 +32,7 @@ import torch
 from data_pipeline.config import EOS_TOKEN
 from models.gpt import GPTConfig
 from models.hf import hf_config, to_hf_state_dict
-from trainer.checkpoint import DS_TAG, STATE_FILE, deepspeed_safe_globals
+from trainer.checkpoint import DS_TAG, STATE_FILE, CheckpointError, safe_torch_load
 from trainer.parallel import make_layout, pipeline_layers, tensor_parallel_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -104,18 +103,13 @@ def _model_config(state: dict[str, Any], ckpt_dir: Path) -> GPTConfig:
 
 
 def load_checkpoint_file(path: Path) -> Any:
-    """torch.load(weights_only=True), allowing exactly the DeepSpeed classes above. A file that
-    pickles anything else (which could run code on load) is refused with an ExportError."""
+    """torch.load(weights_only=True), allowing exactly DeepSpeed's classes (see
+    trainer/checkpoint.py safe_torch_load). A file that pickles anything else (which could run
+    code on load) is refused with an ExportError."""
     try:
-        with torch.serialization.safe_globals(deepspeed_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = found.group(1) if found else "an object weights_only loading refuses"
-        raise ExportError(
-            f"refusing to load {path}: it pickles {what}, which is neither a tensor nor one of "
-            "the DeepSpeed types a checkpoint holds"
-        ) from None
+        return safe_torch_load(path, map_location="cpu", mmap=True)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
 
 
 def _file(tag_dir: Path, name: str) -> Path:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hostile import RunsCodeOnLoad
 
 from trainer import checkpoint
 from trainer.checkpoint import CheckpointError, verify_checkpoint
@@ -166,21 +167,6 @@ def test_load_refuses_a_truncated_checkpoint_before_deepspeed(ckpt):
     f.write_bytes(f.read_bytes()[:10])
     with pytest.raises(CheckpointError, match="truncated"):
         checkpoint.load(Engine(), ckpt, rank=1)
-
-
-def _run_on_load(path: str) -> dict:
-    Path(path).write_text("code ran")
-    return {}
-
-
-class RunsCodeOnLoad:
-    """Unpickling this calls _run_on_load: what a hostile checkpoint file could do."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (_run_on_load, (str(self.marker),))
 
 
 class CheckpointEngine:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hostile import RunsCodeOnLoad
 
 from models.gpt import GPT, GPTConfig
 from trainer.export import (
@@ -21,21 +22,6 @@ from trainer.export import (
 from trainer.parallel import tensor_parallel_config
 
 TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=16)
-
-
-def _run_on_load(path: str) -> dict:
-    Path(path).write_text("code ran")
-    return {}
-
-
-class RunsCodeOnLoad:
-    """Unpickling this calls _run_on_load: what a hostile checkpoint file could do."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (_run_on_load, (str(self.marker),))
 
 
 def test_a_pickled_callable_is_refused_not_run(tmp_path):
