@@ -142,3 +142,13 @@ def test_stack_overhead_variants_and_extra_overrides():
     assert stack_overhead.variant_tag(["parallel=ddp", "optim.fused=true"]) == (
         "parallel=ddp,optim.fused=true"
     )
+
+
+def test_interleaved_variant_names():
+    from bench.interleaved import parse, parse_variant
+
+    assert parse_variant("z0fc") == {"stage": 0, "fused": True, "compile": True}
+    assert parse_variant("z2") == {"stage": 2, "fused": False, "compile": False}
+    with pytest.raises(ValueError, match="z<stage>"):
+        parse_variant("zero2")
+    assert parse(["--quick"]).variants == ["z2", "z0"]
