@@ -23,8 +23,11 @@ train: setup
 	$(PY) -m data_pipeline.prepare +experiment=demo
 	$(PY) -m trainer.train +experiment=demo
 
+# Two pytest workers, one test file each at a time (most e2e time is waiting on process
+# start-up, Ray and the fault drills), then the tests that must have the machine to themselves.
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 -n 2 --dist loadfile -m "not serial" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 -m serial $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit $(PYTEST_ARGS)

@@ -55,3 +55,18 @@ def smoke_data(tmp_path_factory) -> str:
         if started:
             ray.shutdown()
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray for a module's in-process runs (run_training joins it instead of starting
+    and stopping its own each time). Command-line runs in subprocesses start their own."""
+    import ray
+
+    from cluster.config import ClusterConfig
+    from cluster.launch import connect
+
+    started = connect(ClusterConfig())
+    yield
+    if started:
+        ray.shutdown()

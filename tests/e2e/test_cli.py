@@ -128,6 +128,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.serial  # `ray stop --force` at its end stops every Ray on the machine
 def test_ray_job_submit_trains_and_checkpoints(tmp_path, smoke_data):
     ray_bin = str(Path(PY).parent / "ray")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}

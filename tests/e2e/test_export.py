@@ -19,7 +19,7 @@ from models import GPT
 from trainer.config import load_config
 from trainer.export import consolidated_state_dict, find_checkpoint
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("ray_cluster")]
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4

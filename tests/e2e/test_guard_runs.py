@@ -11,7 +11,7 @@ import pytest
 
 from trainer.config import load_config
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("ray_cluster")]
 BASE = [
     "+experiment=smoke",
     "logging.mode=disabled",

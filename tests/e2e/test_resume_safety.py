@@ -17,7 +17,7 @@ from cli_helpers import error_lines, run_cli, tree_digest
 
 from trainer.config import load_config
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("ray_cluster")]
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRETS = {

@@ -10,7 +10,7 @@ import pytest
 
 from trainer.config import load_config
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("ray_cluster")]
 
 
 def read_jsonl(path: Path) -> list[dict]:
