@@ -65,16 +65,6 @@ def parity_data(tmp_path_factory) -> list[str]:
     return data
 
 
-@pytest.fixture(scope="module")
-def shared_ray():
-    """One Ray instance for the module: each launch then costs DeepSpeed start-up only."""
-    import ray
-
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
 def losses(run_dir: Path) -> list[float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     by_step = {r["step"]: r["loss"] for r in rows}
@@ -96,7 +86,7 @@ def train(
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, parity_data, shared_ray) -> list[float]:
+def reference(tmp_path_factory, ray_cluster, parity_data) -> list[float]:
     from cluster.launch import run_training
 
     root = tmp_path_factory.mktemp("ref")

@@ -83,17 +83,11 @@ def test_other_model_shape_fails_with_one_line_and_touches_nothing(trained, smok
 
 
 def test_other_tokenizer_fails_with_one_line_and_touches_nothing(trained, tmp_path):
-    import ray
-
     from data_pipeline.prepare import prepare
 
     other = tmp_path / "other-vocab"  # same corpus and seq_len, a 384-token BPE
     cfg = load_config(["+experiment=smoke", f"data.out_dir={other}", "data.vocab_size=384"])
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
-        prepare(cfg.data)
-    finally:
-        ray.shutdown()
+    prepare(cfg.data)  # on the module's Ray (ray_cluster)
     run_dir = trained["run_dir"]
     before = tree_digest(run_dir)
     proc = resume(trained["root"], str(other), "data.vocab_size=384")
