@@ -172,7 +172,7 @@ def build_engine(
     compile: torch.compile the model's blocks first (compile_blocks)."""
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    _init_distributed()
     ds_config = deepspeed_config(
         parallel,
         precision,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -367,9 +368,6 @@ class SampleLog:
     interruptions, restarts and a new data-parallel size (the last record of a step counts)."""
 
     def __init__(self, run_dir: Path, rank: int, dp_rank: int):
-        import json
-
-        self._dumps = json.dumps
         self.dp_rank = dp_rank
         path = Path(run_dir) / "samples" / f"rank_{rank}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -377,14 +375,12 @@ class SampleLog:
 
     def write(self, step: int, ids) -> None:
         row = {"step": step, "dp_rank": self.dp_rank, "ids": [int(i) for i in ids]}
-        self._f.write(self._dumps(row) + "\n")
+        self._f.write(json.dumps(row) + "\n")
         self._f.flush()
 
 
 def write_memory_report(run_dir: Path, report: dict[str, Any]) -> None:
     """run_dir/memory/rank_<r>.json: what each worker held (bench/memory.py reads these)."""
-    import json
-
     out = Path(run_dir) / "memory"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank_{report['rank']}.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -213,10 +213,8 @@ def test_driver_kill_sigterm_and_new_dp_sizes_resume_exactly_once(reference, tmp
     print("\nstep  uninterrupted  interrupted (2 workers: 1-6, 1 worker: 7-8, 2 workers: 9-10)")
     for step in sorted(ref_loss):
         print(f"{step:4d}  {ref_loss[step]:.7f}      {got[step]:.7f}")
-    for step in range(1, 7):  # the same layout as the reference throughout: exact
+    for step in range(1, STEPS + 1):  # 7-10 at other data-parallel sizes: no jump either
         assert got[step] == pytest.approx(ref_loss[step], rel=1e-6, abs=0), step
-    for step in range(7, STEPS + 1):  # other reduction orders: float rounding, no jump
-        assert got[step] == pytest.approx(ref_loss[step], rel=1e-5, abs=0), step
     assert_exactly_once(samples(run_dir), ref_ids)
 
 
