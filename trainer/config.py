@@ -226,6 +226,10 @@ class TrainerConfig:
     # before DeepSpeed wraps it (trainer/engine.py compile_blocks); needs a C++ compiler on
     # CPU. Not with pipeline parallelism.
     compile: bool = False
+    # CPU bf16: each nn.Linear with >= 1024 features computes its weight gradient from a
+    # contiguous transposed copy (trainer/kernels.py): oneDNN runs the transposed product at
+    # about half rate. Not with TP/PP/ZeRO-3 or on GPUs.
+    contiguous_weight_grad: bool = False
 
     def __post_init__(self) -> None:
         for k in ("max_steps", "micro_batch_size", "global_batch_size", "keep_last"):
@@ -477,6 +481,20 @@ def validate(cfg: RootConfig) -> None:
             f"trainer.compile with tensor_parallel {par.tensor_parallel}, pipeline_parallel "
             f"{par.pipeline_parallel}, zero_stage {par.zero_stage}: compile is supported with "
             "data parallelism at ZeRO stage 0-2 only (TP/PP/ZeRO-3 hooks inside the blocks)"
+        )
+    if t.contiguous_weight_grad and (
+        par.tensor_parallel > 1 or par.pipeline_parallel > 1 or par.zero_stage == 3
+    ):
+        raise ConfigError(
+            f"trainer.contiguous_weight_grad with tensor_parallel {par.tensor_parallel}, "
+            f"pipeline_parallel {par.pipeline_parallel}, zero_stage {par.zero_stage}: it is "
+            "supported with data parallelism at ZeRO stage 0-2 only"
+        )
+    if t.contiguous_weight_grad and cfg.cluster.use_gpu:
+        raise ConfigError(
+            f"trainer.contiguous_weight_grad with cluster.gpus_per_worker "
+            f"{cfg.cluster.gpus_per_worker}: it is a CPU kernel "
+            "option (oneDNN's bf16 matmul); GPUs take transposed operands at full rate"
         )
     vocab, source = tokenizer_vocab_size(d)
     if m.vocab_size < vocab:

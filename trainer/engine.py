@@ -12,6 +12,7 @@ import torch
 from models.gpt import GPT, GPTConfig
 from trainer.config import OptimConfig, ParallelConfig, PrecisionConfig
 from trainer.guard import skipped_optimizer_step
+from trainer.kernels import use_contiguous_weight_grad
 from trainer.metrics import StepTimes
 from trainer.parallel import Layout, pipeline_module, tensor_parallel_config
 
@@ -167,9 +168,11 @@ def build_engine(
     micro_batch: int,
     grad_accum: int,
     compile: bool = False,
+    contiguous_weight_grad: bool = False,
 ):
     """Wraps `model` in a DeepSpeed engine for `layout` (the process group must exist).
-    compile: torch.compile the model's blocks first (compile_blocks)."""
+    compile: torch.compile the model's blocks first (compile_blocks).
+    contiguous_weight_grad: trainer/kernels.py's Linear backward for the large layers."""
     import deepspeed
 
     _init_distributed()
@@ -196,6 +199,8 @@ def build_engine(
             partition_method=parallel.pipeline_partition,
             checkpoint_interval=interval,
         )
+    if contiguous_weight_grad:
+        use_contiguous_weight_grad(model)
     if compile:
         compile_blocks(model)
     optimizer = torch.optim.AdamW(

@@ -86,7 +86,15 @@ def train_worker(config: dict[str, Any]) -> None:
     sizes = dict(layout=layout, micro_batch=t.micro_batch_size, grad_accum=cfg.grad_accum)
     # Same seed on every rank -> identical initial weights (ZeRO-3: built partitioned).
     model = build_model(m, cfg.parallel, cfg.precision, cfg.optim, seed=t.seed, **sizes)
-    engine = build_engine(model, cfg.parallel, cfg.precision, cfg.optim, compile=t.compile, **sizes)
+    engine = build_engine(
+        model,
+        cfg.parallel,
+        cfg.precision,
+        cfg.optim,
+        compile=t.compile,
+        contiguous_weight_grad=t.contiguous_weight_grad,
+        **sizes,
+    )
     memory = {
         "rank": rank,
         "layout": str(layout),

@@ -42,13 +42,31 @@ def test_compile_is_refused_where_it_is_not_supported(overrides):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["parallel=pp2", "cluster.num_workers=2", "cluster.cpus_per_worker=1"],
+        ["parallel=tp2", "cluster.num_workers=2", "cluster.cpus_per_worker=1"],
+        ["parallel=zero3"],
+        ["cluster.gpus_per_worker=1"],
+    ],
+)
+def test_contiguous_weight_grad_is_refused_where_it_does_not_apply(overrides):
+    assert load_config(["trainer.contiguous_weight_grad=true"]).trainer.contiguous_weight_grad
+    with pytest.raises(ConfigError, match="trainer.contiguous_weight_grad") as e:
+        load_config(["trainer.contiguous_weight_grad=true", *overrides])
+    assert "\n" not in str(e.value)
+
+
 ENGINE_SCRIPT = textwrap.dedent(
     """
     import json, sys
     import torch
     from models.gpt import GPTConfig
     from trainer.config import OptimConfig, ParallelConfig, PrecisionConfig
+    from trainer import kernels
     from trainer.engine import build_engine, build_model, train_step
+    from trainer.kernels import ContiguousGradLinear
     from trainer.parallel import Layout
 
     torch.manual_seed(0)
@@ -61,21 +79,31 @@ ENGINE_SCRIPT = textwrap.dedent(
     ]
     prec = PrecisionConfig(name="fp32", bf16=False)
 
-    def train(stage, fused, compile):
+    def train(stage, fused, compile, contiguous=False):
         par = ParallelConfig(name=f"zero{stage}", zero_stage=stage)
         opt = OptimConfig(fused=fused, lr=1e-2, warmup_steps=0)
         model = build_model(m, par, prec, opt, seed=0, **sizes)
         keys = sorted(model.state_dict())
-        engine = build_engine(model, par, prec, opt, compile=compile, **sizes)
+        engine = build_engine(
+            model, par, prec, opt, compile=compile, contiguous_weight_grad=contiguous, **sizes
+        )
         losses = []
         for batch in batches:
             step_losses, _, _ = train_step(engine, batch, tp=1)
             losses.append(sum(x.item() for x in step_losses) / len(step_losses))
         fused_flags = [g.get("fused") for g in engine.basic_optimizer.param_groups]
         same_keys = keys == sorted(engine.module.state_dict())
-        return {"losses": losses, "fused": fused_flags, "same_keys": same_keys}
+        swapped = sum(type(x) is ContiguousGradLinear for x in engine.module.modules())
+        return {"losses": losses, "fused": fused_flags, "same_keys": same_keys, "swapped": swapped}
 
     out = {}
+    if sys.argv[1] == "contiguous":
+        kernels.MIN_FEATURES = 16  # this tiny model's layers are 32 to 128 wide
+        for stage in (0, 2):
+            out[f"z{stage}"] = train(stage, False, False)
+            out[f"z{stage}-contiguous"] = train(stage, False, False, contiguous=True)
+        print("RESULT " + json.dumps(out))
+        sys.exit(0)
     for stage in (0, 1, 2, 3) if sys.argv[1] == "fused" else (0,):
         out[f"z{stage}"] = train(stage, False, False)
         if sys.argv[1] == "fused":
@@ -134,3 +162,15 @@ def test_compiled_blocks_train_like_eager_and_keep_parameter_names():
     compiled = out["z0-compile"]
     assert compiled["same_keys"], "compile changed parameter names (checkpoints)"
     assert compiled["losses"] == pytest.approx(out["z0"]["losses"], rel=1e-4)
+
+
+@pytest.mark.timeout(600)
+def test_contiguous_weight_grad_trains_like_aten_at_zero_0_and_2():
+    out = run_engines("contiguous")
+    for stage in (0, 2):
+        plain, contiguous = out[f"z{stage}"], out[f"z{stage}-contiguous"]
+        assert plain["swapped"] == 0 and contiguous["swapped"] > 0, out
+        assert contiguous["same_keys"], "the swap changed parameter names (checkpoints)"
+        # fp32: the same products, summed in another order
+        assert contiguous["losses"] == pytest.approx(plain["losses"], rel=1e-5), (stage, out)
+        assert plain["losses"][-1] < plain["losses"][0]
