@@ -6,7 +6,6 @@ import json
 import os
 import shlex
 import shutil
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from statistics import median
@@ -102,26 +101,9 @@ def steady_tokens_per_sec(
 def measure_peak(dtype: str, threads: int, n: int = 2048, seconds: float = 1.5) -> float:
     """Dense n x n matmul FLOP/s with `threads` torch threads (measured now, not cached; the
     best of three windows, so a neighbour's burst on a shared machine counts less)."""
-    import torch
+    from trainer.metrics import matmul_flops
 
-    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        a = torch.randn(n, n).to(torch_dtype)
-        b = torch.randn(n, n).to(torch_dtype)
-        for _ in range(2):
-            a @ b  # warm-up (oneDNN/AMX kernel selection)
-        best = 0.0
-        for _ in range(3):
-            iters, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds / 3:
-                a @ b
-                iters += 1
-            best = max(best, 2 * n**3 * iters / (time.perf_counter() - t0))
-    finally:
-        torch.set_num_threads(old)
-    return best
+    return matmul_flops(dtype, threads, n=n, seconds=seconds)
 
 
 # ---------------------------------------------------------------------------- data and runs
