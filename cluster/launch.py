@@ -14,6 +14,26 @@ from cluster.config import ClusterConfig
 from trainer.config import ConfigError, RootConfig
 
 
+def find_tcmalloc() -> str | None:
+    """The tcmalloc library the dynamic linker knows (soname), or None."""
+    import ctypes.util
+
+    return ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+
+
+def preload_for(cluster: ClusterConfig) -> str | None:
+    """The library to LD_PRELOAD into the workers for cluster.allocator, or None."""
+    if cluster.allocator == "glibc":
+        return None
+    lib = find_tcmalloc()
+    if lib is None and cluster.allocator == "tcmalloc":
+        raise ConfigError(
+            "cluster.allocator=tcmalloc: no tcmalloc library on this machine "
+            "(apt install libtcmalloc-minimal4, or cluster.allocator=auto|glibc)"
+        )
+    return lib
+
+
 def worker_env(cluster: ClusterConfig) -> dict[str, str]:
     """Environment of every training worker."""
     env = {
@@ -24,6 +44,9 @@ def worker_env(cluster: ClusterConfig) -> dict[str, str]:
     }
     if not cluster.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator; torch.distributed on gloo
+    lib = preload_for(cluster)
+    if lib:
+        env["LD_PRELOAD"] = " ".join(filter(None, [os.environ.get("LD_PRELOAD"), lib]))
     return env
 
 
@@ -173,6 +196,7 @@ def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, An
         raise ConfigError(str(e)) from None
     check_sources(cfg)
     check_offload(cfg)
+    preload_for(cfg.cluster)  # cluster.allocator=tcmalloc where there is none: say so now
     resume_from = check_resume_compatible(cfg)
     saved_cfg = read_trainer_state(resume_from).get("config") if resume_from else None
     convert = bool(resume_from and saved_cfg and universal.plan(cfg, resume_from, saved_cfg))
