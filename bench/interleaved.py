@@ -11,7 +11,8 @@ What it leaves out of raygpt: Ray Train, the loader (< 0.1% of a step) and loggi
 metrics rows of bench.stack_overhead put step_time - data - forward - backward - optimizer at
 about 1%).
 
-Variants: z<stage>[f][c] = ZeRO stage, f: optim.fused, c: trainer.compile.
+Variants: z<stage>[f][c][g] = ZeRO stage, f: optim.fused, c: trainer.compile,
+g: trainer.contiguous_weight_grad (a no-op below d_model 1024: no layer is that wide).
 
     python -m bench.interleaved [--variants z2,z0,z0f,z0fc] [--rounds 16] [--d-model 256 ...]
 """
@@ -28,10 +29,16 @@ from bench import common
 
 
 def parse_variant(name: str) -> dict[str, Any]:
-    """'z0fc' -> {"stage": 0, "fused": True, "compile": True}."""
-    if len(name) < 2 or name[0] != "z" or not name[1].isdigit() or set(name[2:]) - {"f", "c"}:
-        raise ValueError(f"variant {name!r} must look like z<stage>[f][c], e.g. z2, z0fc")
-    return {"stage": int(name[1]), "fused": "f" in name[2:], "compile": "c" in name[2:]}
+    """'z0fc' -> {"stage": 0, "fused": True, "compile": True, "contiguous": False}."""
+    flags = name[2:]
+    if len(name) < 2 or name[0] != "z" or not name[1].isdigit() or set(flags) - set("fcg"):
+        raise ValueError(f"variant {name!r} must look like z<stage>[f][c][g], e.g. z2, z0fc")
+    return {
+        "stage": int(name[1]),
+        "fused": "f" in flags,
+        "compile": "c" in flags,
+        "contiguous": "g" in flags,
+    }
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
@@ -72,7 +79,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         opt = OptimConfig(fused=v["fused"])
         engine = build_engine(
             build_model(m, par, prec, opt, seed=0, **sizes), par, prec, opt,
-            compile=v["compile"], **sizes,
+            compile=v["compile"], contiguous_weight_grad=v["contiguous"], **sizes,
         )  # fmt: skip
         steps[name] = lambda b, e=engine: train_step(e, b, tp=1, judge=judge)
 
@@ -120,7 +127,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
          "bare/variant (p25)"],
         [[n, s["min_s"], s["tokens_per_sec_min"], s["ratio_min"], s["p25_s"], s["ratio_p25"]]
          for n, s in stats.items()],
-        caption="z<stage>: DeepSpeed bf16 ZeRO stage; f: optim.fused; c: trainer.compile. "
+        caption="z<stage>: DeepSpeed bf16 ZeRO stage; f: optim.fused; c: trainer.compile; "
+        "g: trainer.contiguous_weight_grad. "
         f"bare: nanoGPT-style bf16 autocast. Load average during the rounds: "
         f"{min(loads):.2f}..{max(loads):.2f}.",
     )  # fmt: skip

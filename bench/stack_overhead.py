@@ -5,6 +5,7 @@ the same model, global batch, micro batch, sequence length and precision, in the
   raygpt 1 worker  = 1 process x 2 torch threads (cluster.cpus_per_worker=2)
   raygpt 2 workers = 2 processes x 1 thread (data parallel, gloo all-reduce)
   bare             = 1 process x 2 threads, micro batch x grad_accum = the same global batch
+  --cores 1        : bare 1 thread, raygpt 1 worker x 1 CPU (Ray's own processes get the other core)
 
 Steady state: raygpt's figure comes from metrics.jsonl rows after the first 20% of steps
 (log_interval 1: one row per step); the bare loop times only the steps after the same number
@@ -17,7 +18,7 @@ weights) and a hand-written DeepSpeed-style bf16 ("bf16-weights"). Ratios are ag
 
     python -m bench.stack_overhead [--quick] [--steps 40] [--precisions bf16,fp32]
         [--raygpt-overrides parallel=ddp optim.fused=true]
-        [--variants 'parallel=zero2;parallel=ddp;parallel=ddp optim.fused=true']
+        [--variants 'parallel=zero2;parallel=ddp;parallel=ddp optim.fused=true'] [--cores 1]
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                 steps=args.steps - warmup,
                 warmup=warmup,
                 precision=mode,
-                threads=2,
+                threads=args.cores,
             )
             bare[mode] = {
                 "tokens_per_sec": r.tokens_per_sec,
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             result["bare"][mode] = bare[mode]
             rows.append(
                 [
-                    f"bare 1p x 2t, {args.micro_batch}x{grad_accum_bare}",
+                    f"bare 1p x {args.cores}t, {args.micro_batch}x{grad_accum_bare}",
                     LABEL[mode],
                     r.tokens_per_sec,
                     r.median_tokens_per_sec,
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                 ]
             )
         for (workers, cpus), (v, variant) in itertools.product(
-            raygpt_layouts(args.workers), enumerate(args.variants)
+            raygpt_layouts(args.workers, args.cores), enumerate(args.variants)
         ):
             tag = variant_tag(variant)
             name = f"overhead-{prec}-w{workers}" + (f"-v{v}" if variant else "")
@@ -147,7 +148,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                 rows.append(
                     [
                         f"raygpt {workers}p x {int(cpus)}t, {args.micro_batch}x{accum}"
-                        + (f" [{tag}]" if tag else "")
+                        + (f", v{v}" if tag else "")
                         if i == 0
                         else "",
                         LABEL[prec] if i == 0 else "",
@@ -168,7 +169,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         caption=f"{args.steps} steps each; the first {warmup} are warm-up and not counted. "
         "DeepSpeed bf16 = bf16 weights/activations/grads + fp32 master in the optimizer; "
         "bf16 autocast = nanoGPT's (fp32 weights); bf16 weights+master = DeepSpeed's scheme "
-        "by hand. Target: raygpt >= 0.97 x bare for bf16.",
+        "by hand. Target: raygpt >= 0.97 x bare for bf16."
+        + "".join(f" v{v}: {variant_tag(x)}." for v, x in enumerate(args.variants) if x),
     )  # fmt: skip
     common.print_command("bench.stack_overhead", argv)
     result["command"] = common.command("bench.stack_overhead", argv)
@@ -182,6 +184,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="steps per run (default 40)")
     p.add_argument("--precisions", default=None, help="comma list of bf16,fp32")
     p.add_argument("--workers", default="1,2", help="comma list of raygpt worker counts")
+    p.add_argument(
+        "--cores",
+        type=int,
+        default=2,
+        help="cores the training uses: the bare loop's threads, split among raygpt's workers. "
+        "1 on this 2-core machine leaves Ray's own processes a core of their own",
+    )
     p.add_argument("--parallel", default="zero2", help="raygpt parallel= group")
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--global-batch", type=int, default=16)

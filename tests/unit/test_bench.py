@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -147,8 +148,32 @@ def test_stack_overhead_variants_and_extra_overrides():
 def test_interleaved_variant_names():
     from bench.interleaved import parse, parse_variant
 
-    assert parse_variant("z0fc") == {"stage": 0, "fused": True, "compile": True}
-    assert parse_variant("z2") == {"stage": 2, "fused": False, "compile": False}
+    assert parse_variant("z0fc") == {
+        "stage": 0, "fused": True, "compile": True, "contiguous": False
+    }  # fmt: skip
+    assert parse_variant("z2g") == {
+        "stage": 2,
+        "fused": False,
+        "compile": False,
+        "contiguous": True,
+    }
     with pytest.raises(ValueError, match="z<stage>"):
         parse_variant("zero2")
     assert parse(["--quick"]).variants == ["z2", "z0"]
+
+
+def test_cpu_share_sees_a_busy_process():
+    import subprocess
+    import sys
+
+    from bench.cpu_share import cpu_seconds, shares
+
+    assert os.getpid() in cpu_seconds()
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        _, rows = shares(1.0)
+    finally:
+        burner.kill()
+        burner.wait()
+    used = {pid: cores for cores, pid, _ in rows}
+    assert used.get(burner.pid, 0.0) > 0.3, rows[:5]  # a spinning process: most of a core
