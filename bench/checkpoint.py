@@ -20,7 +20,6 @@ import inspect
 import os
 import shutil
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -264,8 +263,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return run(parse(argv), argv)
+    return common.cli(run, parse, argv)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ import json
 import os
 import shlex
 import shutil
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from statistics import median
 from typing import Any, Optional
@@ -274,6 +275,12 @@ def command(module: str, argv: Sequence[str]) -> str:
 
 def print_command(module: str, argv: Sequence[str]) -> None:
     print(f"reproduce: {command(module, argv)}", flush=True)
+
+
+def cli(run: Callable[..., Any], parse: Callable[[list[str]], Any], argv: list[str] | None):
+    """A benchmark's main: run(parse(argv), argv), argv defaulting to the command line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run(parse(argv), argv)
 
 
 def header(name: str) -> None:

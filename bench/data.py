@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 from statistics import mean, median
@@ -311,8 +310,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return run(parse(argv), argv)
+    return common.cli(run, parse, argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import argparse
 import itertools
 import math
 import os
-import sys
 from typing import Any
 
 from bench import common
@@ -218,8 +217,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return run(parse(argv), argv)
+    return common.cli(run, parse, argv)
 
 
 if __name__ == "__main__":

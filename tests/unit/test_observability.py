@@ -5,15 +5,12 @@ process so no process group is left behind in the test session."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from single_engine import run_single_process
 
 from trainer.config import LoggingConfig
 from trainer.logger import RunLogger, wandb_key
@@ -21,7 +18,6 @@ from trainer.metrics import StepTimes, memory_stats
 from trainer.plot import last_per_step, plot_run, try_plot_run
 from trainer.profiling import StepProfiler
 
-ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -269,31 +265,7 @@ ENGINE_SCRIPT = textwrap.dedent(
 
 @pytest.mark.timeout(300)
 def test_train_step_breakdown_on_real_deepspeed_engines():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "DS_ACCELERATOR": "cpu",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_WORLD_SIZE": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-c", ENGINE_SCRIPT],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=280,
-    )
-    result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and result, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = {int(k): v for k, v in json.loads(result[0][len("RESULT ") :]).items()}
+    out = {int(k): v for k, v in run_single_process(ENGINE_SCRIPT, timeout=280).items()}
     phases = ["data_time_s", "forward_time_s", "backward_time_s", "comm_time_s", "optimizer_time_s"]
     for stage in (0, 2):  # gradient reduction timed, inside backward
         times = out[stage]["times"]

@@ -5,19 +5,12 @@ process group is left behind in the test session."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from single_engine import run_single_process
 
 from trainer.config import ConfigError, OptimConfig, TrainerConfig, load_config
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_fields_default_off_and_compose():
@@ -116,32 +109,8 @@ ENGINE_SCRIPT = textwrap.dedent(
 
 
 def run_engines(what: str) -> dict:
-    """ENGINE_SCRIPT in a child process (world size 1, gloo); its RESULT line."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "DS_ACCELERATOR": "cpu",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_WORLD_SIZE": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-c", ENGINE_SCRIPT, what],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=580,
-    )
-    result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and result, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(result[0][len("RESULT ") :])
+    """ENGINE_SCRIPT in a child process (world size 1, gloo); its RESULT."""
+    return run_single_process(ENGINE_SCRIPT, what, timeout=580)
 
 
 @pytest.mark.timeout(600)
