@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -14,8 +15,10 @@ from cluster.config import ClusterConfig
 from trainer.config import ConfigError, RootConfig
 
 
+@functools.cache
 def find_tcmalloc() -> str | None:
-    """The tcmalloc library the dynamic linker knows (soname), or None."""
+    """The tcmalloc library the dynamic linker knows (soname), or None (asked once: it runs
+    ldconfig)."""
     import ctypes.util
 
     return ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")

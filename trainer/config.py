@@ -476,19 +476,21 @@ def validate(cfg: RootConfig) -> None:
             "checkpoints cannot be loaded at ZeRO stage 0)"
         )
     par = cfg.parallel
-    if t.compile and (par.tensor_parallel > 1 or par.pipeline_parallel > 1 or par.zero_stage == 3):
-        raise ConfigError(
-            f"trainer.compile with tensor_parallel {par.tensor_parallel}, pipeline_parallel "
-            f"{par.pipeline_parallel}, zero_stage {par.zero_stage}: compile is supported with "
-            "data parallelism at ZeRO stage 0-2 only (TP/PP/ZeRO-3 hooks inside the blocks)"
+    # Both act on the model's modules before DeepSpeed wraps them; TP, PP and ZeRO-3 put their
+    # own hooks and module replacements inside the blocks.
+    dp_only = [
+        name
+        for name, on in (
+            ("trainer.compile", t.compile),
+            ("trainer.contiguous_weight_grad", t.contiguous_weight_grad),
         )
-    if t.contiguous_weight_grad and (
-        par.tensor_parallel > 1 or par.pipeline_parallel > 1 or par.zero_stage == 3
-    ):
+        if on
+    ]
+    if dp_only and (par.tensor_parallel > 1 or par.pipeline_parallel > 1 or par.zero_stage == 3):
         raise ConfigError(
-            f"trainer.contiguous_weight_grad with tensor_parallel {par.tensor_parallel}, "
-            f"pipeline_parallel {par.pipeline_parallel}, zero_stage {par.zero_stage}: it is "
-            "supported with data parallelism at ZeRO stage 0-2 only"
+            f"{dp_only[0]} with tensor_parallel {par.tensor_parallel}, pipeline_parallel "
+            f"{par.pipeline_parallel}, zero_stage {par.zero_stage}: it is supported with "
+            "data parallelism at ZeRO stage 0-2 only (TP/PP/ZeRO-3 hooks inside the blocks)"
         )
     if t.contiguous_weight_grad and cfg.cluster.use_gpu:
         raise ConfigError(

@@ -5,11 +5,11 @@ when its left operand is transposed in memory. nn.Linear's weight gradient is ex
 grad_W = grad_out.T @ input, both (tokens, features) row-major, so the contraction runs over
 their leading dimension (bench/README.md: 876 vs 1,611 GFLOP/s for the same 8192x2048x2048
 product). ContiguousGradLinear computes the same products from a contiguous transposed copy of
-the operand that is cheaper to copy, which costs a fraction of what it saves at d_model >= 256.
+the operand that is cheaper to copy.
 
-Only layers with at least MIN_FEATURES inputs and outputs are swapped: below that the copy costs
-more than the slower product (bench/README.md has the per-shape table; gpt-tiny has none). The
-swap changes the class of each such nn.Linear in place: parameter names, state_dict keys,
+Only layers with at least MIN_FEATURES inputs and outputs are swapped: in a per-shape probe
+(2,048 tokens, bench/README.md) the copy cost more than it saved below 768 features and won
+1.18x at 1024x1024, 1.3-1.8x from 2048 up; gpt-tiny has no such layer. The swap changes the class of each such nn.Linear in place: parameter names, state_dict keys,
 checkpoints and tied weights stay as they are.
 """
 
