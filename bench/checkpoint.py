@@ -75,7 +75,7 @@ def engine_checkpoint(model_overrides: list[str], root: Path, seq: int = 256) ->
     import torch
 
     from models.gpt import GPT
-    from trainer.engine import build_engine
+    from trainer.worker.engine import build_engine
 
     init_single_process_group()
     cfg = common.load_cfg([*model_overrides, f"model.block_size={seq}", "cluster.num_workers=1"])

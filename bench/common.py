@@ -102,7 +102,7 @@ def steady_tokens_per_sec(
 def measure_peak(dtype: str, threads: int, n: int = 2048, seconds: float = 1.5) -> float:
     """Dense n x n matmul FLOP/s with `threads` torch threads (measured now, not cached; the
     best of three windows, so a neighbour's burst on a shared machine counts less)."""
-    from trainer.metrics import matmul_flops
+    from trainer.worker.observability.metrics import matmul_flops
 
     return matmul_flops(dtype, threads, n=n, seconds=seconds)
 
@@ -190,7 +190,7 @@ def run_raygpt(
     fresh: delete an earlier run of the same name first (the same name would resume it).
     attempts: a failed run is started again from scratch (printed: on a loaded shared machine
     Ray's dashboard sometimes misses its start-up timeout)."""
-    from cluster.launch import run_training
+    from trainer.driver.run import run_training
 
     cfg = load_cfg(overrides)
     for attempt in range(1, attempts + 1):

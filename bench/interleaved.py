@@ -1,7 +1,7 @@
 """Interleaved A/B of raygpt's training step against the bare loop's, in one process: robust to
 a neighbour's load on a shared machine, where runs measured one after the other are not.
 
-Each variant is a single-process DeepSpeed engine (world size 1, gloo; trainer.engine
+Each variant is a single-process DeepSpeed engine (world size 1, gloo; trainer.worker.engine
 build_model/build_engine/train_step with the loss guard's judge, as trainer/loop.py calls them)
 or the bare nanoGPT step of bench/bare_loop.py (bf16 autocast, torch.optim.AdamW, clipping,
 loss.item() per micro batch). Every round runs one step of every variant on fresh random
@@ -49,8 +49,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 
     from models.gpt import GPT
     from trainer.config import OptimConfig, ParallelConfig, PrecisionConfig
-    from trainer.engine import build_engine, build_model, train_step
-    from trainer.parallel import Layout
+    from trainer.worker.engine import build_engine, build_model, train_step
+    from trainer.worker.parallel import Layout
 
     common.header("interleaved A/B: raygpt train_step vs bare loop step")
     torch.set_num_threads(args.threads)

@@ -61,7 +61,7 @@ def base(quick: bool, data_dir: str) -> list[str]:
 
 
 def run(overrides: list[str], workers: int, root: Path, name: str) -> list[dict]:
-    from cluster.launch import run_training
+    from trainer.driver.run import run_training
 
     cfg = load_config(
         [

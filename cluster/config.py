@@ -8,6 +8,10 @@ from typing import Optional
 ALLOCATORS = ("auto", "tcmalloc", "glibc")
 
 
+class ClusterError(ValueError):
+    """A cluster that cannot run the job as configured; str() is one line for the user."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class ClusterConfig:
     name: str = "local"
@@ -36,6 +40,11 @@ class ClusterConfig:
             raise ValueError(f"cpus_per_worker ({self.cpus_per_worker}) must be > 0")
         if self.gpus_per_worker < 0:
             raise ValueError(f"gpus_per_worker ({self.gpus_per_worker}) must be >= 0")
+        if self.gpus_per_worker > 0 and self.gpus_per_worker != int(self.gpus_per_worker):
+            raise ValueError(
+                f"gpus_per_worker ({self.gpus_per_worker}) must be a whole number: NCCL needs "
+                "one process per GPU (use 0 for CPU workers)"
+            )
         if self.torch_threads < 0:
             raise ValueError(f"torch_threads ({self.torch_threads}) must be >= 0")
         if self.max_failures < -1:

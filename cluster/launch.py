@@ -1,18 +1,19 @@
-"""Ray side: start or join Ray, prepare the data on it, run the TorchTrainer."""
+"""Ray only (imports nothing from trainer/): connect, capacity, the workers' environment,
+the stop signal, and fit(fn, config, ...) -> ray.train.Result.
+
+Failures a user can fix (too few resources, no tcmalloc) raise ClusterError with one line.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
-from cluster.config import ClusterConfig
-from trainer.config import ConfigError, RootConfig
+from cluster.config import ClusterConfig, ClusterError
 
 
 @functools.cache
@@ -30,7 +31,7 @@ def preload_for(cluster: ClusterConfig) -> str | None:
         return None
     lib = find_tcmalloc()
     if lib is None and cluster.allocator == "tcmalloc":
-        raise ConfigError(
+        raise ClusterError(
             "cluster.allocator=tcmalloc: no tcmalloc library on this machine "
             "(apt install libtcmalloc-minimal4, or cluster.allocator=auto|glibc)"
         )
@@ -45,11 +46,16 @@ def worker_env(cluster: ClusterConfig) -> dict[str, str]:
         "WANDB_SILENT": "true",
         "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
     }
-    if not cluster.use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator; torch.distributed on gloo
+    # The accelerator comes from the cluster config, never from what the host happens to have:
+    # CPU workers on a GPU host stay on DeepSpeed's CPU accelerator (gloo).
+    env["DS_ACCELERATOR"] = "cuda" if cluster.use_gpu else "cpu"
     lib = preload_for(cluster)
     if lib:
         env["LD_PRELOAD"] = " ".join(filter(None, [os.environ.get("LD_PRELOAD"), lib]))
+    for var in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_EC2_METADATA_DISABLED"):
+        if var in os.environ:  # object storage is reached with the driver's settings
+            env[var] = os.environ[var]
     return env
 
 
@@ -77,76 +83,77 @@ def connect(cluster: ClusterConfig) -> bool:
     return False
 
 
-def check_capacity(cluster: ClusterConfig) -> None:
-    """More workers than the cluster can hold is a config error, not a hang in placement."""
+@contextlib.contextmanager
+def connected(cluster: ClusterConfig) -> Iterator[None]:
+    """Ray is up for the block; a private instance started here is shut down after it."""
     import ray
 
-    total = ray.cluster_resources()
-    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    started = connect(cluster)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def check_capacity(cluster: ClusterConfig) -> None:
+    """A worker group the cluster can never hold is refused in one line (not a hang in
+    placement). An autoscaling cluster is judged by what it can scale up to, so GPUs that it
+    can still add are not refused; Ray Train then waits for the nodes."""
+    from cluster import ray_private
+
+    now = ray_private.current_resources()
+    most = ray_private.max_resources() or now
     need_cpu = cluster.num_workers * cluster.cpus_per_worker
     need_gpu = cluster.num_workers * cluster.gpus_per_worker
+    cpus, gpus = most.get("CPU", 0.0), most.get("GPU", 0.0)
     if need_cpu > cpus or need_gpu > gpus:
-        raise ConfigError(
+        scaled = " at most (autoscaler limits included)" if most is not now else ""
+        raise ClusterError(
             f"cluster.num_workers ({cluster.num_workers}) needs {need_cpu:g} CPUs and "
-            f"{need_gpu:g} GPUs, but the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs"
+            f"{need_gpu:g} GPUs, but the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs{scaled}"
+        )
+    if need_gpu > now.get("GPU", 0.0) or need_cpu > now.get("CPU", 0.0):
+        print(
+            f"cluster: {need_gpu:g} GPUs / {need_cpu:g} CPUs requested, "
+            f"{now.get('GPU', 0.0):g} / {now.get('CPU', 0.0):g} up now: waiting for the "
+            "autoscaler to add nodes",
+            flush=True,
         )
 
 
-def check_sources(cfg: RootConfig) -> None:
-    """Cheap checks of data.sources (paths exist, globs match) before any Ray process starts."""
-    from data_pipeline.manifest import MANIFEST_FILE
-    from data_pipeline.sources import list_work_units
+def run_on_every_node(fn: Callable[..., Any], *args: Any) -> dict[str, Any]:
+    """fn(*args) once on each alive node (pinned by node id): node id -> result."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    if not (Path(cfg.data.out_dir) / MANIFEST_FILE).is_file():
-        list_work_units(cfg.data)
-
-
-def check_offload(cfg: RootConfig) -> None:
-    """NVMe offload needs DeepSpeed's async_io op and a writable nvme_path: say so up front."""
-    p = cfg.parallel
-    if p.offload_device != "nvme":
-        return
-    from deepspeed.ops.op_builder import AsyncIOBuilder
-
-    if not AsyncIOBuilder().is_compatible(verbose=False):
-        raise ConfigError(
-            "parallel.offload_device=nvme needs DeepSpeed's async_io op, which needs libaio: "
-            "install libaio-dev (apt install libaio-dev) on every node, or use offload_device=cpu"
-        )
-    try:
-        Path(p.nvme_path).mkdir(parents=True, exist_ok=True)
-        probe = Path(p.nvme_path) / ".raygpt-write-probe"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"parallel.nvme_path ({p.nvme_path}) is not writable: {e}") from None
+    remote = ray.remote(num_cpus=0)(fn)
+    refs = {
+        n["NodeID"]: remote.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote(*args)
+        for n in ray.nodes()
+        if n.get("Alive")
+    }
+    return dict(zip(refs, ray.get(list(refs.values()), timeout=120)))
 
 
-def prepare_data(cfg: RootConfig) -> str:
-    """Runs data preparation (idempotent, on Ray Data) and checks it against the model."""
-    from data_pipeline.prepare import prepare
+def make_stop_signal() -> Any:
+    """A driver-owned actor holding the stop request; workers poll it (trainer/worker/control)."""
+    import ray
 
-    manifest = prepare(cfg.data)
-    vocab = int(manifest.tokenizer.vocab_size)
-    if cfg.model.vocab_size < vocab:
-        raise ConfigError(
-            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocab "
-            f"({vocab}) in {cfg.data.out_dir}"
-        )
-    if manifest.seq_len != cfg.data.seq_len:
-        raise ConfigError(
-            f"data.seq_len ({cfg.data.seq_len}) differs from the prepared shards' seq_len "
-            f"({manifest.seq_len}) in {cfg.data.out_dir}"
-        )
-    return str(Path(cfg.data.out_dir).resolve())
+    @ray.remote(num_cpus=0)
+    class StopSignal:
+        def __init__(self) -> None:
+            self.reason: Optional[str] = None
 
+        def request(self, reason: str) -> None:
+            self.reason = self.reason or reason
 
-def write_run_config(cfg: RootConfig) -> None:
-    import yaml
+        def get(self) -> Optional[str]:
+            return self.reason
 
-    run_dir = cfg.run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return StopSignal.remote()
 
 
 @contextlib.contextmanager
@@ -177,91 +184,46 @@ def stop_on_sigterm(stop_signal: Any) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, Any]:
-    """Trains on Ray; returns the run's summary. The caller has validated `cfg`.
+def fit(
+    fn: Callable[[dict[str, Any]], None],
+    config: dict[str, Any],
+    *,
+    cluster: ClusterConfig,
+    name: str,
+    storage_path: str,
+    keep_last: int,
+    stop_signal: Any = None,
+) -> Any:
+    """Runs fn(config) on cluster.num_workers Ray Train workers; returns ray.train.Result.
 
-    progress_bar: draw a live bar on this (driver) terminal; otherwise rank 0 prints lines.
+    storage_path is the run root as given (a local/shared path or an s3:// / gs:// URI): Ray
+    persists checkpoints there and resumes `name` from its latest registered checkpoint.
     """
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from trainer import faults, universal
-    from trainer.checkpoint import read_trainer_state
-    from trainer.control import make_stop_signal
-    from trainer.loop import train_worker
-    from trainer.metrics import peak_flops_per_worker
-    from trainer.resume import check_resume_compatible, repair_snapshot, set_aside_unregistered
-
-    try:
-        faults.from_env()  # a drill's spec is checked here, not in a worker
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    check_sources(cfg)
-    check_offload(cfg)
-    preload_for(cfg.cluster)  # cluster.allocator=tcmalloc where there is none: say so now
-    resume_from = check_resume_compatible(cfg)
-    saved_cfg = read_trainer_state(resume_from).get("config") if resume_from else None
-    convert = bool(resume_from and saved_cfg and universal.plan(cfg, resume_from, saved_cfg))
-    started = connect(cfg.cluster)
-    try:
-        if cfg.cluster.address is not None:
-            check_capacity(cfg.cluster)
-        data_dir = prepare_data(cfg)
-        # Validated, data included: from here on the run directory may change.
-        if "://" not in cfg.run.root:
-            repair_snapshot(cfg.run_dir)
-            set_aside_unregistered(cfg.run_dir)
-        uni = universal.prepare(cfg, resume_from, saved_cfg) if convert else None
-        peak = cfg.trainer.peak_flops
-        if peak is None and not cfg.cluster.use_gpu:
-            peak = peak_flops_per_worker(cfg.precision.dtype_name, cfg.cluster.threads_per_worker)
-        write_run_config(cfg)
-        c = cfg.cluster
-        stop_signal = make_stop_signal()
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config={
-                "cfg": cfg,
-                "data_dir": data_dir,
-                "peak_flops": peak,
-                "console_lines": not progress_bar,
-                "universal": uni,
-                "stop_signal": stop_signal,
-            },
-            scaling_config=ScalingConfig(
-                num_workers=c.num_workers,
-                use_gpu=c.use_gpu,
-                resources_per_worker={"CPU": c.cpus_per_worker, "GPU": c.gpus_per_worker}
-                if c.use_gpu
-                else {"CPU": c.cpus_per_worker},
-            ),
-            torch_config=TorchConfig(
-                backend="nccl" if c.use_gpu else "gloo", timeout_s=c.collective_timeout_s
-            ),
-            run_config=RunConfig(
-                name=cfg.run.name,
-                storage_path=str(Path(cfg.run.root).resolve()),
-                failure_config=FailureConfig(max_failures=c.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_last),
-                worker_runtime_env={"env_vars": worker_env(c)},
-                # Our own lines say when a checkpoint is saved; Ray's INFO chatter repeats it.
-                logging_config=LoggingConfig(log_level="WARNING"),
-            ),
-        )
-        bar = contextlib.nullcontext()
-        if progress_bar:
-            from trainer.progress import MetricsProgress
-
-            bar = MetricsProgress(cfg.run_dir / "metrics.jsonl", cfg.trainer.max_steps)
-        with bar, stop_on_sigterm(stop_signal):
-            result = trainer.fit()
-        summary_file = cfg.run_dir / "summary.json"
-        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-        ckpt = result.checkpoint.path if result.checkpoint is not None else None
-        summary["checkpoint"] = ckpt
-        summary["run_dir"] = str(cfg.run_dir.resolve())
-        return summary
-    finally:
-        if started:
-            ray.shutdown()
+    c = cluster
+    resources = {"CPU": c.cpus_per_worker}
+    if c.use_gpu:
+        resources["GPU"] = c.gpus_per_worker
+    trainer = TorchTrainer(
+        fn,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources
+        ),
+        torch_config=TorchConfig(
+            backend="nccl" if c.use_gpu else "gloo", timeout_s=c.collective_timeout_s
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=c.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_last),
+            worker_runtime_env={"env_vars": worker_env(c)},
+            # Our own lines say when a checkpoint is saved; Ray's INFO chatter repeats it.
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    with stop_on_sigterm(stop_signal) if stop_signal is not None else contextlib.nullcontext():
+        return trainer.fit()

@@ -106,6 +106,31 @@ class GPTConfig:
         return 4 * self.d_model
 
 
+def shape_of(cfg: GPTConfig) -> dict:
+    """The resolved values that decide the shapes and meaning of a model's weights: the one
+    list compared when a checkpoint is resumed or a Hugging Face model is loaded (None defaults
+    resolved, so n_kv_head=None equals n_kv_head=n_head). block_size counts only with learned
+    positions (it sizes wpe; RoPE tables are computed), rope_theta only with RoPE."""
+    fields = {
+        "vocab_size": cfg.vocab_size,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_kv_head": cfg.kv_heads,
+        "d_model": cfg.d_model,
+        "d_ff": cfg.ffn_dim,
+        "pos_embedding": cfg.pos_embedding,
+        "norm": cfg.norm,
+        "mlp": cfg.mlp,
+        "bias": cfg.bias,
+        "tie_embeddings": cfg.tie_embeddings,
+    }
+    if cfg.pos_embedding == "learned":
+        fields["block_size"] = cfg.block_size
+    else:
+        fields["rope_theta"] = cfg.rope_theta
+    return fields
+
+
 # -----------------------------------------------------------------------------
 # Building blocks
 

@@ -356,27 +356,4 @@ def _check_shape(name: str, t: Tensor, cfg: GPTConfig) -> None:
         )
 
 
-def shape_fields(cfg: GPTConfig) -> dict[str, Any]:
-    """The architecture fields two configs must share for one's weights to load into the other.
-
-    block_size counts only with learned positions (it sizes wpe; RoPE tables are computed).
-    """
-    fields = {
-        "vocab_size": cfg.vocab_size,
-        "n_layer": cfg.n_layer,
-        "n_head": cfg.n_head,
-        "n_kv_head": cfg.kv_heads,
-        "d_model": cfg.d_model,
-        "d_ff": cfg.ffn_dim,
-        "pos_embedding": cfg.pos_embedding,
-        "norm": cfg.norm,
-        "mlp": cfg.mlp,
-        "bias": cfg.bias,
-        "tie_embeddings": cfg.tie_embeddings,
-    }
-    if cfg.pos_embedding == "learned":
-        fields["block_size"] = cfg.block_size
-    return fields
-
-
-__all__ = ["config_from_hf", "from_hf", "hf_config", "shape_fields", "to_hf_state_dict"]
+__all__ = ["config_from_hf", "from_hf", "hf_config", "to_hf_state_dict"]

@@ -23,10 +23,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cluster.config import ClusterConfig
+from data_pipeline import storage
 from data_pipeline.config import DataConfig
 from models.gpt import GPTConfig
-from trainer.guard import GuardConfig
-from trainer.parallel import Layout, check_model_fits, make_layout
+from trainer.worker.guard import GuardConfig
+from trainer.worker.parallel import Layout, check_model_fits, make_layout
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -296,9 +297,16 @@ class RootConfig:
         return t.global_batch_size // (t.micro_batch_size * self.dp_size)
 
     @property
-    def run_dir(self) -> Path:
+    def run_uri(self) -> str:
+        """The run directory: a local/shared path or an object-store URI (s3://, gs://)."""
         assert self.run.name, "run.name is resolved by load_config"
-        return Path(self.run.root) / self.run.name
+        return storage.join(self.run.root, self.run.name)
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory as a local path (tests and local tools; never for s3:// runs)."""
+        assert not storage.is_remote(self.run_uri), f"{self.run_uri} is not a local path"
+        return Path(self.run_uri)
 
     def to_dict(self) -> dict:
         return OmegaConf.to_container(OmegaConf.structured(self), resolve=True)
@@ -418,8 +426,8 @@ def load_config(overrides: list[str], *, default_name: Optional[str] = None) -> 
 
 
 def _absolute(path: str) -> str:
-    """An absolute local path; URLs (s3://, gs://, file://) stay as they are."""
-    return path if "://" in path else str(Path(path).expanduser().resolve())
+    """An absolute local path; object-store URIs (s3://, gs://) stay as they are."""
+    return storage.absolute(path)
 
 
 def _timestamp() -> str:
@@ -432,8 +440,8 @@ def tokenizer_vocab_size(data: DataConfig) -> tuple[int, str]:
     """The vocab size the data will have, and where that number comes from."""
     if data.tokenizer and not Path(data.tokenizer).is_file():
         raise ConfigError(f"data.tokenizer: file '{data.tokenizer}' does not exist")
-    manifest = Path(data.out_dir) / "manifest.json"
-    if manifest.is_file():
+    manifest = Path(data.out_dir) / "manifest.json"  # object stores: checked after preflight
+    if not storage.is_remote(data.out_dir) and manifest.is_file():
         try:
             return int(json.loads(manifest.read_text())["tokenizer"]["vocab_size"]), str(manifest)
         except (OSError, ValueError, KeyError, TypeError):

@@ -32,8 +32,8 @@ import torch
 from data_pipeline.config import EOS_TOKEN
 from models.gpt import GPTConfig
 from models.hf import hf_config, to_hf_state_dict
-from trainer.checkpoint import DS_TAG, STATE_FILE, CheckpointError, safe_torch_load
-from trainer.parallel import make_layout, pipeline_layers, tensor_parallel_config
+from trainer.checkpoint.format import DS_TAG, STATE_FILE, CheckpointError, safe_torch_load
+from trainer.worker.parallel import make_layout, pipeline_layers, tensor_parallel_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}

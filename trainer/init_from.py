@@ -13,20 +13,27 @@ from typing import Any
 
 import torch
 
+from data_pipeline import storage
 from models.gpt import GPT, GPTConfig
-from models.hf import config_from_hf, from_hf, shape_fields
+from models.gpt import shape_of
+from models.hf import config_from_hf, from_hf
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def _read_config(hf_dir: Path) -> dict[str, Any]:
-    path = hf_dir / CONFIG_FILE
-    if not path.is_file():
-        raise ValueError(f"init_from: {path} does not exist")
+def _read_config(hf_dir: Path | str) -> dict[str, Any]:
+    path = storage.join(str(hf_dir), CONFIG_FILE)
     try:
-        return json.loads(path.read_text())
+        text = storage.read_text(path)
+    except FileNotFoundError:
+        raise ValueError(f"init_from: {path} does not exist (expected a Hugging Face model "
+                         "directory: config.json + model.safetensors)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"init_from: cannot read {path}: {storage.one_line(e)}") from None
+    try:
+        return json.loads(text)
     except ValueError as e:
         raise ValueError(f"init_from: {path} is not valid JSON: {e}") from None
 
@@ -37,10 +44,10 @@ def check_hf_config(cfg: GPTConfig, hf_dir: str) -> None:
     Reads config.json only, so the driver can validate before any worker starts.
     """
     try:
-        theirs = shape_fields(config_from_hf(_read_config(Path(hf_dir))))
+        theirs = shape_of(config_from_hf(_read_config(hf_dir)))
     except ValueError as e:
         raise ValueError(f"init_from {hf_dir}: {e}") from None
-    ours = shape_fields(cfg)
+    ours = shape_of(cfg)
     for field in [*ours, *(k for k in theirs if k not in ours)]:
         if ours.get(field) != theirs.get(field):
             raise ValueError(
@@ -65,10 +72,10 @@ def _load_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
 
 def load_hf_weights(model: GPT, hf_dir: str) -> None:
     """Copies the weights of the HF model in hf_dir into `model` (every tensor, strict)."""
-    path = Path(hf_dir)
     check_hf_config(model.config, hf_dir)
     try:
-        _, state_dict = from_hf(_read_config(path), _load_tensors(path))
+        with storage.local_copy(hf_dir) as path:  # s3:// / gs:// models are downloaded first
+            _, state_dict = from_hf(_read_config(path), _load_tensors(path))
     except ValueError as e:
         raise ValueError(f"init_from {hf_dir}: {e}") from None
     model.load_state_dict(state_dict, strict=True)

@@ -19,7 +19,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     multirun = any(a in ("-m", "--multirun") for a in argv)
     try:
         if multirun:
-            from trainer.sweep import run_sweep
+            from trainer.driver.sweep import run_sweep  # noqa: I001
 
             return run_sweep([a for a in argv if a not in ("-m", "--multirun")])
         cfg = load_config(argv)
@@ -34,9 +34,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def train(cfg: RootConfig) -> int:
     """Trains one run and prints its summary; raises ConfigError on bad input."""
-    from cluster.launch import run_training
+    from trainer.driver.run import run_training
     from data_pipeline.config import DataError
-    from trainer.report import print_summary
+    from trainer.driver.report import print_summary
 
     try:
         summary = run_training(cfg, progress_bar=sys.stdout.isatty())
@@ -45,11 +45,11 @@ def train(cfg: RootConfig) -> int:
     except DataError as e:
         raise ConfigError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - the edge: turn Ray/DeepSpeed failures into a line
-        from trainer.errors import explain
+        from trainer.driver.errors import explain
 
         print(f"error: training failed: {explain(e)}", file=sys.stderr)
         print(
-            f"       worker logs: {cfg.run_dir}  (and Ray's logs under /tmp/ray)", file=sys.stderr
+            f"       worker logs: {cfg.run_uri}  (and Ray's logs under /tmp/ray)", file=sys.stderr
         )
         return 1
     print_summary(summary)

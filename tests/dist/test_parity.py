@@ -74,7 +74,7 @@ def losses(run_dir: Path) -> list[float]:
 def train(
     tmp_path: Path, data: list[str], name: str, overrides: list[str], workers: int, resume: bool
 ) -> Path:
-    from cluster.launch import run_training
+    from trainer.driver.run import run_training
 
     common = [*BASE, *overrides, f"cluster.num_workers={workers}",
               f"cluster.cpus_per_worker={2 / workers}", *data,
@@ -87,7 +87,7 @@ def train(
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, ray_cluster, parity_data) -> list[float]:
-    from cluster.launch import run_training
+    from trainer.driver.run import run_training
 
     root = tmp_path_factory.mktemp("ref")
     cfg = load_config([*BASE, "parallel=ddp", "cluster.num_workers=1", "cluster.cpus_per_worker=2",

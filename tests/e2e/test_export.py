@@ -27,7 +27,7 @@ SMOKE = ["+experiment=smoke", "logging.mode=disabled", "trainer.sample_tokens=0"
 
 
 def train(tmp_path_factory, data: str, name: str, *extra: str):
-    from cluster.launch import run_training
+    from trainer.driver.run import run_training
 
     root = tmp_path_factory.mktemp(name)
     cfg = load_config(

@@ -27,7 +27,7 @@ def rows(run_dir: Path) -> list[dict]:
 
 
 def run(tmp_path, data, name, *extra):
-    from cluster.launch import run_training
+    from trainer.driver.run import run_training
 
     cfg = load_config(
         [*BASE, f"data.out_dir={data}", f"run.root={tmp_path}", f"run.name={name}", *extra]

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from cli_helpers import ROOT, tree_digest
 
-from trainer.checkpoint import verify_checkpoint
+from trainer.checkpoint.format import verify_checkpoint
 
 STEPS = 10
 

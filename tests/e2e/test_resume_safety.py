@@ -57,7 +57,7 @@ def resume(root: Path, data: str, *extra: str) -> subprocess.CompletedProcess:
 
 
 def test_same_config_resumes_from_the_registered_checkpoint(trained, smoke_data):
-    from trainer.resume import check_resume_compatible
+    from trainer.checkpoint.resume import check_resume_compatible
 
     run_dir = trained["run_dir"]
     ckpt = run_dir / "checkpoint_00000004"

@@ -21,7 +21,7 @@ SMOKE = ["+experiment=smoke", "logging.mode=offline"]
 
 
 def run(tmp_path: Path, data: str, name: str, *extra: str) -> tuple[dict, Path]:
-    from cluster.launch import run_training
+    from trainer.driver.run import run_training
 
     cfg = load_config(
         [*SMOKE, f"run.root={tmp_path}", f"run.name={name}", f"data.out_dir={data}", *extra]

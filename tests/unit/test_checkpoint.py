@@ -12,19 +12,22 @@ import pytest
 import torch
 from hostile import RunsCodeOnLoad
 
-from trainer import checkpoint
-from trainer.checkpoint import CheckpointError, verify_checkpoint
+from trainer.checkpoint import format as checkpoint
+from trainer.checkpoint.format import CheckpointError, verify_checkpoint
 from trainer.config import ConfigError, load_config
-from trainer.resume import (
-    LAYOUT_FIELDS,
-    MODEL_SHAPE_FIELDS,
-    SNAPSHOT_FILE,
-    check_resume_compatible,
-    compare_configs,
-    find_resume_checkpoint,
-    repair_snapshot,
-    set_aside_unregistered,
+from cluster.ray_private import SNAPSHOT_FILE
+from trainer.checkpoint.compat import LAYOUT_FIELDS, check_resume_compatible, compare_configs
+from trainer.checkpoint.latest import repair_snapshot, resume_point, set_aside_unregistered
+
+MODEL_SHAPE_FIELDS = (
+    "vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff",
+    "pos_embedding", "norm", "mlp", "bias", "tie_embeddings",
 )
+
+
+def find_resume_checkpoint(run_dir: Path):
+    found = resume_point(str(run_dir))
+    return Path(found) if found else None
 
 
 class FakeEngine:
@@ -234,7 +237,7 @@ def test_a_truncated_snapshot_is_rebuilt_from_the_complete_checkpoints(tmp_path,
     (tmp_path / SNAPSHOT_FILE).write_text('{"ray_version": "2.6')  # killed mid-rewrite
     assert find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint_00000004"
 
-    kept = repair_snapshot(tmp_path, echo=False)
+    kept = Path(repair_snapshot(str(tmp_path), echo=False))
     assert kept.read_text() == '{"ray_version": "2.6'
     snap = json.loads((tmp_path / SNAPSHOT_FILE).read_text())
     assert [r["checkpoint_dir_name"] for r in snap["checkpoint_results"]] == [
@@ -243,8 +246,8 @@ def test_a_truncated_snapshot_is_rebuilt_from_the_complete_checkpoints(tmp_path,
     ]
     assert snap["latest_checkpoint_result"]["checkpoint_dir_name"] == "checkpoint_00000004"
     assert find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint_00000004"
-    assert repair_snapshot(tmp_path, echo=False) is None  # readable now: left alone
-    moved = set_aside_unregistered(tmp_path, echo=False)
+    assert repair_snapshot(str(tmp_path), echo=False) is None  # readable now: left alone
+    moved = [Path(p) for p in set_aside_unregistered(str(tmp_path), echo=False)]
     assert [p.name for p in moved] == ["checkpoint_00000006"]
 
 
@@ -254,7 +257,7 @@ def test_without_snapshot_nothing_was_registered_and_leftovers_are_set_aside(tmp
         (tmp_path / name).mkdir()
         (tmp_path / name / "shard.pt").write_bytes(b"x")
     assert find_resume_checkpoint(tmp_path) is None  # what Ray does: a fresh start
-    moved = set_aside_unregistered(tmp_path, echo=False)
+    moved = [Path(p) for p in set_aside_unregistered(str(tmp_path), echo=False)]
     assert [p.name for p in moved] == ["checkpoint_00000009", "checkpoint_00000010"]
     assert not list(tmp_path.glob("checkpoint_*"))
     assert (tmp_path / "incomplete" / "checkpoint_00000010" / "shard.pt").read_bytes() == b"x"
@@ -267,7 +270,7 @@ def test_only_unregistered_checkpoints_are_set_aside(tmp_path):
     registered = [{"checkpoint_dir_name": f"checkpoint_{s:08d}"} for s in (2, 4)]
     snap = {"checkpoint_results": registered, "latest_checkpoint_result": registered[-1]}
     (tmp_path / SNAPSHOT_FILE).write_text(json.dumps(snap))
-    moved = set_aside_unregistered(tmp_path, echo=False)
+    moved = [Path(p) for p in set_aside_unregistered(str(tmp_path), echo=False)]
     assert moved == [tmp_path / "incomplete" / "checkpoint_00000006.1"]
     assert sorted(p.name for p in tmp_path.glob("checkpoint_0*")) == [
         "checkpoint_00000002",
@@ -275,7 +278,7 @@ def test_only_unregistered_checkpoints_are_set_aside(tmp_path):
     ]
     (tmp_path / SNAPSHOT_FILE).write_text("{not json")  # unreadable: touch nothing
     (tmp_path / "checkpoint_00000008").mkdir()
-    assert set_aside_unregistered(tmp_path, echo=False) == []
+    assert [Path(p) for p in set_aside_unregistered(str(tmp_path), echo=False)] == []
 
 
 # ---------------------------------------------------------------- compatibility rules
@@ -297,10 +300,35 @@ def test_every_model_shape_field_is_a_problem(cfg, key):
     now = copy.deepcopy(saved)
     now["model"][key] = _other(saved["model"][key])
     problems, notes = compare_configs(saved, now)
-    assert problems == [
-        f"model.{key} is {saved['model'][key]!r} there, {now['model'][key]!r} now"
-    ], problems
+    # resolved values: n_head also changes n_kv_head=None's value, pos_embedding hides block_size
+    mine = [p for p in problems if p.startswith(f"model.{key} is ")]
+    assert len(mine) == 1 and mine[0].endswith(f", {now['model'][key]!r} now"), problems
+    assert all(p.startswith("model.") for p in problems), problems
     assert notes == []
+
+
+def test_shapes_are_compared_on_resolved_values(cfg):
+    saved = cfg.to_dict()
+    now = copy.deepcopy(saved)
+    now["model"]["n_kv_head"] = saved["model"]["n_head"]  # None resolves to n_head
+    now["model"]["d_ff"] = 4 * saved["model"]["d_model"]  # None resolves to 4 x d_model
+    assert compare_configs(saved, now) == ([], [])
+    for side in (saved, now):
+        side["model"].update(pos_embedding="rope", norm="rmsnorm", mlp="swiglu", d_ff=None)
+    now["model"]["rope_theta"] = 500000.0
+    problems, _ = compare_configs(saved, now)
+    assert problems == ["model.rope_theta is 10000.0 there, 500000.0 now"]
+
+
+def test_another_seed_on_resume_is_a_problem(cfg):
+    saved = cfg.to_dict()
+    now = copy.deepcopy(saved)
+    now["trainer"]["seed"] = saved["trainer"]["seed"] + 1
+    problems, _ = compare_configs(saved, now)
+    assert problems == [
+        f"trainer.seed is {saved['trainer']['seed']} there, {saved['trainer']['seed'] + 1} now "
+        "(it decides the data order and initial weights)"
+    ]
 
 
 @pytest.mark.parametrize("group, key", LAYOUT_FIELDS)
@@ -370,7 +398,7 @@ def _run_with_checkpoint(cfg, **config_changes) -> Path:
 def test_compatible_checkpoint_is_returned_and_nothing_is_written(cfg, capsys):
     run_dir = _run_with_checkpoint(cfg, parallel__zero_stage=3)
     before = digest(run_dir)
-    assert check_resume_compatible(cfg) == run_dir / "checkpoint_00000010"
+    assert check_resume_compatible(cfg) == str(run_dir / "checkpoint_00000010")
     out = capsys.readouterr().out
     assert "continues from" in out and "parallel.zero_stage 3 -> 2" in out
     assert digest(run_dir) == before

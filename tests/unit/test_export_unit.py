@@ -19,7 +19,7 @@ from trainer.export import (
     pipeline_names,
     tensor_parallel_dim,
 )
-from trainer.parallel import tensor_parallel_config
+from trainer.worker.parallel import tensor_parallel_config
 
 TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=16)
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from models import GPT, GPTConfig
-from models.hf import from_hf, hf_config, shape_fields, to_hf_state_dict
+from models.gpt import shape_of
+from models.hf import from_hf, hf_config, to_hf_state_dict
 from trainer.export import write_model_dir
 from trainer.init_from import check_hf_config, load_hf_weights
 
@@ -73,7 +74,7 @@ def test_round_trip_is_exact(kwargs):
     if cfg.tie_embeddings:
         assert "lm_head.weight" not in hf  # stored once, as the embedding
     back_cfg, back = from_hf(hf_config(cfg), hf)
-    assert shape_fields(back_cfg) == shape_fields(cfg)
+    assert shape_of(back_cfg) == shape_of(cfg)
     assert (back_cfg.rope_theta, back_cfg.norm_eps) == (cfg.rope_theta, cfg.norm_eps)
     ours = model.state_dict()
     assert back.keys() == ours.keys()

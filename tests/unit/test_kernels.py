@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from models.gpt import GPT, GPTConfig
-from trainer.kernels import (
+from trainer.worker.kernels import (
     MIN_FEATURES,
     ContiguousGradLinear,
     transposed,

@@ -13,10 +13,10 @@ import torch
 from single_engine import run_single_process
 
 from trainer.config import LoggingConfig
-from trainer.logger import RunLogger, wandb_key
-from trainer.metrics import StepTimes, memory_stats
-from trainer.plot import last_per_step, plot_run, try_plot_run
-from trainer.profiling import StepProfiler
+from trainer.worker.observability.logger import RunLogger, wandb_key
+from trainer.worker.observability.metrics import StepTimes, memory_stats
+from trainer.worker.observability.plot import last_per_step, plot_run, try_plot_run
+from trainer.worker.observability.profiler import StepProfiler
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -66,7 +66,7 @@ def test_a_failing_plot_prints_one_warning_and_never_raises(tmp_path, monkeypatc
     def broken(run_dir):
         raise RuntimeError("no display")
 
-    monkeypatch.setattr("trainer.plot.plot_run", broken)
+    monkeypatch.setattr("trainer.worker.observability.plot.plot_run", broken)
     assert try_plot_run(tmp_path) is None
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("warning:") and "no display" in lines[0]
@@ -192,7 +192,7 @@ def test_logger_finish_adds_breakdown_means_and_draws_the_plot(tmp_path, capsys,
     assert summary["peak_rss_mib"] == 203.0
     assert (tmp_path / "loss.png").read_bytes()[:8] == PNG_MAGIC
 
-    from trainer.report import print_summary
+    from trainer.driver.report import print_summary
 
     capsys.readouterr()
     print_summary({**summary, "tokens_per_sec": 1234.0, "mfu": 0.123, "run_dir": str(tmp_path)})
@@ -202,7 +202,7 @@ def test_logger_finish_adds_breakdown_means_and_draws_the_plot(tmp_path, capsys,
 
 
 def test_summary_table_survives_non_finite_values(capsys):
-    from trainer.report import print_summary, step_breakdown
+    from trainer.driver.report import print_summary, step_breakdown
 
     print_summary({"final_train_loss": "nan", "mfu": None, "final_step": 1})
     assert "nan" in capsys.readouterr().out
@@ -215,7 +215,7 @@ def test_summary_table_survives_non_finite_values(capsys):
 
 
 def test_progress_bar_follows_rows_and_survives_nan(tmp_path):
-    from trainer.progress import MetricsProgress
+    from trainer.driver.progress import MetricsProgress
 
     metrics = tmp_path / "metrics.jsonl"
     write_jsonl(
@@ -239,9 +239,9 @@ ENGINE_SCRIPT = textwrap.dedent(
     import torch
     from models.gpt import GPT, GPTConfig
     from trainer.config import OptimConfig, ParallelConfig, PrecisionConfig
-    from trainer.engine import build_engine, build_model, train_step
-    from trainer.metrics import StepTimes
-    from trainer.parallel import Layout
+    from trainer.worker.engine import build_engine, build_model, train_step
+    from trainer.worker.observability.metrics import StepTimes
+    from trainer.worker.parallel import Layout
 
     layout = Layout(world=1, dp=1, tp=1, pp=1)
     m = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, d_model=16)

@@ -6,7 +6,7 @@ import pytest
 
 from models.gpt import GPTConfig
 from trainer.config import ConfigError, load_config
-from trainer.parallel import Layout, check_model_fits, make_layout, tensor_parallel_config
+from trainer.worker.parallel import Layout, check_model_fits, make_layout, tensor_parallel_config
 
 
 @pytest.mark.parametrize(

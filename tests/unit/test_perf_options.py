@@ -57,10 +57,10 @@ ENGINE_SCRIPT = textwrap.dedent(
     import torch
     from models.gpt import GPTConfig
     from trainer.config import OptimConfig, ParallelConfig, PrecisionConfig
-    from trainer import kernels
-    from trainer.engine import build_engine, build_model, train_step
-    from trainer.kernels import ContiguousGradLinear
-    from trainer.parallel import Layout
+    from trainer.worker import kernels
+    from trainer.worker.engine import build_engine, build_model, train_step
+    from trainer.worker.kernels import ContiguousGradLinear
+    from trainer.worker.parallel import Layout
 
     torch.manual_seed(0)
     layout = Layout(world=1, dp=1, tp=1, pp=1)

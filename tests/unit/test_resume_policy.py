@@ -7,9 +7,9 @@ import re
 import pytest
 
 from trainer.config import ConfigError, TrainerConfig, load_config
-from trainer.control import CheckpointPolicy
-from trainer.faults import Fault, maybe_pause, parse
-from trainer.universal import plan
+from trainer.worker.control import CheckpointPolicy
+from trainer.worker.faults import Fault, maybe_pause, parse
+from trainer.checkpoint.universal import plan
 
 
 class Clock:

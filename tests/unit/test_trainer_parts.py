@@ -7,9 +7,9 @@ import math
 import pytest
 
 from trainer.config import OptimConfig, ParallelConfig, PrecisionConfig
-from trainer.engine import deepspeed_config, param_groups
-from trainer.errors import explain
-from trainer.schedule import lr_at
+from trainer.worker.engine import deepspeed_config, param_groups
+from trainer.driver.errors import explain
+from trainer.worker.schedule import lr_at
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -85,7 +85,7 @@ def test_explain_reaches_the_root_cause():
 
 
 def test_measured_peak_is_cached(tmp_path, monkeypatch):
-    from trainer import metrics
+    from trainer.worker.observability import metrics
 
     monkeypatch.setenv("RAYGPT_CACHE", str(tmp_path))
     first = metrics.measure_matmul_flops("fp32", 1, seconds=0.05)
@@ -98,7 +98,7 @@ def test_measured_peak_is_cached(tmp_path, monkeypatch):
 def test_throughput_excludes_paused_time():
     import time
 
-    from trainer.metrics import Throughput
+    from trainer.worker.observability.metrics import Throughput
 
     meter = Throughput(tokens_per_step=1000, flops_per_token=6.0, peak_flops_total=1e9)
     time.sleep(0.05)
@@ -130,7 +130,7 @@ def test_deepspeed_config_nvme_offload():
 def test_nvme_offload_without_libaio_is_one_line_before_ray(monkeypatch, tmp_path):
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
-    from cluster.launch import check_offload
+    from trainer.driver.preflight import check_offload
     from trainer.config import ConfigError, load_config
 
     cfg = load_config(["parallel=zero3-nvme", f"parallel.nvme_path={tmp_path / 'nv'}"])
@@ -139,9 +139,9 @@ def test_nvme_offload_without_libaio_is_one_line_before_ray(monkeypatch, tmp_pat
         check_offload(cfg)
     assert "\n" not in str(e.value)
     monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: True)
-    check_offload(cfg)  # with the op, a writable path passes
-    assert (tmp_path / "nv").is_dir()
+    check_offload(cfg)  # with the op, a writable path passes ...
+    assert not (tmp_path / "nv").exists()  # ... and the check creates nothing
     (tmp_path / "file").write_text("")
     bad = load_config(["parallel=zero3-nvme", f"parallel.nvme_path={tmp_path / 'file' / 'x'}"])
-    with pytest.raises(ConfigError, match="is not writable"):
+    with pytest.raises(ConfigError, match=r"parallel.nvme_path \(.*file/x\): .*file exists and is not a directory"):
         check_offload(bad)

@@ -12,6 +12,7 @@ import pytest
 from cluster import launch
 from cluster.config import ClusterConfig
 from cluster.launch import find_tcmalloc, preload_for, worker_env
+from cluster.config import ClusterError
 from trainer.config import ConfigError, load_config
 
 
@@ -25,7 +26,7 @@ def test_threads_and_accelerator():
 def test_allocator_choices(monkeypatch):
     monkeypatch.setattr(launch, "find_tcmalloc", lambda: None)
     assert preload_for(ClusterConfig(allocator="auto")) is None  # auto without one: glibc
-    with pytest.raises(ConfigError, match="cluster.allocator=tcmalloc") as e:
+    with pytest.raises(ClusterError, match="cluster.allocator=tcmalloc") as e:
         preload_for(ClusterConfig(allocator="tcmalloc"))
     assert "\n" not in str(e.value)
     monkeypatch.setattr(launch, "find_tcmalloc", lambda: "libtcmalloc_minimal.so.4")

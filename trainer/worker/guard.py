@@ -105,3 +105,31 @@ def skipped_optimizer_step(engine):
         yield
     finally:
         inner.step = original
+
+
+class StepJudge:
+    """The guard as a step component: `judge(losses)` is handed to train_step, sees the loss
+    averaged over every rank (one all-reduce, reused as the step's logged loss) and keeps the
+    verdict; `settle()` after the step accepts or counts it."""
+
+    def __init__(self, guard: LossGuard, mean_across_ranks):
+        self.guard = guard
+        self._mean = mean_across_ranks
+        self.loss: Optional[float] = None
+        self.reason: Optional[str] = None
+
+    def reset(self) -> None:
+        self.loss, self.reason = None, None
+
+    def __call__(self, losses) -> bool:
+        self.loss = self._mean([x.float().item() for x in losses])
+        self.reason = self.guard.judge(self.loss)
+        return self.reason is not None
+
+    def settle(self, skipped: bool) -> bool:
+        """Accepts the step's loss or counts the skip; True when a rollback is due."""
+        if skipped:
+            return self.guard.reject()
+        if self.loss is not None:
+            self.guard.accept(self.loss)
+        return False

@@ -28,6 +28,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from data_pipeline import storage
+
 DS_TAG = "ds"
 STATE_FILE = "trainer_state.json"
 FILES_DIR = "files"  # files/rank_<r>.json: the integrity record of each rank
@@ -104,16 +106,17 @@ def _tokenizer_info(trainer_state: dict[str, Any]) -> Optional[dict[str, Any]]:
     """The tokenizer the run trains with (from its dataset's manifest), kept in the checkpoint
     so a resume can be checked against it even after the dataset directory is gone."""
     try:
-        out_dir = Path(trainer_state["config"]["data"]["out_dir"])
-        tok = json.loads((out_dir / "manifest.json").read_text())["tokenizer"]
-        return {"sha256": tok["sha256"], "vocab_size": tok["vocab_size"], "data_dir": str(out_dir)}
+        out_dir = str(trainer_state["config"]["data"]["out_dir"])
+        tok = json.loads(storage.read_text(storage.join(out_dir, "manifest.json")))["tokenizer"]
+        return {"sha256": tok["sha256"], "vocab_size": tok["vocab_size"], "data_dir": out_dir}
     except (KeyError, TypeError, ValueError, OSError):
         return None
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Path | str) -> str:
+    """sha256 of a local file or a storage URI, streamed."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_input(str(path)) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -133,45 +136,54 @@ def write_file_record(ckpt_dir: Path, rank: int) -> Path:
     return out
 
 
-def verify_checkpoint(ckpt_dir: Path, *, hashes: bool = True) -> None:
+def verify_checkpoint(ckpt: Path | str, *, hashes: bool = True) -> None:
     """Raises CheckpointError (one line naming the file) unless the checkpoint is intact.
 
-    trainer_state.json must exist and parse. Every rank's files/rank_<r>.json must be present
-    (as many as trainer_state's integrity.world_size) and every file it lists must exist with
-    the recorded size and, with `hashes`, sha256. Checkpoints written before these records
-    existed (no files/ dir, no integrity key) are checked for trainer_state.json only.
+    `ckpt` is a local path or a storage URI. trainer_state.json must exist and parse. Every
+    rank's files/rank_<r>.json must be present (as many as trainer_state's
+    integrity.world_size) and every file it lists must exist with the recorded size and, with
+    `hashes`, sha256. Checkpoints written before these records existed (no files/ dir, no
+    integrity key) are checked for trainer_state.json only.
     """
-    ckpt_dir = Path(ckpt_dir)
-    state = _read_state_checked(ckpt_dir)
+    ckpt = str(ckpt)
+    state = _read_state_checked(ckpt)
     integrity = state.get(INTEGRITY_KEY)
-    records_dir = ckpt_dir / FILES_DIR
-    if integrity is None and not records_dir.is_dir():
+    present = _listing(ckpt)
+    records = sorted(r for r in present if r.startswith(f"{FILES_DIR}/rank_") and r.endswith(".json"))
+    if integrity is None and not records:
         return  # written before integrity records existed
-    expected: dict[str, list[tuple[int, str]]] = {}
     world = _int_or_none(integrity.get("world_size")) if isinstance(integrity, dict) else None
-    record_files = sorted(
-        {records_dir / f"rank_{r}.json" for r in range(world or 0)}
-        | set(records_dir.glob("rank_*.json"))
-    )
-    if not record_files:
-        raise CheckpointError(f"{records_dir}: missing (no integrity record of any rank)")
-    for rec_file in record_files:
-        if not rec_file.is_file():
+    wanted = sorted(set(records) | {f"{FILES_DIR}/rank_{r}.json" for r in range(world or 0)})
+    if not wanted:
+        raise CheckpointError(f"{storage.join(ckpt, FILES_DIR)}: missing (no integrity record of any rank)")
+    expected: dict[str, list[tuple[int, str]]] = {}
+    for rel in wanted:
+        rec_file = storage.join(ckpt, rel)
+        if rel not in present:
             raise CheckpointError(f"{rec_file}: missing (integrity record of a rank that saved)")
         try:
-            for rel, meta in json.loads(rec_file.read_text())["files"].items():
-                expected.setdefault(rel, []).append((int(meta["size"]), str(meta["sha256"])))
+            for f, meta in json.loads(storage.read_text(rec_file))["files"].items():
+                expected.setdefault(f, []).append((int(meta["size"]), str(meta["sha256"])))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{rec_file}: unreadable integrity record ({e})") from None
     for rel, claims in sorted(expected.items()):
-        _check_file(ckpt_dir / rel, claims, hashes)
+        _check_file(ckpt, rel, present.get(rel), claims, hashes)
 
 
-def _check_file(path: Path, claims: list[tuple[int, str]], hashes: bool) -> None:
+def _listing(ckpt: str) -> dict[str, int]:
+    try:
+        return storage.walk_files(ckpt)
+    except OSError as e:
+        raise CheckpointError(f"{ckpt}: cannot list ({storage.one_line(e)})") from None
+
+
+def _check_file(
+    ckpt: str, rel: str, size: Optional[int], claims: list[tuple[int, str]], hashes: bool
+) -> None:
     """One file against what its writer(s) recorded (ranks that wrote the same path agree)."""
-    if not path.is_file():
+    path = storage.join(ckpt, rel)
+    if size is None:
         raise CheckpointError(f"{path}: missing (expected {claims[0][0]} bytes)")
-    size = path.stat().st_size
     sizes = sorted({s for s, _ in claims})
     if size not in sizes:
         what = "truncated" if size < max(sizes) else "wrong size"
@@ -192,13 +204,17 @@ def _int_or_none(v: Any) -> Optional[int]:
         return None
 
 
-def _read_state_checked(ckpt_dir: Path) -> dict[str, Any]:
-    path = Path(ckpt_dir) / STATE_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing")
+def _read_state_checked(ckpt: str) -> dict[str, Any]:
+    path = storage.join(str(ckpt), STATE_FILE)
     try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        text = storage.read_text(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: unreadable ({storage.one_line(e)})") from None
+    try:
+        state = json.loads(text)
+    except ValueError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{path}: not a trainer state (no 'step')")
@@ -225,13 +241,9 @@ def report(
         return
     kwargs: dict[str, Any] = {}
     if before_upload is not None:
+        from cluster.ray_private import upload_fn_with_hook
 
-        def upload(ckpt, dir_name: str):
-            before_upload()
-            storage = ray.train.get_context().get_storage()
-            return storage.persist_current_checkpoint(ckpt, dir_name)
-
-        kwargs["checkpoint_upload_fn"] = upload
+        kwargs["checkpoint_upload_fn"] = upload_fn_with_hook(before_upload)
     try:
         ray.train.report(
             metrics,
@@ -250,11 +262,8 @@ def keep_for_good(run_dir: Path, name: str) -> Optional[Path]:
     """Copies the persisted checkpoint run_dir/<name> to run_dir/kept/<name>, where Ray's
     keep-last-K never deletes it. On a local or shared filesystem the copy is hard links (no
     extra bytes); elsewhere (s3://...) pyarrow copies the files. Returns the copy (local)."""
-    if "://" in str(run_dir):
-        import pyarrow.fs as pafs
-
-        fs, base = pafs.FileSystem.from_uri(str(run_dir))
-        pafs.copy_files(f"{base}/{name}", f"{base}/{KEPT_DIR}/{name}", fs, fs)
+    if storage.is_remote(str(run_dir)):
+        storage.copy_tree(storage.join(str(run_dir), name), storage.join(str(run_dir), KEPT_DIR, name))
         return None
     src, dest = Path(run_dir) / name, Path(run_dir) / KEPT_DIR / name
     if dest.exists():
@@ -273,8 +282,9 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def read_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
+def read_trainer_state(ckpt: Path | str) -> dict[str, Any]:
+    """trainer_state.json of a checkpoint (local path or storage URI)."""
+    return json.loads(storage.read_text(storage.join(str(ckpt), STATE_FILE)))
 
 
 def deepspeed_safe_globals() -> list[type]:

@@ -80,11 +80,13 @@ def measure_matmul_flops(dtype: str, threads: int, seconds: float = 1.2) -> floa
     return flops
 
 
-def peak_flops_per_worker(dtype: str, threads: int, configured: Optional[float] = None) -> float:
+def peak_flops_per_worker(
+    dtype: str, threads: int, configured: Optional[float] = None, *, device: Any = None
+) -> float:
     """The FLOP/s one worker could reach: configured, a known GPU's datasheet, or measured."""
     if configured:
         return configured
-    if torch.cuda.is_available():
+    if device is not None and torch.device(device).type == "cuda":
         peak = gpu_peak_flops(dtype)
         if peak:
             return peak

@@ -144,7 +144,7 @@ class RunLogger:
             self.wandb.finish()
             self.wandb = None
         self.close()
-        from trainer.plot import try_plot_run
+        from trainer.worker.observability.plot import try_plot_run
 
         try_plot_run(self.run_dir)  # after close: every row is on disk
 

@@ -3,7 +3,7 @@
 Drawn from metrics.jsonl and eval.jsonl, so a resumed run plots its whole history; a step
 logged twice (re-run after a resume or a rollback) counts once, its last record.
 
-    python -m trainer.plot runs/<name>     # redraw a run's plot
+    python -m trainer.worker.observability.plot runs/<name>     # redraw a run's plot
 """
 
 from __future__ import annotations
@@ -87,5 +87,5 @@ def try_plot_run(run_dir: Path) -> Optional[Path]:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m trainer.plot RUN_DIR")
+        sys.exit("usage: python -m trainer.worker.observability.plot RUN_DIR")
     print(plot_run(Path(sys.argv[1])) or "nothing to plot")

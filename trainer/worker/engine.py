@@ -11,10 +11,10 @@ import torch
 
 from models.gpt import GPT, GPTConfig
 from trainer.config import OptimConfig, ParallelConfig, PrecisionConfig
-from trainer.guard import skipped_optimizer_step
-from trainer.kernels import use_contiguous_weight_grad
-from trainer.metrics import StepTimes
-from trainer.parallel import Layout, pipeline_module, tensor_parallel_config
+from trainer.worker.guard import skipped_optimizer_step
+from trainer.worker.kernels import use_contiguous_weight_grad
+from trainer.worker.observability.metrics import StepTimes
+from trainer.worker.parallel import Layout, pipeline_module, tensor_parallel_config
 
 
 def deepspeed_config(
@@ -222,6 +222,15 @@ def compile_blocks(model: torch.nn.Module) -> None:
     and DeepSpeed's hooks around the blocks stay eager."""
     for block in model.blocks:
         block.compile()
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on the engine's device (pinned and non-blocking from host memory to a GPU)."""
+    if t.device == device:
+        return t
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def is_pipeline(engine) -> bool:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import threading
-from pathlib import Path
+
+from data_pipeline import storage
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -22,13 +23,16 @@ def _num(row: dict, key: str, spec: str, scale: float = 1.0, unit: str = "") -> 
     return "-" if v is None else str(v)
 
 
-def _last_step(path: Path) -> int:
+def _read(uri: str) -> bytes:
+    try:
+        return storage.read_bytes(uri)
+    except OSError:
+        return b""
+
+
+def _last_step(data: bytes) -> int:
     """The last step already in an existing metrics.jsonl (a resumed run starts from it)."""
-    if not path.is_file():
-        return 0
-    with open(path, "rb") as f:
-        f.seek(max(path.stat().st_size - 4096, 0))
-        lines = f.read().decode(errors="replace").splitlines()
+    lines = data[-4096:].decode(errors="replace").splitlines()
     for line in reversed(lines):
         try:
             return int(json.loads(line)["step"])
@@ -41,10 +45,13 @@ class MetricsProgress:
     """Step, loss, tokens/s, MFU and ETA. Only drawn where the driver's stdout is a terminal
     (trainer.train passes sys.stdout.isatty()); otherwise rank 0 prints plain lines."""
 
-    def __init__(self, metrics_file: Path, max_steps: int):
-        self.path = Path(metrics_file)
-        self.offset = self.path.stat().st_size if self.path.exists() else 0
-        start = _last_step(self.path)
+    def __init__(self, metrics_uri: str, max_steps: int):
+        self.uri = str(metrics_uri)
+        # rank 0 syncs the file to object storage every few seconds: poll it less often there
+        self.interval = 5.0 if storage.is_remote(self.uri) else 0.5
+        existing = _read(self.uri)
+        self.offset = len(existing)
+        start = _last_step(existing)
         self.progress = Progress(
             TextColumn("step {task.completed:>6.0f}/{task.total:.0f}"),
             BarColumn(),
@@ -73,17 +80,17 @@ class MetricsProgress:
         self.progress.stop()
 
     def _follow(self) -> None:
-        while not self._stop.wait(0.5):
+        while not self._stop.wait(self.interval):
             self._poll()
 
     def _poll(self) -> None:
-        if not self.path.exists():
-            return
-        with open(self.path) as f:
-            f.seek(self.offset)
-            chunk = f.read()
-        complete = chunk[: chunk.rfind("\n") + 1]
-        self.offset += len(complete.encode())
+        data = _read(self.uri)
+        if len(data) < self.offset:  # rewritten from the start
+            self.offset = 0
+        chunk = data[self.offset :]
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        complete = complete.decode(errors="replace")
         for line in complete.splitlines():
             try:
                 row = json.loads(line)

@@ -6,9 +6,10 @@ invocation. Ray keeps the newest `keep_last`; every `keep_every`-th interval che
 kept for good under run_dir/kept/.
 
 Stop request: SIGTERM to the driver (a preemption notice, `ray job stop`) sets a flag in a small
-Ray actor owned by the driver. Rank 0 polls it (at most once a second) and broadcasts its
-decisions (stop now, time-based checkpoint due) to every rank with one tiny collective per
-step, so all ranks checkpoint and stop at the same step boundary.
+Ray actor owned by the driver (cluster/launch.py). Rank 0 polls it (at most once a second) and
+broadcasts its decisions (stop now, time-based checkpoint due) to every rank with one tiny
+collective every `EVERY_STEPS` steps (not every step: on a GPU each broadcast is a host sync),
+so all ranks checkpoint and stop at the same step boundary.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from trainer.config import TrainerConfig
 
 POLL_S = 1.0
+EVERY_STEPS = 5  # steps between stop/time-checkpoint decisions
 
 
 class CheckpointPolicy:
@@ -56,24 +58,6 @@ class CheckpointPolicy:
         )
 
 
-def make_stop_signal() -> Any:
-    """A driver-owned actor holding the stop request (None until one is made)."""
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class StopSignal:
-        def __init__(self) -> None:
-            self.reason: Optional[str] = None
-
-        def request(self, reason: str) -> None:
-            self.reason = self.reason or reason
-
-        def get(self) -> Optional[str]:
-            return self.reason
-
-    return StopSignal.remote()
-
-
 def comm_device() -> torch.device:
     """Where a tensor must live for a collective of the default process group."""
     if dist.is_initialized() and dist.get_backend() == "nccl":
@@ -104,9 +88,10 @@ class StepControl:
         except Exception:  # noqa: BLE001 - a lost driver ends the run anyway; keep training
             pass
 
-    def decide(self) -> tuple[bool, bool]:
-        """(stop, time_due), identical on every rank. Costs one 2-int broadcast per step."""
-        if not self._needed:
+    def decide(self, step: int) -> tuple[bool, bool]:
+        """(stop, time_due), identical on every rank. One 2-int broadcast every EVERY_STEPS
+        steps; the other steps cost nothing."""
+        if not self._needed or step % EVERY_STEPS:
             return False, False
         flags = torch.zeros(2, dtype=torch.int64)
         if self.rank == 0:

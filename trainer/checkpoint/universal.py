@@ -23,7 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint import DS_TAG
+from data_pipeline import storage
+from trainer.checkpoint.format import DS_TAG
 from trainer.config import ConfigError, RootConfig
 
 DIR = "universal"
@@ -54,15 +55,16 @@ def current_layout(cfg: RootConfig) -> dict[str, Any]:
     }
 
 
-def has_zero_shards(ckpt: Path) -> bool:
-    return any((Path(ckpt) / "ds" / DS_TAG).glob("*optim_states.pt"))
+def has_zero_shards(ckpt: str) -> bool:
+    files = storage.listdir(storage.join(str(ckpt), "ds", DS_TAG))
+    return any(f.endswith("optim_states.pt") for f in files)
 
 
-def plan(cfg: RootConfig, ckpt: Path, saved_cfg: dict[str, Any]) -> bool:
+def plan(cfg: RootConfig, ckpt: str, saved_cfg: dict[str, Any]) -> bool:
     """True if resuming `ckpt` under `cfg` needs a universal conversion; ConfigError (one line)
     if the change cannot be resumed at all."""
     was, now = saved_layout(saved_cfg), current_layout(cfg)
-    where = f"cannot resume run '{cfg.run.name}' from {Path(ckpt).name}"
+    where = f"cannot resume run '{cfg.run.name}' from {storage.name(str(ckpt))}"
     for k, name in (("tp", "parallel.tensor_parallel"), ("pp", "parallel.pipeline_parallel")):
         if was[k] != now[k]:
             raise ConfigError(
@@ -90,8 +92,8 @@ def plan(cfg: RootConfig, ckpt: Path, saved_cfg: dict[str, Any]) -> bool:
     )
 
 
-def universal_dir(cfg: RootConfig, ckpt: Path) -> Path:
-    return cfg.run_dir / DIR / Path(ckpt).name
+def universal_dir(cfg: RootConfig, ckpt: str) -> str:
+    return storage.join(cfg.run_uri, DIR, storage.name(str(ckpt)))
 
 
 def convert(ckpt: Path, out: Path) -> Path:
@@ -131,15 +133,21 @@ def convert(ckpt: Path, out: Path) -> Path:
     return out
 
 
-def prepare(cfg: RootConfig, ckpt: Path, saved_cfg: dict[str, Any]) -> dict[str, str]:
+def prepare(cfg: RootConfig, ckpt: str, saved_cfg: dict[str, Any]) -> dict[str, str]:
     """Converts `ckpt` (plan() said it must be) and returns what the workers need:
-    {"checkpoint": its name, "dir": the universal checkpoint}. Prints one line."""
+    {"checkpoint": its name, "dir": the universal checkpoint's URI}. Prints one line. On object
+    storage the checkpoint is converted in a local temp dir and the result uploaded."""
     was, now = saved_layout(saved_cfg), current_layout(cfg)
     what = ", ".join(
         f"{k} {was[k]} -> {now[k]}" for k in ("dp", "zero", "precision") if was[k] != now[k]
     )
     out = universal_dir(cfg, ckpt)
-    print(f"resume: {what}: converting {Path(ckpt).name} to a universal checkpoint in {out}")
+    name = storage.name(str(ckpt))
+    print(f"resume: {what}: converting {name} to a universal checkpoint in {out}")
     sys.stdout.flush()
-    convert(ckpt, out)
-    return {"checkpoint": Path(ckpt).name, "dir": str(out)}
+    if not storage.is_remote(out):
+        convert(Path(ckpt), Path(out))
+    elif not storage.exists(storage.join(out, "latest_universal")):
+        with storage.local_copy(str(ckpt)) as local, tempfile.TemporaryDirectory() as tmp:
+            storage.upload(convert(local, Path(tmp) / name), out)
+    return {"checkpoint": name, "dir": out}

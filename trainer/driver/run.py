@@ -1,0 +1,110 @@
+"""One training run, driven from the submitting machine: check, plan, prepare, fit, read back.
+
+Reads the run's results from Ray's Result and from the run directory in storage (any URI),
+never from this machine's disk.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from cluster.config import ClusterError
+from data_pipeline import storage
+from trainer.config import ConfigError, RootConfig
+from trainer.driver import plan, preflight
+
+
+def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, Any]:
+    """Trains on Ray; returns the run's summary. The caller has validated `cfg`.
+
+    progress_bar: draw a live bar on this (driver) terminal; otherwise rank 0 prints lines.
+    """
+    from cluster.launch import connected, fit, make_stop_signal
+    from trainer.worker.entry import train_worker
+
+    preflight.check_before_ray(cfg)
+    run_plan = plan.plan_run(cfg)
+    try:
+        with connected(cfg.cluster):
+            preflight.check_cluster(cfg)
+            data_dir = prepare_data(cfg)
+            # Validated, data included: from here on the run directory may change.
+            universal = plan.apply(cfg, run_plan)
+            write_run_config(cfg)
+            invocation = uuid.uuid4().hex
+            config = {
+                "cfg": cfg,
+                "data_dir": data_dir,
+                "console_lines": not progress_bar,
+                "universal": universal,
+                "stop_signal": make_stop_signal(),
+                "invocation": invocation,
+            }
+            with _progress(cfg, progress_bar):
+                result = fit(
+                    train_worker,
+                    config,
+                    cluster=cfg.cluster,
+                    name=cfg.run.name,
+                    storage_path=cfg.run.root,
+                    keep_last=cfg.trainer.keep_last,
+                    stop_signal=config["stop_signal"],
+                )
+    except ClusterError as e:
+        raise ConfigError(str(e)) from None
+    return read_summary(cfg, result, invocation)
+
+
+def _progress(cfg: RootConfig, on: bool):
+    import contextlib
+
+    if not on:
+        return contextlib.nullcontext()
+    from trainer.driver.progress import MetricsProgress
+
+    return MetricsProgress(storage.join(cfg.run_uri, "metrics.jsonl"), cfg.trainer.max_steps)
+
+
+def prepare_data(cfg: RootConfig) -> str:
+    """Runs data preparation (idempotent, as Ray tasks) and checks it against the model."""
+    from data_pipeline.prepare import prepare
+
+    manifest = prepare(cfg.data)
+    vocab = int(manifest.tokenizer.vocab_size)
+    if cfg.model.vocab_size < vocab:
+        raise ConfigError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocab "
+            f"({vocab}) in {cfg.data.out_dir}"
+        )
+    if manifest.seq_len != cfg.data.seq_len:
+        raise ConfigError(
+            f"data.seq_len ({cfg.data.seq_len}) differs from the prepared shards' seq_len "
+            f"({manifest.seq_len}) in {cfg.data.out_dir}"
+        )
+    return cfg.data.out_dir
+
+
+def write_run_config(cfg: RootConfig) -> None:
+    import yaml
+
+    storage.write_text(
+        storage.join(cfg.run_uri, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    )
+
+
+def read_summary(cfg: RootConfig, result: Any, invocation: str) -> dict[str, Any]:
+    """This invocation's summary.json from the run directory (an older one is not taken)."""
+    try:
+        summary = json.loads(storage.read_text(storage.join(cfg.run_uri, "summary.json")))
+    except (FileNotFoundError, ValueError):
+        summary = {}
+    if summary.get("invocation") != invocation:
+        summary = {}
+    ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    if ckpt and storage.is_remote(cfg.run_uri) and "://" not in ckpt:
+        ckpt = f"{storage.scheme(cfg.run_uri)}://{ckpt}"  # Ray gives the path inside the bucket
+    summary["checkpoint"] = ckpt
+    summary["run_dir"] = cfg.run_uri
+    return summary

@@ -1,0 +1,450 @@
+"""The per-worker Trainer: build, resume, step, evaluate, save, summary.
+
+`train()` reads as the sequence of component calls it is; each method owns one part of a
+step. State that a checkpoint carries comes from components with state_dict/load_state_dict
+(the loader, the guard) plus the step counter (`TrainState`), saved and restored as parts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data_pipeline import storage
+from data_pipeline.loader import DistributedLoader, TokenShards
+from data_pipeline.manifest import Manifest
+from models.gpt import estimate_flops_per_token, estimate_num_params
+from trainer.checkpoint import format as checkpoint
+from trainer.config import RootConfig
+from trainer.worker import faults
+from trainer.worker.control import CheckpointPolicy, StepControl, comm_device
+from trainer.worker.engine import (
+    build_engine,
+    build_model,
+    eval_losses,
+    is_pipeline,
+    set_lr,
+    to_device,
+    train_step,
+)
+from trainer.worker.guard import LossGuard, StepJudge, TooManyBadSteps
+from trainer.worker.observability.logger import RunLogger
+from trainer.worker.observability.metrics import (
+    StepTimes,
+    Throughput,
+    memory_stats,
+    model_state_bytes,
+    peak_flops_per_worker,
+    peak_rss_mib,
+)
+from trainer.worker.observability.profiler import StepProfiler
+from trainer.worker.observability.run_files import RunFiles
+from trainer.worker.schedule import lr_at
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def mean_across_ranks(values: list[float]) -> float:
+    """Mean of `values` over every rank (each rank may hold a different number)."""
+    t = torch.tensor([sum(values), float(len(values))], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.to(comm_device())  # NCCL reduces only GPU tensors
+        dist.all_reduce(t)
+    return (t[0] / t[1]).item()
+
+
+class TrainState:
+    """The step counter and run identity, as a checkpoint part."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.wandb_id = uuid.uuid4().hex[:12]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "wandb_id": self.wandb_id}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.step = int(d["step"])
+        self.wandb_id = d.get("wandb_id") or self.wandb_id
+
+
+class Trainer:
+    def __init__(self, config: dict[str, Any]):
+        import ray.train
+
+        from cluster.ray_private import quiet_train_logs
+
+        quiet_train_logs()
+        self.cfg: RootConfig = config["cfg"]
+        self.config = config
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.layout = self.cfg.layout
+        self.dp_rank = self.layout.dp_rank(self.rank)  # TP/PP peers read the same batch
+        self.universal = config.get("universal") or {}
+        self.state = TrainState()
+        self.newest: Optional[str] = None  # this run's newest checkpoint (rollbacks go there)
+        self.val_loss: Optional[float] = None
+        self.last_metrics: dict[str, Any] = {}
+
+    # -- the sequence -------------------------------------------------------------------------
+    def train(self) -> None:
+        self.build()
+        self.resume()
+        self.start_logging()
+        try:
+            while self.state.step < self.last_step:
+                rollback = self.step()
+                if rollback:
+                    self.rollback()
+                    continue
+                stop, time_due = self.control.decide(self.state.step)
+                last = self.state.step == self.last_step or stop
+                if self.eval_due(last):
+                    self.evaluate()
+                self.save(self.policy.reason(self.state.step, last=self.state.step == self.last_step,
+                                             time_due=time_due, stop=stop))
+                if stop:
+                    self.stop()
+                    break
+            self.summary()
+        finally:
+            self.close()
+
+    # -- build and resume ---------------------------------------------------------------------
+    def build(self) -> None:
+        cfg, t = self.cfg, self.cfg.trainer
+        torch.set_num_threads(cfg.cluster.threads_per_worker)
+        seed_everything(t.seed)
+        sizes = dict(layout=self.layout, micro_batch=t.micro_batch_size, grad_accum=cfg.grad_accum)
+        # Same seed on every rank -> identical initial weights (ZeRO-3: built partitioned).
+        model = build_model(cfg.model, cfg.parallel, cfg.precision, cfg.optim, seed=t.seed, **sizes)
+        self.engine = build_engine(
+            model, cfg.parallel, cfg.precision, cfg.optim,
+            compile=t.compile, contiguous_weight_grad=t.contiguous_weight_grad, **sizes,
+        )
+        self.memory = {
+            "rank": self.rank,
+            "layout": str(self.layout),
+            **model_state_bytes(self.engine),
+            "rss_after_build_mib": memory_stats()["rss_mib"],
+        }
+        data_dir = self.config["data_dir"]
+        loader_args = dict(micro_batch=t.micro_batch_size, dp_rank=self.dp_rank,
+                           dp_size=cfg.dp_size, seed=t.seed)
+        self.train_loader = DistributedLoader(
+            TokenShards(data_dir, "train"), global_batch=t.global_batch_size, **loader_args
+        )
+        self.val_loader = DistributedLoader(
+            TokenShards(data_dir, "val"),
+            global_batch=t.micro_batch_size * t.eval_batches * cfg.dp_size,
+            shuffle=False,
+            **loader_args,
+        )
+        self.guard = LossGuard(cfg.guard)
+        self.judge = StepJudge(self.guard, mean_across_ranks)
+        self.policy = CheckpointPolicy(t)
+        self.control = StepControl(self.policy, self.config.get("stop_signal"), self.rank)
+        self.fault = faults.from_env()
+        self.files = RunFiles(cfg.run_uri, self.rank)
+        self.last_step = min(t.max_steps, t.stop_at_step or t.max_steps)
+        self.poison_left = set(t.inject_nan_at_steps)  # fires once, even if a rollback repeats it
+
+    def parts(self) -> dict[str, Any]:
+        """The checkpointed state parts (each has state_dict / load_state_dict)."""
+        return {"train": self.state, "loader": self.train_loader, "guard": self.guard}
+
+    def resume(self) -> None:
+        """Loads the checkpoint Ray hands this run (the latest registered one), if any."""
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return
+        with ckpt.as_directory() as d:
+            saved = self.load_checkpoint(Path(d))
+        self.newest = Path(ckpt.path).name
+        if self.rank == 0:
+            how = " (universal checkpoint)" if saved["universal"] else ""
+            print(f"resumed from {ckpt.path}{how} at step {self.state.step}")
+
+    def load_checkpoint(self, local_dir: Path) -> dict[str, Any]:
+        """Engine, RNG and every state part from a local checkpoint directory."""
+        uni = self.universal.get("dir") if local_dir.name == self.universal.get("checkpoint") else None
+        with _local(uni) as uni_dir:
+            saved = checkpoint.load(self.engine, local_dir, self.rank, universal_dir=uni_dir)
+        for name, part in self.parts().items():
+            if name in saved.get("parts", {}):
+                part.load_state_dict(saved["parts"][name])
+            elif name == "train":  # checkpoints written before state parts
+                part.load_state_dict(saved)
+            elif name == "loader":
+                part.load_state_dict({"consumed_samples": int(saved["consumed_samples"])})
+            elif name == "guard" and saved.get("guard"):
+                part.load_state_dict(saved["guard"])
+        return {**saved, "universal": uni is not None}
+
+    def start_logging(self) -> None:
+        cfg, t = self.cfg, self.cfg.trainer
+        self.logger: Optional[RunLogger] = None
+        if self.rank == 0:
+            self.logger = RunLogger(
+                self.files.local, cfg.logging, run_name=cfg.run.name, group=cfg.run.group,
+                wandb_id=self.state.wandb_id, config=cfg.to_dict(), max_steps=t.max_steps,
+                start_step=self.state.step, console_lines=self.config.get("console_lines", True),
+            )
+        self.sample_log = (
+            SampleLog(self.files.path(f"samples/rank_{self.rank}.jsonl"), self.dp_rank)
+            if t.log_sample_ids else None
+        )
+        # From the config: after sharding the module holds only this rank's part.
+        self.flops_per_token = estimate_flops_per_token(cfg.model, cfg.data.seq_len)
+        peak = peak_flops_per_worker(
+            cfg.precision.dtype_name, cfg.cluster.threads_per_worker, t.peak_flops,
+            device=self.engine.device,
+        )
+        self.meter = Throughput(
+            tokens_per_step=t.global_batch_size * cfg.data.seq_len,
+            flops_per_token=self.flops_per_token,
+            peak_flops_total=peak * self.world,
+        )
+        self.step_times = StepTimes(cuda=self.engine.device.type == "cuda")
+        self.profiler = StepProfiler(t.profile_steps, self.files.local / "profile", self.rank,
+                                     last_step=self.last_step)
+        self.run_t0, self.tokens_this_run = time.perf_counter(), 0
+
+    # -- one step -----------------------------------------------------------------------------
+    def step(self) -> bool:
+        """One optimizer step (or a guarded skip); True when the guard wants a rollback."""
+        t, step = self.cfg.trainer, self.state.step + 1
+        self.state.step = step
+        lr = lr_at(step, self.cfg.optim, t.max_steps)
+        set_lr(self.engine, lr)
+        self.judge.reset()
+        self.profiler.start(step)
+        t_data = time.perf_counter()
+        if self.sample_log:
+            consumed = self.train_loader.consumed_samples
+            self.sample_log.write(step, self.train_loader.sample_ids_for_step(consumed))
+        micro_batches = self.train_loader.next_step()
+        self.step_times.add("data", time.perf_counter() - t_data)
+        faults.maybe_pause(self.fault, "step", step, self.rank, self.files.local)
+        losses, grad_norm, skipped = train_step(
+            self.engine, micro_batches, tp=self.layout.tp,
+            judge=self.judge if self.guard.cfg.enabled else None,
+            poison=step in self.poison_left, timer=self.step_times,
+        )
+        self.poison_left.discard(step)
+        self.meter.step()
+        if self.profiler.active:
+            with self.meter.paused():  # writing the trace is not training time
+                self.profiler.step(step)
+        self.tokens_this_run += t.global_batch_size * self.cfg.data.seq_len
+        if skipped and self.logger:
+            print(f"[guard] step {step} skipped: {self.judge.reason} "
+                  f"({self.guard.skipped + 1} skipped so far)")
+        rollback = self.judge.settle(skipped)
+        if step % self.cfg.logging.log_interval == 0 or step == self.last_step:
+            self.log(step, lr, losses, grad_norm)
+        return rollback
+
+    def log(self, step: int, lr: float, losses: list[torch.Tensor], grad_norm: Any) -> None:
+        loss = self.judge.loss
+        if loss is None:  # guard off: the one reduction happens here, on log steps only
+            loss = mean_across_ranks([x.float().item() for x in losses])
+        consumed = self.train_loader.consumed_samples
+        self.last_metrics = {
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            **self.meter.lap(),
+            **self.step_times.lap(),  # data_time_s, forward_time_s, ... per step
+            "consumed_samples": consumed,
+            "tokens": consumed * self.cfg.data.seq_len,
+            "skipped_steps": self.guard.skipped,
+            **memory_stats(),
+        }
+        if self.logger:
+            self.logger.log(step, self.last_metrics)
+        self.files.sync(force=False)
+
+    def rollback(self) -> None:
+        """After guard.max_consecutive bad steps: stop, or roll back to this run's newest
+        checkpoint and carry on from the current data position (skipping the bad window)."""
+        g, step = self.guard, self.state.step
+        where = f"{g.cfg.max_consecutive} bad steps in a row up to step {step}"
+        if g.cfg.on_repeated == "stop" or self.newest is None:
+            why = "guard.on_repeated=stop" if self.newest else "no checkpoint to roll back to yet"
+            raise TooManyBadSteps(
+                f"{where}; stopping ({why}). Lower optim.lr, check the data around sample "
+                f"{self.train_loader.consumed_samples}, or raise guard.max_consecutive"
+            )
+        position = self.train_loader.state_dict()
+        with storage.local_copy(storage.join(self.cfg.run_uri, self.newest)) as local:
+            self.load_checkpoint(local)
+        self.train_loader.load_state_dict(position)  # continue past the bad window
+        g.consecutive = 0
+        if self.logger:
+            print(f"[guard] {where}: rolled back to step {self.state.step} ({self.newest}); "
+                  f"skipping samples up to {position['consumed_samples']}")
+
+    # -- evaluate and save --------------------------------------------------------------------
+    def eval_due(self, last: bool) -> bool:
+        interval = self.cfg.trainer.eval_interval
+        return last or bool(interval and self.state.step % interval == 0)
+
+    def evaluate(self) -> None:
+        """Mean loss over the same leading validation samples every time."""
+        with self.meter.paused():
+            self.val_loader.load_state_dict({**self.val_loader.state_dict(), "consumed_samples": 0})
+            self.val_loss = mean_across_ranks(eval_losses(self.engine, self.val_loader.next_step()))
+        if self.logger:
+            self.logger.log_eval(self.state.step, self.val_loss)
+
+    def save(self, why: Optional[str]) -> None:
+        t, step = self.cfg.trainer, self.state.step
+        if why is None or (why == "stop" and not t.checkpoint_on_sigterm):
+            return
+        trainer_state = {
+            "step": step,
+            "consumed_samples": self.train_loader.consumed_samples,
+            "parts": {name: part.state_dict() for name, part in self.parts().items()},
+            "run_name": self.cfg.run.name,
+            "config": self.cfg.to_dict(),
+        }
+        fault, rank, files = self.fault, self.rank, self.files
+        with self.meter.paused():
+            files.sync()  # the run files reach storage no later than the checkpoint
+            local = checkpoint.save_local(self.engine, rank, trainer_state)
+            faults.maybe_pause(fault, "save", step, rank, files.local)
+            checkpoint.report(
+                {"step": step, "loss": self.last_metrics.get("loss")}, local, step,
+                before_upload=(lambda: faults.maybe_pause(fault, "upload", step, rank, files.local))
+                if fault else None,
+            )
+            self.policy.saved()
+            self.newest = f"checkpoint_{step:08d}"
+            if self.policy.keep_for_good(step):
+                if dist.is_initialized():
+                    dist.barrier()  # every rank's files are in the run directory
+                if rank == 0:
+                    checkpoint.keep_for_good(self.cfg.run_uri, self.newest)
+        if self.logger and why in ("time", "stop"):
+            print(f"[checkpoint] step {step} saved ({why})", flush=True)
+
+    def stop(self) -> None:
+        self.last_step = self.state.step
+        if self.logger:
+            print(f"stopping at step {self.state.step}: {self.control.stop_reason}", flush=True)
+
+    # -- the end ------------------------------------------------------------------------------
+    def summary(self) -> None:
+        self.profiler.close()  # a stop inside the profiled steps still writes their trace
+        cfg, t = self.cfg, self.cfg.trainer
+        data_dir = self.config["data_dir"]
+        val = self.val_loss
+        tokens_per_sec = self.tokens_this_run / max(time.perf_counter() - self.run_t0, 1e-9)
+        summary = {
+            "run_name": cfg.run.name,
+            "invocation": self.config.get("invocation"),
+            "final_step": self.last_step,
+            "max_steps": t.max_steps,
+            "finished": self.last_step == t.max_steps,
+            "stopped_by": self.control.stop_reason,
+            "final_train_loss": self.last_metrics.get("loss"),
+            "final_val_loss": val,
+            "final_val_ppl": float(np.exp(val)) if val is not None else None,
+            "uniform_loss": float(np.log(Manifest.load(data_dir).tokenizer.vocab_size)),
+            "tokens_per_sec": tokens_per_sec,
+            "mfu": tokens_per_sec * self.flops_per_token / self.meter.peak,
+            "num_params": estimate_num_params(cfg.model),
+            "layout": str(self.layout),
+            "num_workers": self.world,
+            "precision": cfg.precision.dtype_name,
+            "zero_stage": cfg.parallel.zero_stage,
+            "consumed_samples": self.train_loader.consumed_samples,
+            "skipped_steps": self.guard.skipped,
+            "wandb_id": self.state.wandb_id,
+        }
+        # After training: Adam's moments exist only once the optimizer has stepped.
+        report = {**self.memory, **model_state_bytes(self.engine), "peak_rss_mib": peak_rss_mib()}
+        self.files.path(f"memory/rank_{self.rank}.json").write_text(json.dumps(report, indent=1) + "\n")
+        sample = None
+        if not is_pipeline(self.engine):  # stages hold parts of the model: no single forward
+            sample = generate_sample(self.engine, data_dir, t.sample_prompt, t.sample_tokens, t.seed)
+        summary["sample"] = sample
+        if self.logger:
+            self.logger.finish(summary)
+            self.logger = None
+
+    def close(self) -> None:
+        if getattr(self, "logger", None):
+            self.logger.close()
+        if hasattr(self, "files"):
+            self.files.close()
+
+
+@contextmanager
+def _local(uri: Optional[str]):
+    """A local directory holding `uri` (None stays None)."""
+    if uri is None:
+        yield None
+        return
+    with storage.local_copy(uri) as local:
+        yield local
+
+
+class SampleLog:
+    """samples/rank_<r>.jsonl: the global sample ids this rank trained on, per step
+    (trainer.log_sample_ids): an audit that every sample is seen exactly once, also across
+    interruptions, restarts and a new data-parallel size (the last record of a step counts)."""
+
+    def __init__(self, path: Path, dp_rank: int):
+        self.dp_rank = dp_rank
+        self._f = open(path, "a")  # noqa: SIM115 - kept open for the run, flushed per row
+
+    def write(self, step: int, ids) -> None:
+        row = {"step": step, "dp_rank": self.dp_rank, "ids": [int(i) for i in ids]}
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+
+
+def generate_sample(engine, data_dir: str, prompt: str, n_tokens: int, seed: int) -> Optional[str]:
+    """A sample from the trained model. Every rank runs it in lockstep (ZeRO-3 gathers)."""
+    if n_tokens <= 0:
+        return None
+    from tokenizers import Tokenizer
+
+    manifest = Manifest.load(data_dir)
+    tmp = Path(tempfile.mkdtemp(prefix="raygpt-tok-"))
+    try:
+        tok_file = storage.download(storage.join(data_dir, manifest.tokenizer.file), tmp / "tok.json")
+        tok = Tokenizer.from_file(str(tok_file))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ids = tok.encode(prompt).ids or [0]
+    torch.manual_seed(seed)
+    engine.eval()
+    prompt_ids = to_device(torch.tensor([ids], dtype=torch.long), engine.device)
+    out = engine.module.generate(prompt_ids, max_new_tokens=n_tokens, temperature=0.8, top_k=50)
+    engine.train()
+    return tok.decode(out[0].tolist())
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
