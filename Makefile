@@ -3,9 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
-# torch goes in first: the local CPU wheel where no GPU is present. An unpinned torch pulled in
-# by a dependency would fetch the newest CUDA build (gigabytes).
-TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
+# torch goes in first, pinned to the version the tests run with, on GPU and CPU machines alike
+# (an unpinned torch pulled in by a dependency would fetch whatever is newest, gigabytes). One
+# pin gives each machine its build: PyPI's Linux wheel of torch 2.13.0 is the CUDA build, and
+# the local package index of the CPU machines serves the CPU wheel of that version.
+TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
 .PHONY: setup train test test-fast lint format bench clean

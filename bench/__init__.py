@@ -3,5 +3,5 @@
     python -m bench.run_all [--quick]       every benchmark and a final summary table
     python -m bench.<name> [--quick]        one of: stack_overhead, mfu, data, checkpoint
 
-Timings are never asserted in tests (tests/unit/test_bench.py only checks that the code runs).
+Timings are never asserted in tests (tests/unit/test_bench.py and tests/e2e/test_bench_runs.py only check that the code runs).
 """

@@ -10,8 +10,8 @@ import contextlib
 import functools
 import os
 import sys
-from collections.abc import Iterator
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Iterator
+from typing import Any, Optional
 
 from cluster.config import ClusterConfig, ClusterError
 
@@ -66,6 +66,8 @@ def connect(cluster: ClusterConfig) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not sys.stdout.isatty():  # logs written to a file or a pipe: no colour escape codes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     # Ray Train V2 otherwise re-emits every worker print through its logger (twice on screen).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if cluster.address is None:
@@ -99,27 +101,46 @@ def connected(cluster: ClusterConfig) -> Iterator[None]:
 def check_capacity(cluster: ClusterConfig) -> None:
     """A worker group the cluster can never hold is refused in one line (not a hang in
     placement). An autoscaling cluster is judged by what it can scale up to, so GPUs that it
-    can still add are not refused; Ray Train then waits for the nodes."""
+    can still add are not refused; Ray Train then waits for the nodes. Without an autoscaler,
+    one worker must also fit on one node (a placement group bundle never spans nodes)."""
     from cluster import ray_private
 
     now = ray_private.current_resources()
-    most = ray_private.max_resources() or now
-    need_cpu = cluster.num_workers * cluster.cpus_per_worker
-    need_gpu = cluster.num_workers * cluster.gpus_per_worker
-    cpus, gpus = most.get("CPU", 0.0), most.get("GPU", 0.0)
-    if need_cpu > cpus or need_gpu > gpus:
-        scaled = " at most (autoscaler limits included)" if most is not now else ""
-        raise ClusterError(
-            f"cluster.num_workers ({cluster.num_workers}) needs {need_cpu:g} CPUs and "
-            f"{need_gpu:g} GPUs, but the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs{scaled}"
+    limits = ray_private.max_resources()  # None: no autoscaler can add nodes
+    need = {
+        "CPU": cluster.num_workers * cluster.cpus_per_worker,
+        "GPU": cluster.num_workers * cluster.gpus_per_worker,
+    }
+    most = {k: max(now.get(k, 0.0), (limits or {}).get(k, 0.0)) for k in need}
+    if any(need[k] > most[k] for k in need):
+        grow = (
+            f", and its autoscaler can grow it to {most['CPU']:g} CPUs and {most['GPU']:g} GPUs"
+            if limits is not None
+            else ""
         )
-    if need_gpu > now.get("GPU", 0.0) or need_cpu > now.get("CPU", 0.0):
+        raise ClusterError(
+            f"cluster.num_workers ({cluster.num_workers}) needs {need['CPU']:g} CPUs and "
+            f"{need['GPU']:g} GPUs, but the Ray cluster has {now.get('CPU', 0.0):g} CPUs and "
+            f"{now.get('GPU', 0.0):g} GPUs{grow}"
+        )
+    if any(need[k] > now.get(k, 0.0) for k in need):
         print(
-            f"cluster: {need_gpu:g} GPUs / {need_cpu:g} CPUs requested, "
+            f"cluster: {need['GPU']:g} GPUs / {need['CPU']:g} CPUs requested, "
             f"{now.get('GPU', 0.0):g} / {now.get('CPU', 0.0):g} up now: waiting for the "
             "autoscaler to add nodes",
             flush=True,
         )
+        return
+    if limits is None:
+        one = {"CPU": cluster.cpus_per_worker, "GPU": cluster.gpus_per_worker}
+        nodes = ray_private.node_resources()
+        if nodes and not any(all(n.get(k, 0.0) >= v for k, v in one.items()) for n in nodes):
+            biggest = max(nodes, key=lambda n: (n.get("GPU", 0.0), n.get("CPU", 0.0)))
+            raise ClusterError(
+                f"one worker needs {one['CPU']:g} CPUs and {one['GPU']:g} GPUs on one node "
+                f"(cluster.cpus_per_worker, cluster.gpus_per_worker), but the largest Ray node "
+                f"has {biggest.get('CPU', 0.0):g} CPUs and {biggest.get('GPU', 0.0):g} GPUs"
+            )
 
 
 def run_on_every_node(fn: Callable[..., Any], *args: Any) -> dict[str, Any]:

@@ -6,7 +6,11 @@ its storage hook for uploading a checkpoint. A Ray upgrade that changes these br
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Optional
+import math
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, Optional
 
 # Ray Train V2 keeps the checkpoints it registered here, in the run directory.
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
@@ -55,9 +59,114 @@ def current_resources() -> dict[str, float]:
     return dict(ray.cluster_resources())
 
 
+def node_resources() -> list[dict[str, float]]:
+    """The total resources of each alive node."""
+    import ray
+
+    return [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
+
+
 def max_resources() -> Optional[dict[str, float]]:
-    """What an autoscaling cluster can grow to (CPU, GPU), or None without an autoscaler."""
+    """What an autoscaling cluster can grow to (resource name -> amount), or None when no
+    autoscaler can add nodes (the cluster is what it is now). Needs a connected Ray.
+
+    1. The limits an autoscaler reports to the GCS (Ray 2.60: the ClusterConfig under the
+       autoscaler's KV namespace: per node group max_count x its resources, capped by the
+       config's max_resources; -1 means unbounded). This is what Ray Train's own check
+       (WorkerGroup._check_cluster_resources_and_raise_if_insufficient) reads. Ray's own
+       autoscalers (v1 monitor, v2) do not report it in 2.60; platforms that do (KubeRay
+       operators, managed Ray) get an exact answer.
+    2. An autoscaler running with a node provider that reported no limits (`ray up` clusters,
+       KubeRay's autoscaler): its node types' max_workers live only in its config file, so the
+       limits are unknown and every resource is unbounded (math.inf): nothing is refused, Ray
+       Train waits for the nodes and the autoscaler reports a request it cannot place.
+    3. Otherwise None: no autoscaler, or the read-only one `ray start --head` runs (which
+       mirrors the nodes that joined by hand and never adds any).
+    """
+    limits = _reported_limits()
+    if limits:
+        return limits
+    if _autoscaler_can_add_nodes():
+        return dict(_UNBOUNDED)
     return None
+
+
+# Limits unknown: every resource check passes.
+_UNBOUNDED = {"CPU": math.inf, "GPU": math.inf}
+
+
+def _reported_limits() -> Optional[dict[str, float]]:
+    """The autoscaler's limits from the GCS ClusterConfig, or None when none was reported."""
+    try:
+        from ray._private.state import state
+
+        limits = state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - another Ray version or an unreadable config: unknown
+        return None
+    if not limits:
+        return None
+    return {k: math.inf if v >= sys.maxsize else float(v) for k, v in limits.items()}
+
+
+def _readonly_type(node_type: str) -> bool:
+    """The anonymous node type Ray's read-only provider gives a hand-started node."""
+    return node_type.startswith("node_") and all(
+        c in "0123456789abcdef" for c in node_type[len("node_") :]
+    )
+
+
+def _autoscaler_can_add_nodes() -> bool:
+    """An autoscaler with a real node provider runs: its node types carry configured names
+    (the read-only provider of a plain `ray start --head` names each node node_<id>)."""
+    return any(not _readonly_type(t) for t in _autoscaler_node_types())
+
+
+def _autoscaler_node_types() -> list[str]:
+    """Node type names of the nodes the autoscaler knows: from the v1 monitor's status in the
+    GCS KV (autoscaler_report.node_type_mapping), else from the v2 autoscaler's cluster status
+    (the ray_node_type_name of each node). [] when neither is there or readable."""
+    import ray
+
+    try:
+        from ray._private import ray_constants
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+        if raw:
+            report = json.loads(raw).get("autoscaler_report") or {}
+            mapping = report.get("node_type_mapping") or {}
+            if mapping:
+                return [str(t) for t in mapping.values()]
+    except Exception:  # noqa: BLE001 - an unreadable status: ask v2 below
+        pass
+    try:
+        from ray.autoscaler.v2.sdk import get_cluster_status
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+        if not is_autoscaler_v2(fetch_from_server=True):
+            return []
+        gcs = ray.get_runtime_context().gcs_address
+        status = get_cluster_status(gcs)
+        nodes = [*status.active_nodes, *status.idle_nodes]
+        types = [str(n.ray_node_type_name) for n in nodes if n.ray_node_type_name]
+        return types + [str(n.ray_node_type_name) for n in status.pending_launches]
+    except Exception:  # noqa: BLE001 - another Ray version: no autoscaler known
+        return []
+
+
+def job_env_vars() -> dict[str, str]:
+    """The env_vars of the runtime_env that `ray job submit` gave this driver's job ({} for a
+    driver started by hand). Ray's JobSupervisor passes the job's config to the driver in
+    RAY_JOB_CONFIG_JSON, and ray.init(runtime_env=...) refuses to set any of these again
+    ("Failed to merge the Job's runtime env")."""
+    import os
+
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON") or "{}")
+        env = (job.get("runtime_env") or {}).get("env_vars") or {}
+        return {str(k): str(v) for k, v in env.items()}
+    except (ValueError, AttributeError):
+        return {}
 
 
 def quiet_train_logs() -> None:
@@ -72,13 +181,40 @@ def quiet_train_logs() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def upload_fn_with_hook(before_upload: Callable[[], None]) -> Callable[[Any, str], Any]:
-    """A checkpoint_upload_fn for ray.train.report that runs `before_upload` first (drills)."""
+def report_checkpoint(
+    metrics: dict[str, Any],
+    local_dir: str,
+    dir_name: str,
+    *,
+    asynchronous: bool,
+    before_upload: Optional[Callable[[], None]] = None,
+) -> threading.Event:
+    """ray.train.report of a local checkpoint directory as `dir_name` in the run directory.
+
+    asynchronous: Ray uploads it in a background thread while training goes on
+    (CheckpointUploadMode.ASYNC; Ray deletes the local directory afterwards) and registers it
+    once every worker's upload is done. Returns an Event set once THIS worker's files are
+    persisted (at once when synchronous). `before_upload` runs just before the upload (drills).
+    """
     import ray.train
+    from ray.train import CheckpointUploadMode
 
-    def upload(ckpt: Any, dir_name: str) -> Any:
-        before_upload()
-        storage = ray.train.get_context().get_storage()
-        return storage.persist_current_checkpoint(ckpt, dir_name)
+    done = threading.Event()
 
-    return upload
+    def upload(ckpt: Any, name: str) -> Any:
+        if before_upload is not None:
+            before_upload()
+        persisted = ray.train.get_context().get_storage().persist_current_checkpoint(ckpt, name)
+        done.set()
+        return persisted
+
+    ray.train.report(
+        metrics,
+        checkpoint=ray.train.Checkpoint.from_directory(local_dir),
+        checkpoint_dir_name=dir_name,
+        checkpoint_upload_fn=upload,
+        checkpoint_upload_mode=CheckpointUploadMode.ASYNC
+        if asynchronous
+        else CheckpointUploadMode.SYNC,
+    )
+    return done

@@ -7,6 +7,7 @@ Public API (import from here or the submodules):
                                                here: the submodule has the same name)
     Manifest                                   (manifest; Manifest.load(out_dir))
     TokenShards, DistributedLoader, sample_id_at (loader)
+    default_prompt(data_dir, n_tokens)         (prompt: the sample's default prompt)
     train_tokenizer, load_tokenizer, eos_id    (tokenizer)
     iter_documents, list_work_units, Document, WorkUnit (sources)
 
@@ -25,6 +26,7 @@ _LAZY = {
     "TokenShards": "data_pipeline.loader",
     "DistributedLoader": "data_pipeline.loader",
     "sample_id_at": "data_pipeline.loader",
+    "default_prompt": "data_pipeline.prompt",
     "train_tokenizer": "data_pipeline.tokenizer",
     "load_tokenizer": "data_pipeline.tokenizer",
     "eos_id": "data_pipeline.tokenizer",

@@ -1,13 +1,19 @@
-"""manifest.json: what a prepared dataset holds. Its presence marks the dataset as complete."""
+"""manifest.json: what a prepared dataset holds. Its presence marks the dataset as complete.
+
+The dataset directory (`out_dir`) is a storage URI: a local path, a shared mount, s3:// or
+gs://. `read_manifest` is the one reader of it (None when there is none); `Manifest.load` is the
+same but requires one. File names in the manifest are relative to out_dir (on object stores
+they sit under a version prefix, see data_pipeline/prepare.py).
+"""
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+from data_pipeline import storage
 from data_pipeline.config import DataError
 
 MANIFEST_FILE = "manifest.json"
@@ -48,7 +54,7 @@ class Manifest:
     settings: dict[str, Any]  # the settings fingerprint compared by prepare()
     fingerprint: str  # sha256 of the canonical settings JSON
     created: str  # ISO 8601, UTC
-    stats: dict[str, Any] = field(default_factory=dict)  # seconds, num_tasks, ...
+    stats: dict[str, Any] = field(default_factory=dict)  # seconds, num_tasks, split, ...
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,33 +71,56 @@ class Manifest:
         }
         return cls(**d)
 
-    def save(self, out_dir: str | Path) -> Path:
-        """Write out_dir/manifest.json atomically (temp file + rename)."""
-        path = Path(out_dir) / MANIFEST_FILE
-        tmp = path.with_name(f".{MANIFEST_FILE}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
-        os.replace(tmp, path)
-        return path
+    def files(self) -> list[str]:
+        """Every file the dataset consists of (tokenizer and shards), relative to out_dir."""
+        shards = [s.file for split in self.splits.values() for s in split.shards]
+        return [self.tokenizer.file, *shards]
+
+    def save(self, out_dir: str | Path) -> str:
+        """Write out_dir/manifest.json through storage (locally via a temp file renamed into
+        place; an object store replaces the whole object at once). Returns its URI."""
+        uri = manifest_uri(out_dir)
+        storage.write_text(uri, json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        return uri
 
     @classmethod
     def load(cls, out_dir: str | Path) -> Manifest:
-        """Read out_dir/manifest.json; DataError if absent, malformed or of another version."""
-        path = Path(out_dir) / MANIFEST_FILE
-        if not path.is_file():
+        """Read out_dir/manifest.json; DataError if absent, malformed or of another version
+        (StorageError if the storage cannot be read)."""
+        manifest = read_manifest(out_dir)
+        if manifest is None:
             raise DataError(
-                f"no {MANIFEST_FILE} in {str(out_dir)!r} (prepare it first: "
+                f"no {MANIFEST_FILE} in {storage.absolute(str(out_dir))!r} (prepare it first: "
                 "python -m data_pipeline.prepare)"
             )
-        try:
-            d = json.loads(path.read_text())
-        except ValueError as exc:
-            raise DataError(f"{str(path)!r} is not valid JSON ({exc})") from None
-        if d.get("version") != MANIFEST_VERSION:
-            raise DataError(
-                f"{str(path)!r} has version {d.get('version')!r}, expected {MANIFEST_VERSION} "
-                "(prepare the data again)"
-            )
-        try:
-            return cls.from_dict(d)
-        except (KeyError, TypeError) as exc:
-            raise DataError(f"{str(path)!r} is malformed ({type(exc).__name__}: {exc})") from None
+        return manifest
+
+
+def manifest_uri(out_dir: str | Path) -> str:
+    return storage.join(storage.absolute(str(out_dir)), MANIFEST_FILE)
+
+
+def read_manifest(out_dir: str | Path) -> Optional[Manifest]:
+    """The manifest of the dataset in out_dir (any storage URI), or None if it has none.
+    DataError if it is malformed or of another version; StorageError if the storage cannot be
+    read (missing bucket, credentials, unreachable endpoint)."""
+    uri = manifest_uri(out_dir)
+    if not storage.is_file(uri):
+        return None
+    try:
+        text = storage.read_text(uri)
+    except FileNotFoundError:  # removed since (an overwrite in progress elsewhere)
+        return None
+    try:
+        d = json.loads(text)
+    except ValueError as exc:
+        raise DataError(f"{uri!r} is not valid JSON ({exc})") from None
+    if not isinstance(d, dict) or d.get("version") != MANIFEST_VERSION:
+        version = d.get("version") if isinstance(d, dict) else None
+        raise DataError(
+            f"{uri!r} has version {version!r}, expected {MANIFEST_VERSION} (prepare the data again)"
+        )
+    try:
+        return Manifest.from_dict(d)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise DataError(f"{uri!r} is malformed ({type(exc).__name__}: {exc})") from None

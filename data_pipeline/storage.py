@@ -68,7 +68,9 @@ def name(uri: str) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _remote_fs(kind: str, endpoint: Optional[str]) -> pafs.FileSystem:
+def _remote_fs(kind: str, endpoint: Optional[str], _identity: str = "") -> pafs.FileSystem:
+    """_identity (the access key id and region) is only part of the cache key: new credentials
+    in the environment get a new filesystem."""
     if kind == "s3":
         retry = pafs.AwsStandardS3RetryStrategy(max_attempts=3)
         kwargs = {"connect_timeout": 5, "request_timeout": 30, "retry_strategy": retry}
@@ -85,7 +87,13 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, path inside it) for `uri`."""
     s = scheme(uri)
     if s == "s3":
-        return _remote_fs("s3", os.environ.get("AWS_ENDPOINT_URL")), uri.split("://", 1)[1]
+        identity = "|".join(
+            os.environ.get(v, "") for v in ("AWS_ACCESS_KEY_ID", "AWS_DEFAULT_REGION", "AWS_REGION")
+        )
+        return (
+            _remote_fs("s3", os.environ.get("AWS_ENDPOINT_URL"), identity),
+            uri.split("://", 1)[1],
+        )
     if s in ("gs", "gcs"):
         return _remote_fs("gs", None), uri.split("://", 1)[1]
     return pafs.LocalFileSystem(), absolute(uri)
@@ -316,3 +324,53 @@ def explain_remote(e: BaseException) -> str:
     if "connect" in low or "curl" in low or "timed out" in low or "resolve" in low:
         return f"the endpoint cannot be reached (AWS_ENDPOINT_URL?) ({msg})"
     return msg
+
+
+# ---------------------------------------------------------------------------- additions (data)
+
+# Environment that decides how object stores are reached; Ray tasks and workers started from a
+# driver get the driver's values (the driver's settings are the ones the user gave).
+REMOTE_ENV_VARS = (
+    "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_EC2_METADATA_DISABLED",
+    "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_CA_BUNDLE",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+)  # fmt: skip
+
+
+def remote_env() -> dict[str, str]:
+    """The object-store settings of this process's environment (REMOTE_ENV_VARS that are set),
+    to hand to Ray tasks so they reach the store as the driver does."""
+    return {var: os.environ[var] for var in REMOTE_ENV_VARS if var in os.environ}
+
+
+def check_credentials(uri: str, what: str) -> None:
+    """s3:// only, without contacting the store: some source of credentials exists (access keys,
+    a profile or shared credentials/config file, web identity, container credentials, or the EC2
+    instance metadata unless AWS_EC2_METADATA_DISABLED=true). Without one, the AWS SDK sends
+    anonymous requests, which fail later and less clearly (or, on some servers, even succeed).
+    Raises StorageError naming `what` and the URI."""
+    if scheme(uri) != "s3":
+        return
+    env = os.environ
+    if env.get("AWS_ACCESS_KEY_ID") and not env.get("AWS_SECRET_ACCESS_KEY"):
+        raise StorageError(
+            f"{what} ({uri}): missing credentials: AWS_ACCESS_KEY_ID is set but "
+            "AWS_SECRET_ACCESS_KEY is not"
+        )
+    sources = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+               "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")  # fmt: skip
+    if any(env.get(var) for var in sources):
+        return
+    files = (
+        env.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials",
+        env.get("AWS_CONFIG_FILE") or "~/.aws/config",
+    )
+    if any(Path(f).expanduser().is_file() for f in files):
+        return
+    if env.get("AWS_EC2_METADATA_DISABLED", "").strip().lower() != "true":
+        return  # an instance role may provide them: only a request can tell
+    raise StorageError(
+        f"{what} ({uri}): missing credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+        "(or AWS_PROFILE, or a ~/.aws/credentials file)"
+    )

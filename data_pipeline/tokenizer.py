@@ -9,16 +9,28 @@ from pathlib import Path
 import fsspec
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data_pipeline.config import EOS_TOKEN, SPECIAL_TOKENS, DataError
+from data_pipeline import storage
+from data_pipeline.config import EOS_TOKEN, MIN_BPE_VOCAB, SPECIAL_TOKENS, DataError
 
-__all__ = ["EOS_TOKEN", "Tokenizer", "eos_id", "file_sha256", "load_tokenizer", "train_tokenizer"]
+__all__ = [
+    "EOS_TOKEN",
+    "Tokenizer",
+    "eos_id",
+    "file_sha256",
+    "load_tokenizer",
+    "read_file",
+    "train_tokenizer",
+]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Train a byte-level BPE (ByteLevel pre-tokenizer and decoder, `<|endoftext|>` special)
     on `texts`. The vocabulary can come out smaller than vocab_size on little text."""
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise DataError(f"vocab_size: must be >= {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
+    if vocab_size < MIN_BPE_VOCAB:
+        raise DataError(
+            f"data.vocab_size: must be >= {MIN_BPE_VOCAB} to train a byte-level BPE, got "
+            f"{vocab_size} (or give a tokenizer.json as data.tokenizer)"
+        )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -32,15 +44,24 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
-def load_tokenizer(path: str) -> Tokenizer:
-    """Load a tokenizer.json (local path or fsspec URL); it must define `<|endoftext|>`."""
+def read_file(path: str) -> bytes:
+    """The bytes of a tokenizer.json: a storage URI (local path, s3://, gs://) or another fsspec
+    URL. DataError if it does not exist; StorageError if the storage cannot be read."""
     try:
-        with fsspec.open(path, "r", encoding="utf-8") as f:
-            text = f.read()
+        if storage.scheme(path) in ("", "file", *storage.REMOTE_SCHEMES):
+            return storage.read_bytes(path)
+        with fsspec.open(path, "rb") as f:
+            return f.read()
     except FileNotFoundError:
         raise DataError(f"data.tokenizer: path {path!r} does not exist") from None
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """Load a tokenizer.json (local path, s3:// / gs:// URI or fsspec URL); it must define
+    `<|endoftext|>`."""
+    data = read_file(path)
     try:
-        tok = Tokenizer.from_str(text)
+        tok = Tokenizer.from_str(data.decode("utf-8"))
     except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(
@@ -59,12 +80,5 @@ def eos_id(tok: Tokenizer, *, where: str = "tokenizer") -> int:
 
 
 def file_sha256(path: str | Path) -> str:
-    """sha256 hex digest of a file's bytes (local path or fsspec URL)."""
-    digest = hashlib.sha256()
-    try:
-        with fsspec.open(str(path), "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    except FileNotFoundError:
-        raise DataError(f"data.tokenizer: path {str(path)!r} does not exist") from None
-    return digest.hexdigest()
+    """sha256 hex digest of a file's bytes (local path, s3:// / gs:// URI or fsspec URL)."""
+    return hashlib.sha256(read_file(str(path))).hexdigest()

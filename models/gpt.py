@@ -47,6 +47,9 @@ class GPTConfig:
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
     norm_eps: float = 1e-5
     mlp: str = "gelu"  # "gelu" | "swiglu"
+    # GELU as torch.nn.GELU(approximate=...): "tanh" (GPT-2's gelu_new) or "none" (exact erf,
+    # nanoGPT's nn.GELU()). Exported to Hugging Face as gelu_new / gelu.
+    gelu_approximate: str = "tanh"
     bias: bool = True  # bias in Linear and LayerNorm
     tie_embeddings: bool = True
     dropout: float = 0.0
@@ -72,6 +75,7 @@ class GPTConfig:
         _one_of("pos_embedding", self.pos_embedding, _POS_EMBEDDINGS)
         _one_of("norm", self.norm, _NORMS)
         _one_of("mlp", self.mlp, _MLPS)
+        _one_of("gelu_approximate", self.gelu_approximate, ("tanh", "none"))
         if self.d_model % self.n_head != 0:
             raise ValueError(
                 f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})"
@@ -128,6 +132,8 @@ def shape_of(cfg: GPTConfig) -> dict:
         fields["block_size"] = cfg.block_size
     else:
         fields["rope_theta"] = cfg.rope_theta
+    if cfg.mlp == "gelu":
+        fields["gelu_approximate"] = cfg.gelu_approximate
     return fields
 
 
@@ -232,7 +238,8 @@ class MLP(nn.Module):
         if self.kind == "swiglu":
             self.gate = nn.Linear(d, f, bias=config.bias)
         self.up = nn.Linear(d, f, bias=config.bias)
-        self.act = nn.SiLU() if self.kind == "swiglu" else nn.GELU(approximate="tanh")
+        approximate = config.gelu_approximate
+        self.act = nn.SiLU() if self.kind == "swiglu" else nn.GELU(approximate=approximate)
         self.down = nn.Linear(f, d, bias=config.bias)
         self.down.residual_proj = True  # scaled init (GPT.init_module_weights)
         self.drop = nn.Dropout(config.dropout)

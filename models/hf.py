@@ -59,7 +59,8 @@ def hf_config(cfg: GPTConfig) -> dict[str, Any]:
             "n_layer": cfg.n_layer,
             "n_head": cfg.n_head,
             "n_inner": cfg.ffn_dim,
-            "activation_function": "gelu_new",  # tanh approximation, = nn.GELU("tanh")
+            # nn.GELU("tanh") is HF's gelu_new, the exact nn.GELU() its gelu
+            "activation_function": GELU_TO_HF[cfg.gelu_approximate],
             "layer_norm_epsilon": cfg.norm_eps,
             "resid_pdrop": cfg.dropout,
             "embd_pdrop": cfg.dropout,
@@ -208,14 +209,20 @@ def _rope_theta(config: dict[str, Any]) -> float:
     return float(_get(config, "rope_theta", 10000.0))
 
 
+GELU_TO_HF = {"tanh": "gelu_new", "none": "gelu"}
+GELU_FROM_HF = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+
+
 def config_from_hf(config: dict[str, Any]) -> GPTConfig:
     """The GPTConfig of an HF config.json dict (HF defaults for absent keys); ValueError for
     settings our GPT cannot reproduce."""
     model_type = config.get("model_type")
     if model_type == "gpt2":
         act = _get(config, "activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"activation_function {act!r} is not supported (needs 'gelu_new')")
+        if act not in GELU_FROM_HF:
+            raise ValueError(
+                f"activation_function {act!r} is not supported (needs one of {sorted(GELU_FROM_HF)})"
+            )
         for key, ok in (
             ("scale_attn_weights", True),
             ("scale_attn_by_inverse_layer_idx", False),
@@ -237,6 +244,7 @@ def config_from_hf(config: dict[str, Any]) -> GPTConfig:
             norm="layernorm",
             norm_eps=float(_get(config, "layer_norm_epsilon", 1e-5)),
             mlp="gelu",
+            gelu_approximate=GELU_FROM_HF[act],
             bias=True,
             tie_embeddings=bool(_get(config, "tie_word_embeddings", True)),
             dropout=dropout,

@@ -70,3 +70,15 @@ def ray_cluster():
     yield
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3-compatible server (moto) for this session, with a bucket and the AWS
+    environment pointing at it: .endpoint, .bucket, .uri(prefix), .unique_uri(name), .keys().
+    Started on first use, once per session (each pytest-xdist worker has its own, on its own
+    port), and stopped by its PID at the end. See tests/s3server.py."""
+    from s3server import s3_server
+
+    with s3_server() as server:
+        yield server

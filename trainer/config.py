@@ -9,7 +9,6 @@ failure is a `ConfigError` whose message is one line naming the values and the r
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -212,7 +211,8 @@ class TrainerConfig:
     checkpoint_on_sigterm: bool = True
     seed: int = 1337
     sample_tokens: int = 120  # generated at the end of training; 0 disables
-    sample_prompt: str = "def "
+    # None -> the first tokens of the first validation document (data_pipeline.prompt).
+    sample_prompt: Optional[str] = None
     peak_flops: Optional[float] = None  # per worker, FLOP/s; None -> detect/measure
     # End this invocation after this step, checkpointing it (the LR schedule still follows
     # max_steps): for time-limited allocations. Run the same command again to continue.
@@ -228,7 +228,7 @@ class TrainerConfig:
     # CPU. Not with pipeline parallelism.
     compile: bool = False
     # CPU bf16: each nn.Linear with >= 1024 features computes its weight gradient from a
-    # contiguous transposed copy (trainer/kernels.py): oneDNN runs the transposed product at
+    # contiguous transposed copy (trainer/worker/kernels.py): oneDNN runs the transposed product at
     # about half rate. Not with TP/PP/ZeRO-3 or on GPUs.
     contiguous_weight_grad: bool = False
 
@@ -270,6 +270,26 @@ class RunConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SweepConfig:
+    """Multirun (`python -m trainer.train -m ...`): trainer/driver/sweep.py."""
+
+    # The sweep's name: its directory run.root/<name> (job list, statuses, summary), its jobs'
+    # run names <name>-<n> and their W&B group. None -> "sweep-<run.name>" when run.name is
+    # given (jobs <run.name>-<n>), else "sweep-<fingerprint of the sweep's overrides>".
+    name: Optional[str] = None
+    max_parallel: int = 2  # jobs training at once on the Ray cluster, each its own run
+
+    def __post_init__(self) -> None:
+        if self.max_parallel < 1:
+            raise ValueError(f"max_parallel ({self.max_parallel}) must be >= 1")
+        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
+            raise ValueError(
+                f"name ({self.name!r}) must be letters, digits, '.', '_' or '-' (a directory "
+                "and run-name prefix)"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
 class RootConfig:
     model: GPTConfig
     data: DataConfig
@@ -281,6 +301,7 @@ class RootConfig:
     guard: GuardConfig
     trainer: TrainerConfig
     run: RunConfig
+    sweep: SweepConfig
 
     @property
     def layout(self) -> Layout:
@@ -323,6 +344,7 @@ GROUPS: dict[str, type] = {
     "guard": GuardConfig,
     "trainer": TrainerConfig,
     "run": RunConfig,
+    "sweep": SweepConfig,
 }
 
 
@@ -437,15 +459,24 @@ def _timestamp() -> str:
 
 
 def tokenizer_vocab_size(data: DataConfig) -> tuple[int, str]:
-    """The vocab size the data will have, and where that number comes from."""
-    if data.tokenizer and not Path(data.tokenizer).is_file():
+    """The vocab size the data will have, and where that number comes from: the prepared
+    manifest, else a given tokenizer's own size (data.vocab_size is unused then), else the
+    BPE size data.vocab_size. An object-store tokenizer is read by prepare, after preflight
+    (0 here; trainer/driver/run.py checks the prepared manifest)."""
+    remote_tok = bool(data.tokenizer) and storage.is_remote(data.tokenizer)
+    if data.tokenizer and not remote_tok and not Path(data.tokenizer).is_file():
         raise ConfigError(f"data.tokenizer: file '{data.tokenizer}' does not exist")
-    manifest = Path(data.out_dir) / "manifest.json"  # object stores: checked after preflight
-    if not storage.is_remote(data.out_dir) and manifest.is_file():
+    if not storage.is_remote(data.out_dir):  # object stores: read after preflight, by prepare
+        from data_pipeline.manifest import manifest_uri, read_manifest
+
         try:
-            return int(json.loads(manifest.read_text())["tokenizer"]["vocab_size"]), str(manifest)
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # prepare will rebuild or complain; fall through to the configured size
+            manifest = read_manifest(data.out_dir)
+        except (OSError, ValueError):
+            manifest = None  # prepare will rebuild or complain; use the configured size
+        if manifest is not None:
+            return int(manifest.tokenizer.vocab_size), manifest_uri(data.out_dir)
+    if remote_tok:
+        return 0, f"{data.tokenizer}, read by prepare"
     if data.tokenizer:
         try:
             from tokenizers import Tokenizer

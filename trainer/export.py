@@ -24,15 +24,24 @@ import re
 import shutil
 import sys
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from data_pipeline import storage
 from data_pipeline.config import EOS_TOKEN
+from data_pipeline.manifest import read_manifest
 from models.gpt import GPTConfig
 from models.hf import hf_config, to_hf_state_dict
-from trainer.checkpoint.format import DS_TAG, STATE_FILE, CheckpointError, safe_torch_load
+from trainer.checkpoint.format import (
+    DS_TAG,
+    STATE_FILE,
+    CheckpointError,
+    safe_torch_load,
+    verify_checkpoint,
+)
 from trainer.worker.parallel import make_layout, pipeline_layers, tensor_parallel_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -48,31 +57,26 @@ def _one_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def _step_of(path: Path) -> int:
-    match = re.fullmatch(r"checkpoint_(\d+)", path.name)
-    return int(match.group(1)) if match else -1
+def find_checkpoint(path: str | Path) -> str:
+    """`path` itself if it is a checkpoint directory, else the run's latest verified checkpoint
+    (trainer/checkpoint/latest.py: the rule resume and rollback use). Any storage URI."""
+    from trainer.checkpoint.latest import latest_verified
 
-
-def _is_complete(ckpt: Path) -> bool:
-    return (ckpt / STATE_FILE).is_file() and (ckpt / "ds" / DS_TAG).is_dir()
-
-
-def find_checkpoint(path: Path) -> Path:
-    """`path` itself if it is a checkpoint directory, else the latest complete checkpoint_* in
-    it (complete = trainer_state.json and the DeepSpeed tag directory are present)."""
-    path = Path(path)
-    if not path.exists():
-        raise ExportError(f"{path} does not exist")
-    if not path.is_dir():
-        raise ExportError(f"{path} is not a directory (give a run dir or a checkpoint_* dir)")
-    if (path / STATE_FILE).is_file():
-        if not _is_complete(path):
-            raise ExportError(f"checkpoint {path} is incomplete: no ds/{DS_TAG}/ directory")
-        return path
-    candidates = [p for p in path.glob("checkpoint_*") if _step_of(p) >= 0 and _is_complete(p)]
-    if not candidates:
-        raise ExportError(f"no complete checkpoint_* directory (with {STATE_FILE}) in {path}")
-    return max(candidates, key=_step_of)
+    uri = storage.absolute(str(path))
+    try:
+        if storage.is_file(storage.join(uri, STATE_FILE)):
+            verify_checkpoint(uri)
+            if not storage.is_dir(storage.join(uri, "ds", DS_TAG)):
+                raise ExportError(f"checkpoint {uri} is incomplete: no ds/{DS_TAG}/ directory")
+            return uri
+        if not storage.is_dir(uri):
+            raise ExportError(f"{uri} does not exist (give a run dir or a checkpoint_* dir)")
+        found = latest_verified(uri)
+    except CheckpointError as e:
+        raise ExportError(f"checkpoint {uri} is damaged: {e}") from None
+    if found is None:
+        raise ExportError(f"no complete checkpoint_* directory (with {STATE_FILE}) in {uri}")
+    return found
 
 
 def _model_config(state: dict[str, Any], ckpt_dir: Path) -> GPTConfig:
@@ -376,21 +380,25 @@ def _state_shapes(cfg: GPTConfig) -> dict[str, torch.Size]:
 # Writing the Hugging Face directory
 
 
-def _tokenizer_source(data_dir: Optional[str]) -> tuple[Optional[Path], str]:
-    """(tokenizer.json of the dataset, "") or (None, why not)."""
+def _tokenizer_source(data_dir: Optional[str]) -> tuple[Optional[str], str]:
+    """(URI of the dataset's tokenizer.json, "") or (None, why not)."""
     if not data_dir:
         return None, "the checkpoint's config names no data.out_dir"
-    d = Path(data_dir)
-    if not d.is_dir():
-        return None, f"the dataset dir {d} (data.out_dir) is gone"
-    name = "tokenizer.json"
     try:
-        name = json.loads((d / "manifest.json").read_text())["tokenizer"]["file"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # no manifest: try the default file name
-    path = d / name
-    if not path.is_file():
-        return None, f"dataset dir {d} has no {name}"
+        if not storage.is_dir(data_dir):
+            return None, f"the dataset dir {data_dir} (data.out_dir) is gone"
+        name = "tokenizer.json"
+        try:
+            manifest = read_manifest(data_dir)
+            if manifest is not None:
+                name = manifest.tokenizer.file
+        except (OSError, ValueError):
+            pass  # no readable manifest: try the default file name
+        path = storage.join(data_dir, name)
+        if not storage.is_file(path):
+            return None, f"dataset dir {data_dir} has no {name}"
+    except OSError as e:
+        return None, f"the dataset dir {data_dir} cannot be read ({storage.one_line(e)})"
     return path, ""
 
 
@@ -446,13 +454,33 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def export(ckpt_dir: Path, out_dir: Path, dtype: str = "fp32") -> Path:
-    """Exports checkpoint ckpt_dir as an HF model directory out_dir (absent or empty)."""
+def export(ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "fp32") -> str:
+    """Exports checkpoint ckpt_dir as an HF model directory out_dir (absent or empty). Either
+    may be a storage URI: a remote checkpoint is read from a local copy, a remote target gets
+    the finished directory uploaded."""
     if dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r} must be one of {sorted(DTYPES)}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ExportError(f"{out_dir} exists and is not empty: choose a new output directory")
+    out = storage.absolute(str(out_dir))
+    try:
+        storage.check_writable(out, "export target")
+        if storage.is_file(out) or storage.listdir(out):
+            raise ExportError(f"{out} exists and is not empty: choose a new output directory")
+    except storage.StorageError as e:
+        raise ExportError(str(e)) from None
+    if storage.is_remote(out):
+        with tempfile.TemporaryDirectory(prefix="raygpt-export-") as tmp:
+            _export_local(str(ckpt_dir), Path(tmp) / "model", dtype)
+            storage.upload(Path(tmp) / "model", out)
+        return out
+    return str(_export_local(str(ckpt_dir), Path(out), dtype))
+
+
+def _export_local(ckpt: str, out_dir: Path, dtype: str) -> Path:
+    with storage.local_copy(ckpt) as ckpt_dir:
+        return _export_from(ckpt_dir, out_dir, dtype)
+
+
+def _export_from(ckpt_dir: Path, out_dir: Path, dtype: str) -> Path:
     cfg, sd = consolidated_state_dict(ckpt_dir)
     try:
         hf_config(cfg)
@@ -466,7 +494,8 @@ def export(ckpt_dir: Path, out_dir: Path, dtype: str = "fp32") -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        write_model_dir(tmp, cfg, sd, dtype=dtype, tokenizer_file=tokenizer_file)
+        with storage.local_copy(tokenizer_file) if tokenizer_file else nullcontext() as tok:
+            write_model_dir(tmp, cfg, sd, dtype=dtype, tokenizer_file=tok)
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above); os.replace cannot replace a directory
         os.replace(tmp, out_dir)
@@ -481,13 +510,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         prog="python -m trainer.export",
         description="Export a raygpt checkpoint as a Hugging Face model directory.",
     )
-    parser.add_argument("path", type=Path, help="a run directory or a checkpoint_* directory")
-    parser.add_argument("out_dir", type=Path, help="new (or empty) output directory")
+    parser.add_argument(
+        "path", help="a run directory or a checkpoint_* directory (a path, s3:// or gs://)"
+    )
+    parser.add_argument("out_dir", help="new (or empty) output directory (a path, s3:// or gs://)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     args = parser.parse_args(argv)
     try:
         ckpt = find_checkpoint(args.path)
-        step = json.loads((ckpt / STATE_FILE).read_text()).get("step")
+        step = json.loads(storage.read_text(storage.join(ckpt, STATE_FILE))).get("step")
         out = export(ckpt, args.out_dir, args.dtype)
     except (ExportError, OSError, ValueError) as e:
         print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)

@@ -14,8 +14,7 @@ from typing import Any
 import torch
 
 from data_pipeline import storage
-from models.gpt import GPT, GPTConfig
-from models.gpt import shape_of
+from models.gpt import GPT, GPTConfig, shape_of
 from models.hf import config_from_hf, from_hf
 
 CONFIG_FILE = "config.json"

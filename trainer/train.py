@@ -3,7 +3,7 @@
 python -m trainer.train                                  # the defaults in conf/config.yaml
 python -m trainer.train +experiment=demo                 # what `make train` runs
 python -m trainer.train model=gpt2-124m parallel=zero3 cluster=ray trainer.max_steps=5000
-python -m trainer.train -m optim.lr=1e-3,3e-4            # Hydra multirun: one run per job
+python -m trainer.train -m optim.lr=1e-3,3e-4            # a sweep: parallel runs on Ray
 """
 
 from __future__ import annotations
@@ -34,15 +34,16 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def train(cfg: RootConfig) -> int:
     """Trains one run and prints its summary; raises ConfigError on bad input."""
-    from trainer.driver.run import run_training
     from data_pipeline.config import DataError
+    from data_pipeline.storage import StorageError
     from trainer.driver.report import print_summary
+    from trainer.driver.run import run_training
 
     try:
         summary = run_training(cfg, progress_bar=sys.stdout.isatty())
     except ConfigError:
         raise
-    except DataError as e:
+    except (DataError, StorageError) as e:
         raise ConfigError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - the edge: turn Ray/DeepSpeed failures into a line
         from trainer.driver.errors import explain

@@ -23,7 +23,7 @@ def group_options() -> list[str]:
 
 
 def test_every_group_has_files():
-    for g in GROUPS + ["experiment"]:
+    for g in GROUPS + ["experiment", "sweep"]:
         assert list((CONF_DIR / g).glob("*.yaml")), f"conf/{g} is empty"
 
 
@@ -36,6 +36,15 @@ def test_every_conf_file_composes_and_validates(override):
     # frozen: a config cannot drift after validation
     with pytest.raises(dataclasses.FrozenInstanceError):
         getattr(cfg, group).name = "x"
+
+
+@pytest.mark.parametrize("path", sorted((CONF_DIR / "sweep").glob("*.yaml")), ids=str)
+def test_every_sweep_file_composes_and_validates(path):
+    # sweep.name is the sweep's own name (null: derived), not the file's, unlike other groups
+    cfg = load_config([f"sweep={path.stem}"], default_name="t")
+    assert cfg.sweep.max_parallel >= 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.sweep.max_parallel = 3
 
 
 @pytest.mark.parametrize("path", sorted((CONF_DIR / "experiment").glob("*.yaml")), ids=str)
@@ -114,6 +123,7 @@ BAD = [
     (["optim.warmup_steps=-1"], r"warmup_steps \(-1\) must be >= 0"),
     (["trainer.stop_at_step=500"], r"stop_at_step \(500\) must be in \[1, max_steps \(300\)\]"),
     (["logging.mode=loud"], r"mode \('loud'\) must be one of"),
+    (["sweep.max_parallel=0"], r"sweep: max_parallel \(0\) must be >= 1"),
 ]
 
 
@@ -137,7 +147,13 @@ def test_online_wandb_needs_a_key(monkeypatch):
 
 
 def test_vocab_checked_against_prepared_manifest(tmp_path):
-    (tmp_path / "manifest.json").write_text(json.dumps({"tokenizer": {"vocab_size": 9000}}))
+    from data_pipeline.manifest import Manifest, TokenizerInfo
+
+    Manifest(
+        version=1, name="x", tokenizer=TokenizerInfo("tokenizer.json", "0" * 64, 9000, 0),
+        seq_len=64, splits={}, sources=[], num_documents={}, settings={}, fingerprint="f",
+        created="2026-01-01T00:00:00Z",
+    ).save(str(tmp_path))
     with pytest.raises(ConfigError, match=r"vocab \(9000, from .*manifest.json\)"):
         load_config([f"data.out_dir={tmp_path}"])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -256,9 +257,9 @@ def test_find_checkpoint_and_zero0_consolidation(tmp_path, capsys):
     fake_checkpoint(tmp_path / "checkpoint_00000002", model)
     fake_checkpoint(tmp_path / "checkpoint_00000010", model)
     fake_checkpoint(tmp_path / "checkpoint_00000020", model, complete=False)  # being written
-    ckpt = find_checkpoint(tmp_path)
+    ckpt = Path(find_checkpoint(tmp_path))
     assert ckpt.name == "checkpoint_00000010"
-    assert find_checkpoint(ckpt) == ckpt
+    assert find_checkpoint(ckpt) == str(ckpt)
     with pytest.raises(ExportError, match="no complete checkpoint_"):
         find_checkpoint(tmp_path / "checkpoint_00000020" / "ds")
 
@@ -267,7 +268,7 @@ def test_find_checkpoint_and_zero0_consolidation(tmp_path, capsys):
     for name, t in model.state_dict().items():
         assert torch.equal(sd[name], t), name
 
-    out = export(ckpt, tmp_path / "hf")
+    out = Path(export(ckpt, tmp_path / "hf"))
     assert "warning: exporting the model without a tokenizer" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",

@@ -1,4 +1,4 @@
-"""trainer/kernels.py: the Linear whose weight gradient avoids a transposed left operand gives
+"""trainer/worker/kernels.py: the Linear whose weight gradient avoids a transposed left operand gives
 nn.Linear's gradients, and the swap leaves the model's names, small layers and ties alone."""
 
 from __future__ import annotations

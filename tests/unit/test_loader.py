@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -12,7 +14,13 @@ import pytest
 import torch
 
 from data_pipeline.config import DataError
-from data_pipeline.loader import DistributedLoader, TokenShards, sample_id_at, sample_ids_at
+from data_pipeline.loader import (
+    DistributedLoader,
+    ShardCache,
+    TokenShards,
+    sample_id_at,
+    sample_ids_at,
+)
 from data_pipeline.manifest import (
     MANIFEST_VERSION,
     Manifest,
@@ -111,6 +119,94 @@ def test_token_shards_lru_cache_and_errors(tmp_path: Path) -> None:
         TokenShards(str(root), "test")
     with pytest.raises(DataError, match="no manifest.json in"):
         TokenShards(str(tmp_path / "nothing"), "train")
+
+
+# ---------------------------------------------------------------------------- the shard cache
+# A local dataset read through a ShardCache stands in for a remote one: the cache copies each
+# shard in through storage exactly as it downloads from an object store.
+
+
+EVEN = [6] * 5  # shards of one size (give or take a few compressed bytes)
+
+
+def cache_dataset(root: Path) -> tuple[Path, int]:
+    """A dataset of EVEN shards and the size of its largest shard file."""
+    write_dataset(root, EVEN)
+    sizes = [(root / f"train-00000-{k:03d}.parquet").stat().st_size for k in range(len(EVEN))]
+    assert 4 * min(sizes) > 3 * max(sizes)  # so a bound of 3 * max holds exactly 3 shards
+    return root, max(sizes)
+
+
+def test_shard_cache_stays_under_its_bound_lru_first_out(tmp_path: Path) -> None:
+    root, size = cache_dataset(tmp_path / "ds")
+    bound = 3 * size
+    cache = ShardCache(tmp_path / "cache", max_bytes=bound)
+    ds = TokenShards(str(root), "train", cache_shards=1, cache=cache)
+
+    def read(shard: int) -> None:
+        np.testing.assert_array_equal(ds[6 * shard], expected_row(6 * shard))
+        assert cache.total_bytes() <= bound
+
+    for i in range(len(ds)):  # every sample, in order: each shard fetched once
+        np.testing.assert_array_equal(ds[i], expected_row(i))
+        assert cache.total_bytes() <= bound
+    assert cache.downloads == 5 and len(cache.cached()) == 3  # shards 2, 3, 4
+    read(2)  # used again: now the most recent
+    read(0)  # evicted before: fetched again, evicting shard 3 (the least recently used)
+    assert cache.downloads == 6
+    read(4)
+    read(2)  # both still cached
+    assert cache.downloads == 6
+    read(3)
+    assert cache.downloads == 7
+    # the same rows as reading in place
+    in_place = TokenShards(str(root), "train")
+    assert in_place.file_cache is None
+    every = np.arange(len(ds))
+    np.testing.assert_array_equal(ds.get_batch(every), in_place.get_batch(every))
+    assert cache.total_bytes() <= bound
+
+
+def test_shard_cache_shared_directory_and_leftovers(tmp_path: Path) -> None:
+    root, size = cache_dataset(tmp_path / "ds")
+    directory = tmp_path / "cache"
+    directory.mkdir()
+    stale = directory / ".abc.parquet.1234.tmp"  # a partial download of a dead process
+    stale.write_bytes(b"x" * 10)
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    fresh = directory / ".def.parquet.5678.tmp"  # one in progress: not touched
+    fresh.write_bytes(b"y")
+    bound = 2 * size
+    first = ShardCache(directory, max_bytes=bound)
+    second = ShardCache(directory, max_bytes=bound)  # another process on the same machine
+    a = TokenShards(str(root), "train", cache_shards=1, cache=first)
+    b = TokenShards(str(root), "train", cache_shards=1, cache=second)
+    a[0]
+    b[0]  # found in the shared directory
+    assert (first.downloads, second.downloads) == (1, 0)
+    b[6]
+    a[12]  # makes room in the shared directory: removes shard 0, the least recently used
+    assert first.total_bytes() <= bound and len(first.cached()) == 2
+    assert not stale.exists() and fresh.exists()
+    b[0]  # removed: fetched again
+    assert (first.downloads, second.downloads) == (2, 2)
+    # each version of a dataset (fingerprint and creation time) has its own copies
+    other = TokenShards(str(root), "train", cache=first)
+    other._version += "|prepared again"
+    other[0]
+    assert first.downloads == 3
+
+
+def test_shard_cache_file_larger_than_the_bound_is_read_directly(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "ds", SHARD_ROWS)
+    cache = ShardCache(tmp_path / "cache", max_bytes=100)
+    ds = TokenShards(str(root), "train", cache=cache)
+    np.testing.assert_array_equal(ds.get_batch(np.arange(N)), np.stack(
+        [expected_row(i) for i in range(N)]
+    ))  # fmt: skip
+    assert cache.downloads == 0 and cache.total_bytes() == 0
+    with pytest.raises(ValueError, match="max_bytes must be >= 1"):
+        ShardCache(tmp_path / "c", max_bytes=0)
 
 
 # ---------------------------------------------------------------------------- sample order

@@ -1,18 +1,14 @@
 """cluster.launch.worker_env: what every training worker's process starts with, and the
-allocator it preloads (cluster.allocator)."""
+allocator it preloads (cluster.allocator). That the preloaded tcmalloc serves torch in a fresh
+process: tests/dist/test_allocator_preload.py."""
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
 
 import pytest
 
 from cluster import launch
-from cluster.config import ClusterConfig
-from cluster.launch import find_tcmalloc, preload_for, worker_env
-from cluster.config import ClusterError
+from cluster.config import ClusterConfig, ClusterError
+from cluster.launch import preload_for, worker_env
 from trainer.config import ConfigError, load_config
 
 
@@ -42,17 +38,3 @@ def test_cluster_groups_choose_and_bad_names_are_refused():
     assert ray.allocator == "glibc"
     with pytest.raises(ConfigError, match="allocator \\('jemalloc'\\) must be one of"):
         load_config(["cluster.allocator=jemalloc"])
-
-
-@pytest.mark.skipif(find_tcmalloc() is None, reason="no tcmalloc here (libtcmalloc-minimal4)")
-def test_the_preloaded_tcmalloc_serves_torch():
-    env = {**os.environ, "LD_PRELOAD": find_tcmalloc()}
-    code = (
-        "import torch; x = torch.ones(1 << 24).sum().item(); "
-        "print([l.split()[-1] for l in open('/proc/self/maps') if 'tcmalloc' in l][:1], x)"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "tcmalloc" in out.stdout and str(float(1 << 24)) in out.stdout, out.stdout

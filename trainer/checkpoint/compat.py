@@ -9,15 +9,20 @@ on one info line (and converted when needed: trainer/checkpoint/universal.py).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 from data_pipeline import storage
 from data_pipeline.config import DataConfig
+from data_pipeline.manifest import manifest_uri, read_manifest
 from models.gpt import GPTConfig, shape_of
-from trainer.checkpoint.format import CheckpointError, file_sha256, read_trainer_state, verify_checkpoint
+from trainer.checkpoint.format import (
+    CheckpointError,
+    file_sha256,
+    read_trainer_state,
+    verify_checkpoint,
+)
 from trainer.checkpoint.latest import resume_point
 from trainer.config import ConfigError, RootConfig
 
@@ -31,6 +36,8 @@ TOKENIZER_SETTINGS = (
     "max_documents",
     "val_fraction",
     "seed",
+    "val_sources",
+    "split_column",
 )
 # Allowed to change on resume (reported, not refused).
 LAYOUT_FIELDS = (
@@ -70,11 +77,13 @@ def current_tokenizer(data: DataConfig) -> Optional[tuple[str, str]]:
 
 
 def _manifest_tokenizer(out_dir: str) -> Optional[tuple[str, str]]:
-    manifest = storage.join(out_dir, "manifest.json")
     try:
-        return str(json.loads(storage.read_text(manifest))["tokenizer"]["sha256"]), manifest
-    except (OSError, ValueError, KeyError, TypeError):
+        manifest = read_manifest(out_dir)
+    except (OSError, ValueError):
         return None
+    if manifest is None or not manifest.tokenizer.sha256:
+        return None
+    return str(manifest.tokenizer.sha256), manifest_uri(out_dir)
 
 
 def _shape(model: Any) -> Optional[dict[str, Any]]:

@@ -12,7 +12,6 @@ is loaded from it: a file that is missing, truncated or altered fails with one l
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -21,7 +20,8 @@ import random
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from data_pipeline import storage
+from trainer.worker.ds_patches import universal_checkpoint_load, weights_only_load
 
 DS_TAG = "ds"
 STATE_FILE = "trainer_state.json"
@@ -41,6 +42,10 @@ class CheckpointError(ValueError):
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's torch/numpy/python RNG states as tensors, and the CUDA generator's where
+    this process uses CUDA. "Uses" is torch.cuda.is_initialized(), not is_available(): a CPU
+    worker on a GPU host never touches CUDA (asking for its RNG state would create a context
+    on the host's GPU), and a GPU worker has initialised CUDA long before it saves."""
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -49,12 +54,14 @@ def rng_state() -> dict[str, Any]:
         "numpy_gauss": torch.tensor([np_state[4]], dtype=torch.float64),
         "python": torch.tensor(random.getstate()[1], dtype=torch.int64),
     }
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restores rng_state(); the CUDA generator only in a process that uses CUDA (a GPU
+    checkpoint resumed on CPU workers keeps the CPU states)."""
     torch.set_rng_state(state["torch"])
     pos, has_gauss = (int(x) for x in state["numpy_pos"])
     np.random.set_state(
@@ -67,7 +74,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         )
     )
     random.setstate((3, tuple(int(x) for x in state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and torch.cuda.is_initialized():
         torch.cuda.set_rng_state(state["cuda"])
 
 
@@ -105,11 +112,13 @@ def _world_size(trainer_state: dict[str, Any]) -> int:
 def _tokenizer_info(trainer_state: dict[str, Any]) -> Optional[dict[str, Any]]:
     """The tokenizer the run trains with (from its dataset's manifest), kept in the checkpoint
     so a resume can be checked against it even after the dataset directory is gone."""
+    from data_pipeline.manifest import read_manifest
+
     try:
         out_dir = str(trainer_state["config"]["data"]["out_dir"])
-        tok = json.loads(storage.read_text(storage.join(out_dir, "manifest.json")))["tokenizer"]
-        return {"sha256": tok["sha256"], "vocab_size": tok["vocab_size"], "data_dir": out_dir}
-    except (KeyError, TypeError, ValueError, OSError):
+        tok = read_manifest(out_dir).tokenizer
+        return {"sha256": tok.sha256, "vocab_size": tok.vocab_size, "data_dir": out_dir}
+    except (KeyError, TypeError, ValueError, OSError, AttributeError):
         return None
 
 
@@ -223,36 +232,30 @@ def _read_state_checked(ckpt: str) -> dict[str, Any]:
 
 def report(
     metrics: dict[str, Any],
-    local_dir: Optional[Path],
+    local_dir: Path,
     step: int,
     *,
+    asynchronous: bool = False,
     before_upload: Optional[Callable[[], None]] = None,
-) -> None:
+) -> threading.Event:
     """Persists the local directory as checkpoint `checkpoint_<step>` (a barrier across workers).
 
     Every worker uploads its own files into the same directory; Ray registers the checkpoint
-    (checkpoint_manager_snapshot.json) only once all of them have. `before_upload` runs on this
-    worker just before its upload (fault drills use it).
+    (its snapshot file) only once all of them have. asynchronous: the upload runs in the
+    background (object storage: the step loop does not wait for it) and the local directory is
+    removed after it. Returns an Event set once this worker's files are persisted.
+    `before_upload` runs on this worker just before its upload (fault drills use it).
     """
-    import ray.train
+    from cluster.ray_private import report_checkpoint
 
-    if local_dir is None:
-        ray.train.report(metrics)
-        return
-    kwargs: dict[str, Any] = {}
-    if before_upload is not None:
-        from cluster.ray_private import upload_fn_with_hook
-
-        kwargs["checkpoint_upload_fn"] = upload_fn_with_hook(before_upload)
     try:
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(str(local_dir)),
-            checkpoint_dir_name=f"checkpoint_{step:08d}",
-            **kwargs,
+        return report_checkpoint(
+            metrics, str(local_dir), f"checkpoint_{step:08d}",
+            asynchronous=asynchronous, before_upload=before_upload,
         )
     finally:
-        shutil.rmtree(local_dir, ignore_errors=True)
+        if not asynchronous:
+            shutil.rmtree(local_dir, ignore_errors=True)
 
 
 KEPT_DIR = "kept"
@@ -316,21 +319,6 @@ def safe_torch_load(path: Any, map_location: Any = None, mmap: bool = False) -> 
         ) from None
 
 
-@contextlib.contextmanager
-def _weights_only(engine) -> Iterator[None]:
-    """DeepSpeed's checkpoint engine loads with weights_only=False; make this load safe."""
-    ce = getattr(engine, "checkpoint_engine", None)
-    if ce is None:
-        yield
-        return
-    original = ce.load
-    ce.load = safe_torch_load
-    try:
-        yield
-    finally:
-        ce.load = original
-
-
 def load(
     engine, ckpt_dir: Path, rank: int, *, universal_dir: Optional[Path] = None
 ) -> dict[str, Any]:
@@ -344,7 +332,7 @@ def load(
     ckpt_dir = Path(ckpt_dir)
     verify_checkpoint(ckpt_dir, hashes=False)
     if universal_dir is None:
-        with _weights_only(engine):
+        with weights_only_load(engine, safe_torch_load):
             path, _ = engine.load_checkpoint(
                 str(ckpt_dir / "ds"),
                 tag=DS_TAG,
@@ -354,17 +342,13 @@ def load(
     else:
         # Universal files are read by DeepSpeed with torch.load directly; they were written
         # on the driver from this verified checkpoint (trainer/universal.py).
-        # DeepSpeed reads this flag from its config at load time only; set it for this load.
-        engine._config.load_universal_checkpoint = True
-        try:
+        with universal_checkpoint_load(engine):
             path, _ = engine.load_checkpoint(
                 str(universal_dir),
                 tag=DS_TAG,
                 load_optimizer_states=True,
                 load_lr_scheduler_states=False,
             )
-        finally:
-            engine._config.load_universal_checkpoint = False
     if path is None:
         raise RuntimeError(
             f"DeepSpeed found no checkpoint under {universal_dir or ckpt_dir / 'ds'}"

@@ -38,6 +38,8 @@ def check_before_ray(cfg: RootConfig) -> None:
 def check_storage(cfg: RootConfig) -> None:
     """run.root and data.out_dir can be written (or, for prepared data, read)."""
     try:
+        storage.check_credentials(cfg.run.root, "run.root")
+        storage.check_credentials(cfg.data.out_dir, "data.out_dir")
         storage.check_writable(cfg.run.root, "run.root")
         out = cfg.data.out_dir
         if storage.exists(storage.join(out, MANIFEST_FILE)):
@@ -56,11 +58,28 @@ def check_sources(cfg: RootConfig) -> None:
         list_work_units(cfg.data)
 
 
-def check_offload(cfg: RootConfig) -> None:
-    """NVMe offload needs DeepSpeed's async_io op and a writable nvme_path: say so up front."""
+def check_offload(cfg: RootConfig, *, default_cuda_home: str = "/usr/local/cuda") -> None:
+    """NVMe offload needs DeepSpeed's async_io op and a writable nvme_path: say so up front.
+    On GPU workers DeepSpeed builds that op with nvcc at the first step, so the CUDA toolkit
+    must be found where torch's extension builder looks: CUDA_HOME (or CUDA_PATH), nvcc on
+    PATH, or default_cuda_home."""
+    import os
+    import shutil
+
     p = cfg.parallel
     if p.offload_device != "nvme":
         return
+    if cfg.cluster.use_gpu and not (
+        os.environ.get("CUDA_HOME")
+        or os.environ.get("CUDA_PATH")
+        or shutil.which("nvcc")
+        or os.path.exists(os.path.join(default_cuda_home, "bin", "nvcc"))
+    ):
+        raise ConfigError(
+            "parallel.offload_device=nvme on GPU workers needs the CUDA toolkit (DeepSpeed "
+            "builds its async_io op with nvcc): set CUDA_HOME or put nvcc on PATH, or use "
+            "offload_device=cpu"
+        )
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
     if not AsyncIOBuilder().is_compatible(verbose=False):

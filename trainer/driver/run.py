@@ -39,6 +39,7 @@ def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, An
                 "data_dir": data_dir,
                 "console_lines": not progress_bar,
                 "universal": universal,
+                "peak_flops": local_cpu_peak(cfg),
                 "stop_signal": make_stop_signal(),
                 "invocation": invocation,
             }
@@ -65,6 +66,18 @@ def _progress(cfg: RootConfig, on: bool):
     from trainer.driver.progress import MetricsProgress
 
     return MetricsProgress(storage.join(cfg.run_uri, "metrics.jsonl"), cfg.trainer.max_steps)
+
+
+def local_cpu_peak(cfg: RootConfig) -> float | None:
+    """CPU workers of the private local cluster run on this machine: measure its peak here,
+    once per machine (cached), instead of in every worker at once. Elsewhere each worker
+    resolves its own device's peak (trainer/worker/observability/metrics.py)."""
+    t, c = cfg.trainer, cfg.cluster
+    if t.peak_flops or c.use_gpu or c.address is not None:
+        return t.peak_flops
+    from trainer.worker.observability.metrics import peak_flops_per_worker
+
+    return peak_flops_per_worker(cfg.precision.dtype_name, c.threads_per_worker)
 
 
 def prepare_data(cfg: RootConfig) -> str:

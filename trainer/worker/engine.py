@@ -11,7 +11,7 @@ import torch
 
 from models.gpt import GPT, GPTConfig
 from trainer.config import OptimConfig, ParallelConfig, PrecisionConfig
-from trainer.worker.guard import skipped_optimizer_step
+from trainer.worker.ds_patches import skipped_optimizer_step, time_gradient_reduction
 from trainer.worker.kernels import use_contiguous_weight_grad
 from trainer.worker.observability.metrics import StepTimes
 from trainer.worker.parallel import Layout, pipeline_module, tensor_parallel_config
@@ -25,8 +25,11 @@ def deepspeed_config(
     micro_batch: int,
     grad_accum: int,
     dp_size: int,
+    device_type: str = "cpu",
 ) -> dict[str, Any]:
-    """The DeepSpeed JSON config for a layout. Pure: unit-tested without a process group."""
+    """The DeepSpeed JSON config for a layout. Pure: unit-tested without a process group.
+    device_type: the accelerator's ("cuda" | "cpu", accelerator_device_type()); offloaded
+    state is pinned for copies to a GPU only."""
     zero: dict[str, Any] = {"stage": parallel.zero_stage}
     if parallel.zero_stage > 0:
         zero.update(
@@ -44,7 +47,7 @@ def deepspeed_config(
         )
     offload: dict[str, Any] = {
         "device": parallel.offload_device,
-        "pin_memory": torch.cuda.is_available(),
+        "pin_memory": device_type == "cuda",
     }
     if parallel.offload_device == "nvme":
         offload["nvme_path"] = parallel.nvme_path
@@ -92,15 +95,41 @@ def _name_seed(seed: int, name: str) -> int:
 def init_weights(model: GPT, seed: int, gather=None) -> None:
     """(Re)initialises every module from its own generator, seeded by (seed, module name), so
     the weights do not depend on how the model was built: whole, or partitioned as it is built
-    (ZeRO-3), which draws from the global RNG differently. `gather(params)` is a context that
-    makes a module's parameters whole while it is initialised."""
+    (ZeRO-3), which draws from the global RNG differently, nor on the device the parameters
+    live on (the draws are made on the CPU, where the generator is, and copied to the
+    parameters' device: a GPU build gets a CPU build's values). `gather(params)` is a context
+    that makes a module's parameters whole while it is initialised."""
     for name, module in model.named_modules():
         own = list(module.parameters(recurse=False))
         if not own:
             continue
         generator = torch.Generator().manual_seed(_name_seed(seed, name))
-        with gather(own) if gather else contextlib.nullcontext():
+        with gather(own) if gather else contextlib.nullcontext(), _drawn_on_cpu(module):
             model.init_module_weights(module, generator=generator)
+
+
+@contextlib.contextmanager
+def _drawn_on_cpu(module: torch.nn.Module):
+    """Inside: each of the module's own parameters that is not on the CPU is replaced by a CPU
+    parameter of its shape and dtype (a CPU torch.Generator cannot fill a CUDA tensor); after:
+    the values drawn into it are copied into the parameter's own storage on its device, and
+    the parameter is back. CPU parameters are initialised in place, as they always were."""
+    params = module._parameters
+    away = {k: p for k, p in params.items() if p is not None and p.device.type != "cpu"}
+    for k, p in away.items():
+        params[k] = torch.nn.Parameter(
+            torch.empty(p.data.shape, dtype=p.dtype), requires_grad=p.requires_grad
+        )
+    try:
+        yield
+    finally:
+        for k, p in away.items():
+            drawn, params[k] = params[k], p
+            _copy_to_device(p, drawn.data)
+
+
+def _copy_to_device(param: torch.nn.Parameter, values: torch.Tensor) -> None:
+    param.data.copy_(values)
 
 
 def build_model(
@@ -136,6 +165,7 @@ def build_model(
         micro_batch=micro_batch,
         grad_accum=grad_accum,
         dp_size=layout.dp,
+        device_type=accelerator_device_type(),
     )
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = GPT(model_cfg)
@@ -152,10 +182,26 @@ def build_model(
     return model
 
 
+def accelerator_device_type() -> str:
+    """The device type of DeepSpeed's accelerator ("cuda", "cpu"): DS_ACCELERATOR, which
+    cluster/launch.py's worker_env sets from cluster.gpus_per_worker. Never what the host
+    happens to have: CPU workers on a GPU host stay on the CPU."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().device_name()).type
+
+
+def comm_backend() -> str:
+    """The process group's backend: DeepSpeed's accelerator's (nccl on CUDA, gloo on CPU)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().communication_backend_name()
+
+
 def _init_distributed() -> None:
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend=comm_backend())
 
 
 def build_engine(
@@ -172,7 +218,7 @@ def build_engine(
 ):
     """Wraps `model` in a DeepSpeed engine for `layout` (the process group must exist).
     compile: torch.compile the model's blocks first (compile_blocks).
-    contiguous_weight_grad: trainer/kernels.py's Linear backward for the large layers."""
+    contiguous_weight_grad: trainer/worker/kernels.py's Linear backward for the large layers."""
     import deepspeed
 
     _init_distributed()
@@ -183,6 +229,7 @@ def build_engine(
         micro_batch=micro_batch,
         grad_accum=grad_accum,
         dp_size=layout.dp,
+        device_type=accelerator_device_type(),
     )
     if layout.tp > 1:
         ds_config["tensor_parallel"] = tensor_parallel_config(layout.tp)
@@ -233,6 +280,13 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
+def batches_to_device(
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every (x, y) of a step on the engine's device (the loader yields host tensors)."""
+    return [(to_device(x, device), to_device(y, device)) for x, y in micro_batches]
+
+
 def is_pipeline(engine) -> bool:
     from deepspeed.runtime.pipe.engine import PipelineEngine
 
@@ -247,51 +301,6 @@ def set_lr(engine, lr: float) -> None:
 def _local_grad_norm(module: torch.nn.Module) -> float:
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     return torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])).item()
-
-
-def _timed(fn, timing: dict[str, Any]):
-    """fn, its time added to timing["timer"]'s "comm" phase; nested calls count once."""
-
-    def wrapper(*args, **kwargs):
-        timer = timing.get("timer")
-        if timer is None or timing["depth"]:
-            return fn(*args, **kwargs)
-        timing["depth"] += 1
-        try:
-            with timer.phase("comm"):
-                return fn(*args, **kwargs)
-        finally:
-            timing["depth"] -= 1
-
-    return wrapper
-
-
-def _time_gradient_reduction(engine, timer) -> None:
-    """Times this engine's gradient reduction as the "comm" phase of `timer` (installed once).
-
-    What DeepSpeed offers is not usable per step: its engine timers need wall_clock_breakdown,
-    which prints a line every step, and its comms logger (comms_logger) keeps every latency
-    forever and records cumulative sums. So we time the engine's own reduce entry points:
-    engine.allreduce_gradients (ZeRO-0: the all-reduce; ZeRO-1: reduce at the accumulation
-    boundary; ZeRO-2: the last bucket) and optimizer.reduce_ipg_grads (ZeRO-1/2 buckets
-    reduced from backward hooks). The figure includes their bucket copies and is part of
-    backward_time_s. Not measured, so the key is absent: ZeRO-3 (its parameter all-gathers are
-    asynchronous prefetches whose waits land inside forward/backward, so a gradient-only
-    figure would mislead), CUDA (reductions run on side streams: host time is launch time),
-    the tensor-parallel all-reduces inside forward/backward, and the ZeRO-1/2 all-gather of
-    updated parameters inside the optimizer step.
-    """
-    timing = getattr(engine, "_raygpt_comm_timing", None)
-    if timing is None:
-        timing = {"timer": None, "depth": 0}
-        engine._raygpt_comm_timing = timing
-        if not timer.cuda and engine.zero_optimization_stage() <= 2:
-            engine.allreduce_gradients = _timed(engine.allreduce_gradients, timing)
-            if hasattr(engine.optimizer, "reduce_ipg_grads"):
-                engine.optimizer.reduce_ipg_grads = _timed(
-                    engine.optimizer.reduce_ipg_grads, timing
-                )
-    timing["timer"] = timer
 
 
 def train_step(
@@ -317,10 +326,11 @@ def train_step(
     """
     timer = timer or StepTimes(cuda=False)
     timer.step()
+    micro_batches = batches_to_device(micro_batches, engine.device)
     if is_pipeline(engine):
         loss = engine.train_batch(iter(micro_batches))
         return [loss.detach()], engine.get_global_grad_norm(), False
-    _time_gradient_reduction(engine, timer)
+    time_gradient_reduction(engine, timer)
     losses, norm, skip = [], None, False
     last = len(micro_batches) - 1
     for i, (x, y) in enumerate(micro_batches):
@@ -348,6 +358,7 @@ def train_step(
 
 @torch.no_grad()
 def eval_losses(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+    micro_batches = batches_to_device(micro_batches, engine.device)
     if is_pipeline(engine):
         loss = engine.eval_batch(iter(micro_batches), num_micro_batches=len(micro_batches))
         return [loss.float().item()]

@@ -10,10 +10,12 @@ clear message (`on_repeated`).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
+
+# DeepSpeed patches live in ds_patches.py; the guarded skip is re-exported here for callers.
+from trainer.worker.ds_patches import innermost_optimizer, skipped_optimizer_step  # noqa: F401
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,28 +85,6 @@ class LossGuard:
     def load_state_dict(self, d: dict) -> None:
         self.mean, self.accepted, self.skipped = d["mean"], d["accepted"], d["skipped"]
         self.consecutive = 0
-
-
-def innermost_optimizer(opt):
-    """DeepSpeed wraps the torch optimizer (ZeRO, bf16); the innermost one updates state."""
-    seen = set()
-    while getattr(opt, "optimizer", None) is not None and id(opt) not in seen:
-        seen.add(id(opt))
-        opt = opt.optimizer
-    return opt
-
-
-@contextlib.contextmanager
-def skipped_optimizer_step(engine):
-    """engine.step() inside this context does DeepSpeed's bookkeeping (micro-step counters,
-    gradient clearing, ZeRO partition copies) but the torch optimizer changes nothing."""
-    inner = innermost_optimizer(engine.optimizer)
-    original = inner.step
-    inner.step = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        inner.step = original
 
 
 class StepJudge:

@@ -31,6 +31,7 @@ from trainer.config import RootConfig
 from trainer.worker import faults
 from trainer.worker.control import CheckpointPolicy, StepControl, comm_device
 from trainer.worker.engine import (
+    accelerator_device_type,
     build_engine,
     build_model,
     eval_losses,
@@ -100,6 +101,7 @@ class Trainer:
         self.universal = config.get("universal") or {}
         self.state = TrainState()
         self.newest: Optional[str] = None  # this run's newest checkpoint (rollbacks go there)
+        self.uploads: dict[str, Any] = {}  # checkpoint name -> Event set once persisted
         self.val_loss: Optional[float] = None
         self.last_metrics: dict[str, Any] = {}
 
@@ -131,6 +133,12 @@ class Trainer:
     def build(self) -> None:
         cfg, t = self.cfg, self.cfg.trainer
         torch.set_num_threads(cfg.cluster.threads_per_worker)
+        # First: an unknown GPU without trainer.peak_flops fails in seconds, not after a build.
+        self.peak = peak_flops_per_worker(
+            cfg.precision.dtype_name, cfg.cluster.threads_per_worker,
+            self.config.get("peak_flops") or t.peak_flops,
+            device=torch.device(accelerator_device_type()),
+        )
         seed_everything(t.seed)
         sizes = dict(layout=self.layout, micro_batch=t.micro_batch_size, grad_accum=cfg.grad_accum)
         # Same seed on every rank -> identical initial weights (ZeRO-3: built partitioned).
@@ -139,17 +147,23 @@ class Trainer:
             model, cfg.parallel, cfg.precision, cfg.optim,
             compile=t.compile, contiguous_weight_grad=t.contiguous_weight_grad, **sizes,
         )
+        import ray
+
         self.memory = {
             "rank": self.rank,
+            "node_id": ray.get_runtime_context().get_node_id(),  # where this rank ran
             "layout": str(self.layout),
             **model_state_bytes(self.engine),
-            "rss_after_build_mib": memory_stats()["rss_mib"],
+            "rss_after_build_mib": memory_stats(self.engine.device)["rss_mib"],
         }
         data_dir = self.config["data_dir"]
         loader_args = dict(micro_batch=t.micro_batch_size, dp_rank=self.dp_rank,
                            dp_size=cfg.dp_size, seed=t.seed)
         self.train_loader = DistributedLoader(
-            TokenShards(data_dir, "train"), global_batch=t.global_batch_size, **loader_args
+            TokenShards(data_dir, "train"),
+            global_batch=t.global_batch_size,
+            window_offset=cfg.data.window_offset,
+            **loader_args,
         )
         self.val_loader = DistributedLoader(
             TokenShards(data_dir, "val"),
@@ -215,19 +229,17 @@ class Trainer:
         )
         # From the config: after sharding the module holds only this rank's part.
         self.flops_per_token = estimate_flops_per_token(cfg.model, cfg.data.seq_len)
-        peak = peak_flops_per_worker(
-            cfg.precision.dtype_name, cfg.cluster.threads_per_worker, t.peak_flops,
-            device=self.engine.device,
-        )
         self.meter = Throughput(
             tokens_per_step=t.global_batch_size * cfg.data.seq_len,
             flops_per_token=self.flops_per_token,
-            peak_flops_total=peak * self.world,
+            peak_flops_total=self.peak * self.world,
         )
-        self.step_times = StepTimes(cuda=self.engine.device.type == "cuda")
+        cuda = self.engine.device.type == "cuda"
+        self.step_times = StepTimes(cuda=cuda)
         self.profiler = StepProfiler(t.profile_steps, self.files.local / "profile", self.rank,
-                                     last_step=self.last_step)
+                                     last_step=self.last_step, cuda=cuda)
         self.run_t0, self.tokens_this_run = time.perf_counter(), 0
+        self.started_at = utc_now()
 
     # -- one step -----------------------------------------------------------------------------
     def step(self) -> bool:
@@ -278,7 +290,7 @@ class Trainer:
             "consumed_samples": consumed,
             "tokens": consumed * self.cfg.data.seq_len,
             "skipped_steps": self.guard.skipped,
-            **memory_stats(),
+            **memory_stats(self.engine.device),
         }
         if self.logger:
             self.logger.log(step, self.last_metrics)
@@ -296,6 +308,10 @@ class Trainer:
                 f"{self.train_loader.consumed_samples}, or raise guard.max_consecutive"
             )
         position = self.train_loader.state_dict()
+        if self.newest in self.uploads:
+            self.uploads[self.newest].wait()  # an asynchronous upload may still be running
+            if dist.is_initialized():
+                dist.barrier()  # every rank's files of it are in storage
         with storage.local_copy(storage.join(self.cfg.run_uri, self.newest)) as local:
             self.load_checkpoint(local)
         self.train_loader.load_state_dict(position)  # continue past the bad window
@@ -333,14 +349,17 @@ class Trainer:
             files.sync()  # the run files reach storage no later than the checkpoint
             local = checkpoint.save_local(self.engine, rank, trainer_state)
             faults.maybe_pause(fault, "save", step, rank, files.local)
-            checkpoint.report(
+            self.newest = f"checkpoint_{step:08d}"
+            self.uploads[self.newest] = checkpoint.report(
                 {"step": step, "loss": self.last_metrics.get("loss")}, local, step,
+                # object storage: the upload runs behind the next steps
+                asynchronous=storage.is_remote(self.cfg.run_uri),
                 before_upload=(lambda: faults.maybe_pause(fault, "upload", step, rank, files.local))
                 if fault else None,
             )
             self.policy.saved()
-            self.newest = f"checkpoint_{step:08d}"
             if self.policy.keep_for_good(step):
+                self.uploads[self.newest].wait()
                 if dist.is_initialized():
                     dist.barrier()  # every rank's files are in the run directory
                 if rank == 0:
@@ -381,6 +400,7 @@ class Trainer:
             "consumed_samples": self.train_loader.consumed_samples,
             "skipped_steps": self.guard.skipped,
             "wandb_id": self.state.wandb_id,
+            "started_at": self.started_at,  # this invocation, UTC ISO 8601
         }
         # After training: Adam's moments exist only once the optimizer has stepped.
         report = {**self.memory, **model_state_bytes(self.engine), "peak_rss_mib": peak_rss_mib()}
@@ -389,6 +409,7 @@ class Trainer:
         if not is_pipeline(self.engine):  # stages hold parts of the model: no single forward
             sample = generate_sample(self.engine, data_dir, t.sample_prompt, t.sample_tokens, t.seed)
         summary["sample"] = sample
+        summary["ended_at"] = utc_now()
         if self.logger:
             self.logger.finish(summary)
             self.logger = None
@@ -398,6 +419,12 @@ class Trainer:
             self.logger.close()
         if hasattr(self, "files"):
             self.files.close()
+
+
+def utc_now() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 @contextmanager
@@ -425,10 +452,17 @@ class SampleLog:
         self._f.flush()
 
 
-def generate_sample(engine, data_dir: str, prompt: str, n_tokens: int, seed: int) -> Optional[str]:
-    """A sample from the trained model. Every rank runs it in lockstep (ZeRO-3 gathers)."""
+def generate_sample(
+    engine, data_dir: str, prompt: Optional[str], n_tokens: int, seed: int
+) -> Optional[str]:
+    """A sample from the trained model. Every rank runs it in lockstep (ZeRO-3 gathers).
+    prompt None (trainer.sample_prompt: null): the start of the validation data."""
     if n_tokens <= 0:
         return None
+    if prompt is None:
+        from data_pipeline.prompt import default_prompt
+
+        prompt = default_prompt(data_dir)
     from tokenizers import Tokenizer
 
     manifest = Manifest.load(data_dir)

@@ -12,37 +12,71 @@ from typing import Any, Optional
 
 import torch
 
-# Dense peak FLOP/s of one accelerator (no sparsity): (bf16/fp16 tensor core, fp32 / tf32-off).
+from trainer.worker.ds_patches import innermost_optimizer
+
+# Dense peak FLOP/s of one GPU from its datasheet (no sparsity): (bf16/fp16 tensor core, fp32
+# without TF32), keyed by torch.cuda.get_device_name() EXACTLY: the same chip name covers
+# parts with different clocks and power (H100 SXM 989e12, PCIe 756e12, NVL 835e12 bf16), and a
+# prefix would match "NVIDIA L4" inside "NVIDIA L40". A name not here needs
+# trainer.peak_flops: an MFU against a guessed peak would be a wrong number that looks right.
 GPU_PEAK_FLOPS: dict[str, tuple[float, float]] = {
-    "H200": (989e12, 67e12),
-    "H100": (989e12, 67e12),  # SXM; the PCIe part is lower (756e12)
-    "A100": (312e12, 19.5e12),
-    "A10G": (125e12, 31.2e12),
-    "L40S": (362e12, 91.6e12),
-    "L4": (121e12, 30.3e12),
-    "V100": (125e12, 15.7e12),
+    "NVIDIA H200": (989e12, 67e12),
+    "NVIDIA H200 NVL": (835e12, 60e12),
+    "NVIDIA GH200 480GB": (989e12, 67e12),
+    "NVIDIA H100 80GB HBM3": (989e12, 67e12),  # SXM5
+    "NVIDIA H100 PCIe": (756e12, 51e12),
+    "NVIDIA H100 NVL": (835e12, 60e12),
+    "NVIDIA A100-SXM4-40GB": (312e12, 19.5e12),
+    "NVIDIA A100-SXM4-80GB": (312e12, 19.5e12),
+    "NVIDIA A100-PCIE-40GB": (312e12, 19.5e12),
+    "NVIDIA A100 80GB PCIe": (312e12, 19.5e12),
+    "NVIDIA L40S": (362e12, 91.6e12),
+    "NVIDIA L40": (181e12, 90.5e12),
+    "NVIDIA L4": (121e12, 30.3e12),
+    "NVIDIA A10G": (125e12, 31.2e12),
+    "NVIDIA A10": (125e12, 31.2e12),
 }
 
 
-def gpu_peak_flops(dtype: str) -> Optional[float]:
-    name = torch.cuda.get_device_name()
-    for key, (half, single) in GPU_PEAK_FLOPS.items():
-        if key in name:
-            return half if dtype in ("bf16", "fp16") else single
-    return None
+class UnknownGPUError(ValueError):
+    """A GPU with no datasheet peak in GPU_PEAK_FLOPS and no trainer.peak_flops; str() is one
+    line naming the GPU and the rule."""
+
+
+def gpu_peak_flops(dtype: str, device: Any = None) -> float:
+    """Datasheet peak FLOP/s of the GPU `device` (None: the current one) for `dtype`;
+    UnknownGPUError for a name not in GPU_PEAK_FLOPS."""
+    name = torch.cuda.get_device_name(device)
+    if name not in GPU_PEAK_FLOPS:
+        raise UnknownGPUError(
+            f"no datasheet peak FLOP/s for GPU '{name}' (MFU needs one): set "
+            f"trainer.peak_flops=<dense {dtype} FLOP/s of one GPU>"
+        )
+    half, single = GPU_PEAK_FLOPS[name]
+    return half if dtype in ("bf16", "fp16") else single
 
 
 def matmul_flops(dtype: str, threads: int, n: int = 2048, seconds: float = 1.2) -> float:
     """Dense n x n matmul FLOP/s with `threads` torch threads, measured now: the best of three
-    windows of seconds / 3 each."""
+    windows of seconds / 3 each. On a CPU without native bf16 (AVX2 only) a 2048 bf16 matmul
+    takes about a minute, so n grows from 256 only while one product takes a small part of a
+    window."""
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.bfloat16, "fp32": torch.float32}[dtype]
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        a = torch.randn(n, n, dtype=torch_dtype)
-        b = torch.randn(n, n, dtype=torch_dtype)
-        for _ in range(2):
+        size = min(256, n)
+        while True:
+            a = torch.randn(size, size, dtype=torch_dtype)
+            b = torch.randn(size, size, dtype=torch_dtype)
             a @ b  # warm-up (oneDNN/AMX kernel selection)
+            t0 = time.perf_counter()
+            a @ b
+            # the next size takes 8x as long: grow only while that still fits a window's sixth
+            if size >= n or 8 * (time.perf_counter() - t0) > seconds / 6:
+                break
+            size *= 2
+        n = size
         best = 0.0
         for _ in range(3):
             iters, t0 = 0, time.perf_counter()
@@ -83,25 +117,36 @@ def measure_matmul_flops(dtype: str, threads: int, seconds: float = 1.2) -> floa
 def peak_flops_per_worker(
     dtype: str, threads: int, configured: Optional[float] = None, *, device: Any = None
 ) -> float:
-    """The FLOP/s one worker could reach: configured, a known GPU's datasheet, or measured."""
+    """The FLOP/s one worker could reach: `configured` (trainer.peak_flops) when set; on a
+    CUDA `device` (the engine's) its datasheet figure (UnknownGPUError for a GPU not in the
+    table: never a CPU measurement); on a CPU device the measured, per-machine cached matmul
+    rate of `threads` threads. The device decides, not what the host happens to have."""
     if configured:
         return configured
     if device is not None and torch.device(device).type == "cuda":
-        peak = gpu_peak_flops(dtype)
-        if peak:
-            return peak
-    return measure_matmul_flops(dtype, threads)
+        return gpu_peak_flops(dtype, device)
+    peak = measure_matmul_flops(dtype, threads)
+    if dtype != "fp32":
+        # A CPU without native bf16 (AVX2 only) emulates it at ~1/50 of its fp32 rate; what
+        # the hardware can do is then its fp32 rate (else MFU reads above 100%).
+        peak = max(peak, measure_matmul_flops("fp32", threads))
+    return peak
 
 
-def memory_stats() -> dict[str, float]:
+def memory_stats(device: Any = None) -> dict[str, float]:
     """This process's memory in MiB: RSS now and its high-water mark, and on a GPU the CUDA
-    allocator's figures (allocated now, reserved by the caching allocator, peak allocated)."""
+    allocator's figures (allocated now, reserved by the caching allocator, peak allocated).
+
+    device: the engine's device; the CUDA figures come with a CUDA device only (a CPU worker
+    on a GPU host reports none). None keeps the older rule, CUDA figures wherever CUDA is
+    available: callers should pass the device."""
     import psutil
 
     rss = psutil.Process().memory_info().rss / 2**20
     # The kernel's high-water mark is updated lazily and can trail the current RSS a little.
     stats = {"rss_mib": rss, "peak_rss_mib": max(peak_rss_mib(), rss)}
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    if cuda:
         stats.update(
             cuda_allocated_mib=torch.cuda.memory_allocated() / 2**20,
             cuda_reserved_mib=torch.cuda.memory_reserved() / 2**20,
@@ -121,8 +166,10 @@ class StepTimes:
 
     ORDER = ("data", "forward", "backward", "comm", "optimizer")
 
-    def __init__(self, cuda: Optional[bool] = None):
-        self.cuda = torch.cuda.is_available() if cuda is None else cuda
+    def __init__(self, cuda: bool = False):
+        """cuda: the steps run on a CUDA device (the engine's device says so; whether the
+        host has a GPU does not)."""
+        self.cuda = cuda
         self._seconds: dict[str, float] = {}
         self._events: list[tuple[str, Any, Any]] = []
         self._steps = 0
@@ -200,15 +247,6 @@ class Throughput:
         }
 
 
-def _innermost_optimizer(opt):
-    """DeepSpeed wraps the torch optimizer (ZeRO, bf16); the innermost one owns the states."""
-    seen = set()
-    while hasattr(opt, "optimizer") and id(opt) not in seen and opt.optimizer is not None:
-        seen.add(id(opt))
-        opt = opt.optimizer
-    return opt
-
-
 def _nbytes(t) -> int:
     return t.numel() * t.element_size()
 
@@ -223,7 +261,7 @@ def model_state_bytes(engine) -> dict[str, int]:
             continue
         seen.add(id(p))
         params += _nbytes(p.ds_tensor) if hasattr(p, "ds_tensor") else _nbytes(p)
-    inner = _innermost_optimizer(engine.optimizer)
+    inner = innermost_optimizer(engine.optimizer)
     master = moments = 0
     for group in inner.param_groups:
         for p in group["params"]:

@@ -44,7 +44,10 @@ class StepProfiler:
         *,
         last_step: Optional[int] = None,
         announce: Optional[bool] = None,
+        cuda: bool = False,
     ):
+        """cuda: also trace CUDA kernels (the engine is on a GPU; never decided by the host)."""
+        self.cuda = cuda
         self.steps = sorted(set(steps))
         self.out_dir = Path(out_dir)
         self.rank = rank
@@ -66,7 +69,7 @@ class StepProfiler:
             return
         if self._prof is None:
             activities = [torch.profiler.ProfilerActivity.CPU]
-            if torch.cuda.is_available():
+            if self.cuda:
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self._prof = torch.profiler.profile(activities=activities, record_shapes=True)
             self._prof.start()

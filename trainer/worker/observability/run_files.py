@@ -22,10 +22,14 @@ RANK0_APPENDS = ("metrics.jsonl", "eval.jsonl")
 
 
 class RunFiles:
-    def __init__(self, run_uri: str, rank: int, *, min_sync_s: float = 10.0):
+    def __init__(
+        self, run_uri: str, rank: int, *, min_sync_s: float = 10.0, stage: bool | None = None
+    ):
+        """stage: write into a local staging dir and upload on sync (default: for object
+        storage only; a slow network mount may want it too)."""
         self.uri = run_uri
         self.rank = rank
-        self.remote = storage.is_remote(run_uri)
+        self.remote = storage.is_remote(run_uri) if stage is None else stage
         self.min_sync_s = min_sync_s
         self._last_sync = 0.0
         self._synced: dict[str, tuple[int, int]] = {}
@@ -76,10 +80,9 @@ class RunFiles:
                 continue
             if self._synced.get(rel) == stamp:
                 continue
-            try:
-                storage.upload(p, storage.join(self.uri, rel))
-            except FileNotFoundError:
+            if not p.exists():  # removed since it was listed
                 continue
+            storage.upload(p, storage.join(self.uri, rel))
             self._synced[rel] = stamp
             n += 1
         return n

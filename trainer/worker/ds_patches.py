@@ -1,0 +1,116 @@
+"""Every patch raygpt applies to DeepSpeed objects, in this one file.
+
+Each one replaces an attribute of a live DeepSpeed object (never a module-level function) and
+says which DeepSpeed behaviour it works around; when DeepSpeed changes, this is the file to
+read. Callers import the context managers and installers from here.
+
+- gradient-reduction timing: wraps engine.allreduce_gradients and the ZeRO-1/2 optimizer's
+  reduce_ipg_grads (time_gradient_reduction).
+- guarded skip: the innermost torch optimizer's step becomes a no-op for one engine.step()
+  (skipped_optimizer_step).
+- safe loading: the engine's checkpoint_engine.load becomes a weights_only torch.load
+  (weights_only_load).
+- universal checkpoints: engine._config.load_universal_checkpoint for one load
+  (universal_checkpoint_load).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+
+def innermost_optimizer(opt):
+    """DeepSpeed wraps the torch optimizer (ZeRO, bf16); the innermost one updates the
+    parameters and owns the states."""
+    seen = set()
+    while getattr(opt, "optimizer", None) is not None and id(opt) not in seen:
+        seen.add(id(opt))
+        opt = opt.optimizer
+    return opt
+
+
+@contextlib.contextmanager
+def skipped_optimizer_step(engine) -> Iterator[None]:
+    """engine.step() inside this context does DeepSpeed's bookkeeping (micro-step counters,
+    gradient clearing, ZeRO partition copies) but the torch optimizer changes nothing."""
+    inner = innermost_optimizer(engine.optimizer)
+    original = inner.step
+    inner.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        inner.step = original
+
+
+def _timed(fn: Callable, timing: dict[str, Any]) -> Callable:
+    """fn, its time added to timing["timer"]'s "comm" phase; nested calls count once."""
+
+    def wrapper(*args, **kwargs):
+        timer = timing.get("timer")
+        if timer is None or timing["depth"]:
+            return fn(*args, **kwargs)
+        timing["depth"] += 1
+        try:
+            with timer.phase("comm"):
+                return fn(*args, **kwargs)
+        finally:
+            timing["depth"] -= 1
+
+    return wrapper
+
+
+def time_gradient_reduction(engine, timer) -> None:
+    """Times this engine's gradient reduction as the "comm" phase of `timer` (installed once).
+
+    What DeepSpeed offers is not usable per step: its engine timers need wall_clock_breakdown,
+    which prints a line every step, and its comms logger (comms_logger) keeps every latency
+    forever and records cumulative sums. So we time the engine's own reduce entry points:
+    engine.allreduce_gradients (ZeRO-0: the all-reduce; ZeRO-1: reduce at the accumulation
+    boundary; ZeRO-2: the last bucket) and optimizer.reduce_ipg_grads (ZeRO-1/2 buckets
+    reduced from backward hooks). The figure includes their bucket copies and is part of
+    backward_time_s. Not measured, so the key is absent: ZeRO-3 (its parameter all-gathers are
+    asynchronous prefetches whose waits land inside forward/backward, so a gradient-only
+    figure would mislead), CUDA (reductions run on side streams: host time is launch time),
+    the tensor-parallel all-reduces inside forward/backward, and the ZeRO-1/2 all-gather of
+    updated parameters inside the optimizer step.
+    """
+    timing = getattr(engine, "_raygpt_comm_timing", None)
+    if timing is None:
+        timing = {"timer": None, "depth": 0}
+        engine._raygpt_comm_timing = timing
+        if not timer.cuda and engine.zero_optimization_stage() <= 2:
+            engine.allreduce_gradients = _timed(engine.allreduce_gradients, timing)
+            if hasattr(engine.optimizer, "reduce_ipg_grads"):
+                engine.optimizer.reduce_ipg_grads = _timed(
+                    engine.optimizer.reduce_ipg_grads, timing
+                )
+    timing["timer"] = timer
+
+
+@contextlib.contextmanager
+def weights_only_load(engine, load: Callable) -> Iterator[None]:
+    """DeepSpeed's checkpoint engine loads with weights_only=False; inside this context it
+    loads with `load` (trainer.checkpoint.format.safe_torch_load) instead."""
+    ce = getattr(engine, "checkpoint_engine", None)
+    if ce is None:
+        yield
+        return
+    original = ce.load
+    ce.load = load
+    try:
+        yield
+    finally:
+        ce.load = original
+
+
+@contextlib.contextmanager
+def universal_checkpoint_load(engine) -> Iterator[None]:
+    """engine.load_checkpoint inside this context reads a universal checkpoint. DeepSpeed
+    reads this flag from its config at load time only; it is set for this load alone."""
+    engine._config.load_universal_checkpoint = True
+    try:
+        yield
+    finally:
+        engine._config.load_universal_checkpoint = False
