@@ -27,8 +27,10 @@ def _read_config(hf_dir: Path | str) -> dict[str, Any]:
     try:
         text = storage.read_text(path)
     except FileNotFoundError:
-        raise ValueError(f"init_from: {path} does not exist (expected a Hugging Face model "
-                         "directory: config.json + model.safetensors)") from None
+        raise ValueError(
+            f"init_from: {path} does not exist (expected a Hugging Face model "
+            "directory: config.json + model.safetensors)"
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"init_from: cannot read {path}: {storage.one_line(e)}") from None
     try:

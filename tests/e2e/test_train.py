@@ -68,6 +68,9 @@ def test_two_workers_zero2_bf16_trains_and_logs(tmp_path, smoke_data):
     assert s["finished"] and s["final_step"] == 20
     assert s["final_val_loss"] < s["uniform_loss"]
     assert s["sample"] and isinstance(s["sample"], str)
+    # two throughputs, named apart: training only, and end to end (eval + checkpoints too)
+    assert 0 < s["end_to_end_tokens_per_sec"] < s["train_tokens_per_sec"]
+    assert "tokens_per_sec" not in s
     assert set(s["step_time_breakdown_s"]) == {"step", *phases}
     assert summary["checkpoint"].endswith("checkpoint_00000020")
     assert (Path(summary["checkpoint"]) / "trainer_state.json").is_file()

@@ -12,16 +12,26 @@ import pytest
 import torch
 from hostile import RunsCodeOnLoad
 
-from trainer.checkpoint import format as checkpoint
-from trainer.checkpoint.format import CheckpointError, verify_checkpoint
-from trainer.config import ConfigError, load_config
 from cluster.ray_private import SNAPSHOT_FILE
+from trainer.checkpoint import format as checkpoint
 from trainer.checkpoint.compat import LAYOUT_FIELDS, check_resume_compatible, compare_configs
+from trainer.checkpoint.format import CheckpointError, verify_checkpoint
 from trainer.checkpoint.latest import repair_snapshot, resume_point, set_aside_unregistered
+from trainer.config import ConfigError, load_config
 
 MODEL_SHAPE_FIELDS = (
-    "vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff",
-    "pos_embedding", "norm", "mlp", "bias", "tie_embeddings",
+    "vocab_size",
+    "block_size",
+    "n_layer",
+    "n_head",
+    "n_kv_head",
+    "d_model",
+    "d_ff",
+    "pos_embedding",
+    "norm",
+    "mlp",
+    "bias",
+    "tie_embeddings",
 )
 
 

@@ -150,8 +150,15 @@ def test_vocab_checked_against_prepared_manifest(tmp_path):
     from data_pipeline.manifest import Manifest, TokenizerInfo
 
     Manifest(
-        version=1, name="x", tokenizer=TokenizerInfo("tokenizer.json", "0" * 64, 9000, 0),
-        seq_len=64, splits={}, sources=[], num_documents={}, settings={}, fingerprint="f",
+        version=1,
+        name="x",
+        tokenizer=TokenizerInfo("tokenizer.json", "0" * 64, 9000, 0),
+        seq_len=64,
+        splits={},
+        sources=[],
+        num_documents={},
+        settings={},
+        fingerprint="f",
         created="2026-01-01T00:00:00Z",
     ).save(str(tmp_path))
     with pytest.raises(ConfigError, match=r"vocab \(9000, from .*manifest.json\)"):

@@ -32,7 +32,9 @@ def test_exact_and_tanh_gelu_differ_and_exact_is_torch_default():
 
 
 def test_an_unknown_approximation_is_refused():
-    with pytest.raises(ValueError, match=r"gelu_approximate \('fast'\) must be one of 'tanh', 'none'"):
+    with pytest.raises(
+        ValueError, match=r"gelu_approximate \('fast'\) must be one of 'tanh', 'none'"
+    ):
         GPTConfig(**TINY, gelu_approximate="fast")
 
 

@@ -193,10 +193,18 @@ def test_logger_finish_adds_breakdown_means_and_draws_the_plot(tmp_path, capsys,
     from trainer.driver.report import print_summary
 
     capsys.readouterr()
-    print_summary({**summary, "tokens_per_sec": 1234.0, "mfu": 0.123, "run_dir": str(tmp_path)})
+    print_summary({**summary, "train_tokens_per_sec": 1234.0, "end_to_end_tokens_per_sec": 987.0,
+                   "mfu": 0.123, "run_dir": str(tmp_path)})  # fmt: skip
     out = capsys.readouterr().out
     assert "3.000 s = data 0.500 + forward 2.000" in out
-    assert "1,234" in out and "12.3%" in out and "RSS 203 MiB" in out and "loss.png" in out
+    assert "training tokens/s" in out and "end-to-end tokens/s" in out
+    assert (
+        "1,234" in out
+        and "987" in out
+        and "12.3%" in out
+        and "RSS 203 MiB" in out
+        and "loss.png" in out
+    )
 
 
 def test_summary_table_survives_non_finite_values(capsys):

@@ -13,8 +13,13 @@ from trainer.driver import preflight
 
 def _cfg(tmp_path, *extra):
     return load_config(
-        ["+experiment=smoke", f"run.root={tmp_path / 'runs'}", f"data.out_dir={tmp_path / 'd'}",
-         "run.name=r", *extra]
+        [
+            "+experiment=smoke",
+            f"run.root={tmp_path / 'runs'}",
+            f"data.out_dir={tmp_path / 'd'}",
+            "run.name=r",
+            *extra,
+        ]
     )
 
 
@@ -29,16 +34,28 @@ def test_a_read_only_run_root_is_one_line(tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
-    cfg = load_config(["+experiment=smoke", f"run.root={ro / 'runs'}", "run.name=r",
-                       f"data.out_dir={tmp_path / 'd'}"])
+    cfg = load_config(
+        [
+            "+experiment=smoke",
+            f"run.root={ro / 'runs'}",
+            "run.name=r",
+            f"data.out_dir={tmp_path / 'd'}",
+        ]
+    )
     with pytest.raises(ConfigError, match=r"run.root \(.*\): .* is not writable"):
         preflight.check_storage(cfg)
 
 
 def test_a_run_root_under_a_file_is_one_line(tmp_path):
     (tmp_path / "f").write_text("x")
-    cfg = load_config(["+experiment=smoke", f"run.root={tmp_path / 'f' / 'runs'}", "run.name=r",
-                       f"data.out_dir={tmp_path / 'd'}"])
+    cfg = load_config(
+        [
+            "+experiment=smoke",
+            f"run.root={tmp_path / 'f' / 'runs'}",
+            "run.name=r",
+            f"data.out_dir={tmp_path / 'd'}",
+        ]
+    )
     with pytest.raises(ConfigError) as e:
         preflight.check_storage(cfg)
     assert str(e.value).startswith(f"run.root ({tmp_path / 'f' / 'runs'}): ")
@@ -55,7 +72,9 @@ def test_an_unsupported_scheme_is_one_line(tmp_path):
 def test_a_local_path_some_node_cannot_see_is_refused(tmp_path, monkeypatch):
     import cluster.launch
 
-    cfg = _cfg(tmp_path, "cluster=ray", "cluster.address=127.0.0.1:1", "trainer.global_batch_size=64")
+    cfg = _cfg(
+        tmp_path, "cluster=ray", "cluster.address=127.0.0.1:1", "trainer.global_batch_size=64"
+    )
     seen = {}
 
     def fake_every_node(fn, path, token):  # node 1 runs the real check, node 2 sees nothing
@@ -75,7 +94,9 @@ def test_a_local_path_some_node_cannot_see_is_refused(tmp_path, monkeypatch):
 def test_a_local_path_every_node_sees_passes(tmp_path, monkeypatch):
     import cluster.launch
 
-    cfg = _cfg(tmp_path, "cluster=ray", "cluster.address=127.0.0.1:1", "trainer.global_batch_size=64")
+    cfg = _cfg(
+        tmp_path, "cluster=ray", "cluster.address=127.0.0.1:1", "trainer.global_batch_size=64"
+    )
     monkeypatch.setattr(
         cluster.launch, "run_on_every_node", lambda fn, *a: {"n1": fn(*a), "n2": fn(*a)}
     )

@@ -6,10 +6,10 @@ import re
 
 import pytest
 
+from trainer.checkpoint.universal import plan
 from trainer.config import ConfigError, TrainerConfig, load_config
 from trainer.worker.control import CheckpointPolicy
 from trainer.worker.faults import Fault, maybe_pause, parse
-from trainer.checkpoint.universal import plan
 
 
 class Clock:

@@ -7,8 +7,8 @@ import math
 import pytest
 
 from trainer.config import OptimConfig, ParallelConfig, PrecisionConfig
-from trainer.worker.engine import deepspeed_config, param_groups
 from trainer.driver.errors import explain
+from trainer.worker.engine import deepspeed_config, param_groups
 from trainer.worker.schedule import lr_at
 
 
@@ -130,8 +130,8 @@ def test_deepspeed_config_nvme_offload():
 def test_nvme_offload_without_libaio_is_one_line_before_ray(monkeypatch, tmp_path):
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
-    from trainer.driver.preflight import check_offload
     from trainer.config import ConfigError, load_config
+    from trainer.driver.preflight import check_offload
 
     cfg = load_config(["parallel=zero3-nvme", f"parallel.nvme_path={tmp_path / 'nv'}"])
     monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: False)
@@ -143,5 +143,7 @@ def test_nvme_offload_without_libaio_is_one_line_before_ray(monkeypatch, tmp_pat
     assert not (tmp_path / "nv").exists()  # ... and the check creates nothing
     (tmp_path / "file").write_text("")
     bad = load_config(["parallel=zero3-nvme", f"parallel.nvme_path={tmp_path / 'file' / 'x'}"])
-    with pytest.raises(ConfigError, match=r"parallel.nvme_path \(.*file/x\): .*file exists and is not a directory"):
+    with pytest.raises(
+        ConfigError, match=r"parallel.nvme_path \(.*file/x\): .*file exists and is not a directory"
+    ):
         check_offload(bad)

@@ -158,13 +158,17 @@ def verify_checkpoint(ckpt: Path | str, *, hashes: bool = True) -> None:
     state = _read_state_checked(ckpt)
     integrity = state.get(INTEGRITY_KEY)
     present = _listing(ckpt)
-    records = sorted(r for r in present if r.startswith(f"{FILES_DIR}/rank_") and r.endswith(".json"))
+    records = sorted(
+        r for r in present if r.startswith(f"{FILES_DIR}/rank_") and r.endswith(".json")
+    )
     if integrity is None and not records:
         return  # written before integrity records existed
     world = _int_or_none(integrity.get("world_size")) if isinstance(integrity, dict) else None
     wanted = sorted(set(records) | {f"{FILES_DIR}/rank_{r}.json" for r in range(world or 0)})
     if not wanted:
-        raise CheckpointError(f"{storage.join(ckpt, FILES_DIR)}: missing (no integrity record of any rank)")
+        raise CheckpointError(
+            f"{storage.join(ckpt, FILES_DIR)}: missing (no integrity record of any rank)"
+        )
     expected: dict[str, list[tuple[int, str]]] = {}
     for rel in wanted:
         rec_file = storage.join(ckpt, rel)
@@ -250,8 +254,11 @@ def report(
 
     try:
         return report_checkpoint(
-            metrics, str(local_dir), f"checkpoint_{step:08d}",
-            asynchronous=asynchronous, before_upload=before_upload,
+            metrics,
+            str(local_dir),
+            f"checkpoint_{step:08d}",
+            asynchronous=asynchronous,
+            before_upload=before_upload,
         )
     finally:
         if not asynchronous:
@@ -266,7 +273,9 @@ def keep_for_good(run_dir: Path, name: str) -> Optional[Path]:
     keep-last-K never deletes it. On a local or shared filesystem the copy is hard links (no
     extra bytes); elsewhere (s3://...) pyarrow copies the files. Returns the copy (local)."""
     if storage.is_remote(str(run_dir)):
-        storage.copy_tree(storage.join(str(run_dir), name), storage.join(str(run_dir), KEPT_DIR, name))
+        storage.copy_tree(
+            storage.join(str(run_dir), name), storage.join(str(run_dir), KEPT_DIR, name)
+        )
         return None
     src, dest = Path(run_dir) / name, Path(run_dir) / KEPT_DIR / name
     if dest.exists():

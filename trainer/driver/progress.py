@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import threading
 
-from data_pipeline import storage
-
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from data_pipeline import storage
 
 
 def _num(row: dict, key: str, spec: str, scale: float = 1.0, unit: str = "") -> str:
@@ -56,7 +56,7 @@ class MetricsProgress:
             TextColumn("step {task.completed:>6.0f}/{task.total:.0f}"),
             BarColumn(),
             TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[tps]} tok/s"),
+            TextColumn("{task.fields[tps]} train tok/s"),
             TextColumn("mfu {task.fields[mfu]}"),
             TextColumn("eta"),
             TimeRemainingColumn(),

@@ -120,8 +120,14 @@ class Trainer:
                 last = self.state.step == self.last_step or stop
                 if self.eval_due(last):
                     self.evaluate()
-                self.save(self.policy.reason(self.state.step, last=self.state.step == self.last_step,
-                                             time_due=time_due, stop=stop))
+                self.save(
+                    self.policy.reason(
+                        self.state.step,
+                        last=self.state.step == self.last_step,
+                        time_due=time_due,
+                        stop=stop,
+                    )
+                )
                 if stop:
                     self.stop()
                     break
@@ -135,7 +141,8 @@ class Trainer:
         torch.set_num_threads(cfg.cluster.threads_per_worker)
         # First: an unknown GPU without trainer.peak_flops fails in seconds, not after a build.
         self.peak = peak_flops_per_worker(
-            cfg.precision.dtype_name, cfg.cluster.threads_per_worker,
+            cfg.precision.dtype_name,
+            cfg.cluster.threads_per_worker,
             self.config.get("peak_flops") or t.peak_flops,
             device=torch.device(accelerator_device_type()),
         )
@@ -144,8 +151,13 @@ class Trainer:
         # Same seed on every rank -> identical initial weights (ZeRO-3: built partitioned).
         model = build_model(cfg.model, cfg.parallel, cfg.precision, cfg.optim, seed=t.seed, **sizes)
         self.engine = build_engine(
-            model, cfg.parallel, cfg.precision, cfg.optim,
-            compile=t.compile, contiguous_weight_grad=t.contiguous_weight_grad, **sizes,
+            model,
+            cfg.parallel,
+            cfg.precision,
+            cfg.optim,
+            compile=t.compile,
+            contiguous_weight_grad=t.contiguous_weight_grad,
+            **sizes,
         )
         import ray
 
@@ -157,8 +169,9 @@ class Trainer:
             "rss_after_build_mib": memory_stats(self.engine.device)["rss_mib"],
         }
         data_dir = self.config["data_dir"]
-        loader_args = dict(micro_batch=t.micro_batch_size, dp_rank=self.dp_rank,
-                           dp_size=cfg.dp_size, seed=t.seed)
+        loader_args = dict(
+            micro_batch=t.micro_batch_size, dp_rank=self.dp_rank, dp_size=cfg.dp_size, seed=t.seed
+        )
         self.train_loader = DistributedLoader(
             TokenShards(data_dir, "train"),
             global_batch=t.global_batch_size,
@@ -200,7 +213,11 @@ class Trainer:
 
     def load_checkpoint(self, local_dir: Path) -> dict[str, Any]:
         """Engine, RNG and every state part from a local checkpoint directory."""
-        uni = self.universal.get("dir") if local_dir.name == self.universal.get("checkpoint") else None
+        uni = (
+            self.universal.get("dir")
+            if local_dir.name == self.universal.get("checkpoint")
+            else None
+        )
         with _local(uni) as uni_dir:
             saved = checkpoint.load(self.engine, local_dir, self.rank, universal_dir=uni_dir)
         for name, part in self.parts().items():
@@ -219,13 +236,20 @@ class Trainer:
         self.logger: Optional[RunLogger] = None
         if self.rank == 0:
             self.logger = RunLogger(
-                self.files.local, cfg.logging, run_name=cfg.run.name, group=cfg.run.group,
-                wandb_id=self.state.wandb_id, config=cfg.to_dict(), max_steps=t.max_steps,
-                start_step=self.state.step, console_lines=self.config.get("console_lines", True),
+                self.files.local,
+                cfg.logging,
+                run_name=cfg.run.name,
+                group=cfg.run.group,
+                wandb_id=self.state.wandb_id,
+                config=cfg.to_dict(),
+                max_steps=t.max_steps,
+                start_step=self.state.step,
+                console_lines=self.config.get("console_lines", True),
             )
         self.sample_log = (
             SampleLog(self.files.path(f"samples/rank_{self.rank}.jsonl"), self.dp_rank)
-            if t.log_sample_ids else None
+            if t.log_sample_ids
+            else None
         )
         # From the config: after sharding the module holds only this rank's part.
         self.flops_per_token = estimate_flops_per_token(cfg.model, cfg.data.seq_len)
@@ -236,8 +260,13 @@ class Trainer:
         )
         cuda = self.engine.device.type == "cuda"
         self.step_times = StepTimes(cuda=cuda)
-        self.profiler = StepProfiler(t.profile_steps, self.files.local / "profile", self.rank,
-                                     last_step=self.last_step, cuda=cuda)
+        self.profiler = StepProfiler(
+            t.profile_steps,
+            self.files.local / "profile",
+            self.rank,
+            last_step=self.last_step,
+            cuda=cuda,
+        )
         self.run_t0, self.tokens_this_run = time.perf_counter(), 0
         self.started_at = utc_now()
 
@@ -258,9 +287,12 @@ class Trainer:
         self.step_times.add("data", time.perf_counter() - t_data)
         faults.maybe_pause(self.fault, "step", step, self.rank, self.files.local)
         losses, grad_norm, skipped = train_step(
-            self.engine, micro_batches, tp=self.layout.tp,
+            self.engine,
+            micro_batches,
+            tp=self.layout.tp,
             judge=self.judge if self.guard.cfg.enabled else None,
-            poison=step in self.poison_left, timer=self.step_times,
+            poison=step in self.poison_left,
+            timer=self.step_times,
         )
         self.poison_left.discard(step)
         self.meter.step()
@@ -269,8 +301,10 @@ class Trainer:
                 self.profiler.step(step)
         self.tokens_this_run += t.global_batch_size * self.cfg.data.seq_len
         if skipped and self.logger:
-            print(f"[guard] step {step} skipped: {self.judge.reason} "
-                  f"({self.guard.skipped + 1} skipped so far)")
+            print(
+                f"[guard] step {step} skipped: {self.judge.reason} "
+                f"({self.guard.skipped + 1} skipped so far)"
+            )
         rollback = self.judge.settle(skipped)
         if step % self.cfg.logging.log_interval == 0 or step == self.last_step:
             self.log(step, lr, losses, grad_norm)
@@ -317,8 +351,10 @@ class Trainer:
         self.train_loader.load_state_dict(position)  # continue past the bad window
         g.consecutive = 0
         if self.logger:
-            print(f"[guard] {where}: rolled back to step {self.state.step} ({self.newest}); "
-                  f"skipping samples up to {position['consumed_samples']}")
+            print(
+                f"[guard] {where}: rolled back to step {self.state.step} ({self.newest}); "
+                f"skipping samples up to {position['consumed_samples']}"
+            )
 
     # -- evaluate and save --------------------------------------------------------------------
     def eval_due(self, last: bool) -> bool:
@@ -351,11 +387,14 @@ class Trainer:
             faults.maybe_pause(fault, "save", step, rank, files.local)
             self.newest = f"checkpoint_{step:08d}"
             self.uploads[self.newest] = checkpoint.report(
-                {"step": step, "loss": self.last_metrics.get("loss")}, local, step,
+                {"step": step, "loss": self.last_metrics.get("loss")},
+                local,
+                step,
                 # object storage: the upload runs behind the next steps
                 asynchronous=storage.is_remote(self.cfg.run_uri),
                 before_upload=(lambda: faults.maybe_pause(fault, "upload", step, rank, files.local))
-                if fault else None,
+                if fault
+                else None,
             )
             self.policy.saved()
             if self.policy.keep_for_good(step):
@@ -378,7 +417,8 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.trainer
         data_dir = self.config["data_dir"]
         val = self.val_loss
-        tokens_per_sec = self.tokens_this_run / max(time.perf_counter() - self.run_t0, 1e-9)
+        wall = max(time.perf_counter() - self.run_t0, 1e-9)
+        train_tps = self.tokens_this_run / max(wall - self.meter.paused_total, 1e-9)
         summary = {
             "run_name": cfg.run.name,
             "invocation": self.config.get("invocation"),
@@ -390,8 +430,10 @@ class Trainer:
             "final_val_loss": val,
             "final_val_ppl": float(np.exp(val)) if val is not None else None,
             "uniform_loss": float(np.log(Manifest.load(data_dir).tokenizer.vocab_size)),
-            "tokens_per_sec": tokens_per_sec,
-            "mfu": tokens_per_sec * self.flops_per_token / self.meter.peak,
+            # training tokens/s leaves eval and checkpoint time out; end-to-end includes it
+            "train_tokens_per_sec": train_tps,
+            "end_to_end_tokens_per_sec": self.tokens_this_run / wall,
+            "mfu": train_tps * self.flops_per_token / self.meter.peak,
             "num_params": estimate_num_params(cfg.model),
             "layout": str(self.layout),
             "num_workers": self.world,
@@ -404,10 +446,14 @@ class Trainer:
         }
         # After training: Adam's moments exist only once the optimizer has stepped.
         report = {**self.memory, **model_state_bytes(self.engine), "peak_rss_mib": peak_rss_mib()}
-        self.files.path(f"memory/rank_{self.rank}.json").write_text(json.dumps(report, indent=1) + "\n")
+        self.files.path(f"memory/rank_{self.rank}.json").write_text(
+            json.dumps(report, indent=1) + "\n"
+        )
         sample = None
         if not is_pipeline(self.engine):  # stages hold parts of the model: no single forward
-            sample = generate_sample(self.engine, data_dir, t.sample_prompt, t.sample_tokens, t.seed)
+            sample = generate_sample(
+                self.engine, data_dir, t.sample_prompt, t.sample_tokens, t.seed
+            )
         summary["sample"] = sample
         summary["ended_at"] = utc_now()
         if self.logger:
@@ -468,7 +514,9 @@ def generate_sample(
     manifest = Manifest.load(data_dir)
     tmp = Path(tempfile.mkdtemp(prefix="raygpt-tok-"))
     try:
-        tok_file = storage.download(storage.join(data_dir, manifest.tokenizer.file), tmp / "tok.json")
+        tok_file = storage.download(
+            storage.join(data_dir, manifest.tokenizer.file), tmp / "tok.json"
+        )
         tok = Tokenizer.from_file(str(tok_file))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

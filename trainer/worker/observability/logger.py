@@ -102,7 +102,7 @@ class RunLogger:
         eta = elapsed / max(done, 1) * (self.max_steps - step)
         print(
             f"step {step:>6}/{self.max_steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
-            f"{row['tokens_per_sec']:,.0f} tok/s  mfu {100 * row['mfu']:.1f}%  "
+            f"{row['tokens_per_sec']:,.0f} train tok/s  mfu {100 * row['mfu']:.1f}%  "
             f"eta {_hms(eta)}"
         )
         sys.stdout.flush()

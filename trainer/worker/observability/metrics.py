@@ -213,7 +213,8 @@ class StepTimes:
 
 
 class Throughput:
-    """Tokens/s and MFU over the steps since the last call to `lap`."""
+    """Training tokens/s and MFU over the steps since the last call to `lap` (the time inside
+    `paused()`: eval, checkpoints, traces, is left out; end-to-end figures include it)."""
 
     def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops_total: float):
         self.tokens_per_step = tokens_per_step
@@ -222,6 +223,7 @@ class Throughput:
         self._t = time.perf_counter()
         self._steps = 0
         self._paused = 0.0
+        self.paused_total = 0.0  # seconds of eval and checkpoints over the whole run
 
     def step(self) -> None:
         self._steps += 1
@@ -234,6 +236,7 @@ class Throughput:
             yield
         finally:
             self._paused += time.perf_counter() - t0
+            self.paused_total += time.perf_counter() - t0
 
     def lap(self) -> dict[str, float]:
         now = time.perf_counter()
