@@ -52,9 +52,10 @@ def worker_env(cluster: ClusterConfig) -> dict[str, str]:
     lib = preload_for(cluster)
     if lib:
         env["LD_PRELOAD"] = " ".join(filter(None, [os.environ.get("LD_PRELOAD"), lib]))
-    for var in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
-                "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_EC2_METADATA_DISABLED"):
-        if var in os.environ:  # object storage is reached with the driver's settings
+    # Object-store settings, never secrets (Ray logs a runtime env): workers inherit their
+    # node's credentials (the driver's environment on the local cluster).
+    for var in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED"):
+        if var in os.environ:
             env[var] = os.environ[var]
     return env
 

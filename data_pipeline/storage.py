@@ -330,11 +330,15 @@ def explain_remote(e: BaseException) -> str:
 
 # Environment that decides how object stores are reached; Ray tasks and workers started from a
 # driver get the driver's values (the driver's settings are the ones the user gave).
+# Object-store settings handed to Ray tasks and workers. Never the secrets themselves
+# (AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_ACCESS_KEY_ID): a runtime env is logged by
+# Ray's runtime-env agent; workers inherit their node's environment (the driver's on the local
+# cluster; on a joined cluster the nodes' own credentials: instance role, profile or the
+# environment `ray start` ran in).
 REMOTE_ENV_VARS = (
-    "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_EC2_METADATA_DISABLED",
-    "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_CA_BUNDLE",
-    "GOOGLE_APPLICATION_CREDENTIALS",
+    "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+    "AWS_EC2_METADATA_DISABLED", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
+    "AWS_CA_BUNDLE", "GOOGLE_APPLICATION_CREDENTIALS",
 )  # fmt: skip
 
 

@@ -8,8 +8,8 @@ kept for good under run_dir/kept/.
 Stop request: SIGTERM to the driver (a preemption notice, `ray job stop`) sets a flag in a small
 Ray actor owned by the driver (cluster/launch.py). Rank 0 polls it (at most once a second) and
 broadcasts its decisions (stop now, time-based checkpoint due) to every rank with one tiny
-collective every `EVERY_STEPS` steps (not every step: on a GPU each broadcast is a host sync),
-so all ranks checkpoint and stop at the same step boundary.
+collective, so all ranks checkpoint and stop at the same step boundary: every step on CPU
+workers (gloo), every `EVERY_STEPS` steps with NCCL (there each broadcast is a host sync).
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ class StepControl:
         self._polled = 0.0
         self._sync = dist.is_initialized() and dist.get_world_size() > 1
         self._needed = stop_signal is not None or policy.every_s is not None
+        self._every = EVERY_STEPS if comm_device().type == "cuda" else 1
 
     def _poll(self) -> None:
         if self.signal is None or self.stop_reason or time.monotonic() - self._polled < POLL_S:
@@ -89,9 +90,9 @@ class StepControl:
             pass
 
     def decide(self, step: int) -> tuple[bool, bool]:
-        """(stop, time_due), identical on every rank. One 2-int broadcast every EVERY_STEPS
-        steps; the other steps cost nothing."""
-        if not self._needed or step % EVERY_STEPS:
+        """(stop, time_due), identical on every rank. One 2-int broadcast every step on CPU,
+        every EVERY_STEPS steps on GPUs; the other steps cost nothing."""
+        if not self._needed or step % self._every:
             return False, False
         flags = torch.zeros(2, dtype=torch.int64)
         if self.rank == 0:

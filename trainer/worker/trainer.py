@@ -341,7 +341,7 @@ class Trainer:
                 f"{where}; stopping ({why}). Lower optim.lr, check the data around sample "
                 f"{self.train_loader.consumed_samples}, or raise guard.max_consecutive"
             )
-        position = self.train_loader.state_dict()
+        position, counts = self.train_loader.state_dict(), g.state_dict()
         if self.newest in self.uploads:
             self.uploads[self.newest].wait()  # an asynchronous upload may still be running
             if dist.is_initialized():
@@ -349,7 +349,7 @@ class Trainer:
         with storage.local_copy(storage.join(self.cfg.run_uri, self.newest)) as local:
             self.load_checkpoint(local)
         self.train_loader.load_state_dict(position)  # continue past the bad window
-        g.consecutive = 0
+        g.load_state_dict(counts)  # the skipped steps still count
         if self.logger:
             print(
                 f"[guard] {where}: rolled back to step {self.state.step} ({self.newest}); "
