@@ -86,6 +86,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="CPU, gloo, a tiny model: proves the script runs end to end",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one more config override, e.g. optim.fused=true (repeatable)",
+    )
     p.add_argument("--out", default=None, help="append the RESULT json line to this file")
     p.add_argument(
         "--summary",
@@ -143,7 +150,7 @@ def load_cfg(args: argparse.Namespace):
         overrides.append(f"trainer.peak_flops={args.peak_flops:g}")
     if args.cpu_dry_run:
         overrides += TINY
-    return load_config(overrides)
+    return load_config(overrides + args.set)
 
 
 def host_batches(cfg, n: int, seed: int):
@@ -416,6 +423,8 @@ def summary(path: str) -> None:
     print(f"{'model':<10} {'run':<8} {'ok':<4} {'tokens/s':>10} {'MFU':>7} {'vs bare':>8}  notes")
     for r in rows:
         run = "bare" if r.get("kind") == "bare" else f"zero{r.get('stage')}"
+        if r.get("set"):
+            run += "+" + ",".join(o.split(".")[-1] for o in r["set"])
         tps, mfu = r.get("tokens_per_sec"), r.get("mfu")
         b = bare.get(r["model"])
         vs = f"{tps / b['tokens_per_sec']:.2f}" if tps and b and run != "bare" else ""
@@ -453,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         "kind": "bare" if args.bare else "engine",
         "stage": None if args.bare else args.stage,
         "cpu_dry_run": args.cpu_dry_run,
+        "set": args.set,
     }
     try:
         cfg = load_cfg(args)
