@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
+from cluster import ray_private
 from cluster.config import ClusterConfig, ClusterError
 
 
@@ -52,16 +53,16 @@ def worker_env(cluster: ClusterConfig) -> dict[str, str]:
     lib = preload_for(cluster)
     if lib:
         env["LD_PRELOAD"] = " ".join(filter(None, [os.environ.get("LD_PRELOAD"), lib]))
-    # Object-store settings, never secrets (Ray logs a runtime env): workers inherit their
-    # node's credentials (the driver's environment on the local cluster).
-    for var in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED"):
-        if var in os.environ:
-            env[var] = os.environ[var]
     return env
 
 
-def connect(cluster: ClusterConfig) -> bool:
-    """Starts a private local Ray (address None) or joins one. True if we started it."""
+def connect(cluster: ClusterConfig, job_env: Optional[dict[str, str]] = None) -> bool:
+    """Starts a private local Ray (address None) or joins one. True if we started it.
+
+    job_env: environment for every process of this job on a joined cluster (Ray Train's
+    controller and workers, Ray tasks), e.g. object-store settings; a private local Ray's
+    processes inherit this process's environment instead. Variables the job already has
+    (`ray job submit --runtime-env-json`) stay as they are."""
     import ray
 
     if ray.is_initialized():
@@ -71,6 +72,7 @@ def connect(cluster: ClusterConfig) -> bool:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     # Ray Train V2 otherwise re-emits every worker print through its logger (twice on screen).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    ray_private.settle_token_auth()  # Ray's choice, without a warning on every run
     if cluster.address is None:
         ray.init(
             num_cpus=os.cpu_count(),
@@ -81,17 +83,25 @@ def connect(cluster: ClusterConfig) -> bool:
             log_to_driver=True,
             configure_logging=True,
         )
+        ray_private.drop_noise_from_worker_logs()
         return True
-    ray.init(address=cluster.address, logging_level="WARNING")
+    given = ray_private.job_env_vars()
+    env = {k: v for k, v in (job_env or {}).items() if k not in given}
+    ray.init(
+        address=cluster.address,
+        logging_level="WARNING",
+        runtime_env={"env_vars": env} if env else None,
+    )
+    ray_private.drop_noise_from_worker_logs()
     return False
 
 
 @contextlib.contextmanager
-def connected(cluster: ClusterConfig) -> Iterator[None]:
+def connected(cluster: ClusterConfig, job_env: Optional[dict[str, str]] = None) -> Iterator[None]:
     """Ray is up for the block; a private instance started here is shut down after it."""
     import ray
 
-    started = connect(cluster)
+    started = connect(cluster, job_env)
     try:
         yield
     finally:
@@ -104,8 +114,6 @@ def check_capacity(cluster: ClusterConfig) -> None:
     placement). An autoscaling cluster is judged by what it can scale up to, so GPUs that it
     can still add are not refused; Ray Train then waits for the nodes. Without an autoscaler,
     one worker must also fit on one node (a placement group bundle never spans nodes)."""
-    from cluster import ray_private
-
     now = ray_private.current_resources()
     limits = ray_private.max_resources()  # None: no autoscaler can add nodes
     need = {

@@ -1,12 +1,15 @@
 """Everything raygpt knows about Ray's internals, in one module: the checkpoint snapshot file
 Ray Train keeps in a run directory, the autoscaler's limits, Ray Train's per-report logger and
-its storage hook for uploading a checkpoint. A Ray upgrade that changes these breaks here only.
+its storage hook for uploading a checkpoint, the token-auth default and the worker-log stream.
+A Ray upgrade that changes these breaks here only.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import sys
 import threading
 from collections.abc import Callable
@@ -156,17 +159,75 @@ def _autoscaler_node_types() -> list[str]:
 
 def job_env_vars() -> dict[str, str]:
     """The env_vars of the runtime_env that `ray job submit` gave this driver's job ({} for a
-    driver started by hand). Ray's JobSupervisor passes the job's config to the driver in
-    RAY_JOB_CONFIG_JSON, and ray.init(runtime_env=...) refuses to set any of these again
-    ("Failed to merge the Job's runtime env")."""
-    import os
-
+    driver started by hand). Ray's JobSupervisor passes the job's config to the driver in the
+    variable named by ray._private.runtime_env.constants.RAY_JOB_CONFIG_JSON_ENV_VAR (its value
+    is that name), and ray.init(runtime_env=...) refuses to set any of these again ("Failed to
+    merge the Job's runtime env")."""
     try:
-        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON") or "{}")
+        from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR as var
+    except ImportError:  # another Ray version
+        var = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+    try:
+        job = json.loads(os.environ.get(var) or "{}")
         env = (job.get("runtime_env") or {}).get("env_vars") or {}
         return {str(k): str(v) for k, v in env.items()}
     except (ValueError, AttributeError):
         return {}
+
+
+# Worker-log lines that say nothing about the run, dropped from the driver's console (each
+# pattern one exact message; everything else Ray prints is passed on unchanged).
+NOISE = (
+    # Ray Train 2.60's controller starts its PreemptionWatcher actor with max_restarts > 0 and
+    # arguments in the object store; Ray core logs that at ERROR level (ray issue #53727).
+    re.compile(
+        r"Actor with class name: 'PreemptionWatcher' and ID: '\w+' has constructor arguments in"
+        r" the object store and max_restarts > 0"
+    ),
+)
+
+
+def settle_token_auth() -> None:
+    """Token auth as Ray would choose it, without its warning. Ray 2.60 turns token auth on
+    when RAY_AUTH_MODE is unset and a token exists (~/.ray/auth_token, RAY_AUTH_TOKEN or
+    RAY_AUTH_TOKEN_PATH), and warns on every ray.init that it did; setting the mode it picks
+    changes nothing else. An explicit RAY_AUTH_MODE is left as it is."""
+    if os.environ.get("RAY_AUTH_MODE") is not None:
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            AuthenticationTokenLoader,
+        )
+
+        has_token = AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True)
+    except (ImportError, AttributeError, TypeError):  # another Ray: its own default, warning too
+        return
+    if has_token:
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def drop_noise_from_worker_logs() -> None:
+    """Worker output reaches this driver's console without the NOISE lines. Ray prints worker
+    logs through one handler ("ray_print_logs") of its stdstream dispatcher; it is replaced by
+    the same printer behind a line filter. Nothing changes when Ray's internals differ."""
+    try:
+        from ray._private import worker as ray_worker
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+        ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
+        printer = ray_worker.print_to_stdstream
+    except (ImportError, AttributeError):
+        return
+    if not any(name == "ray_print_logs" for name, _ in getattr(dispatcher, "handlers", [])):
+        return  # log_to_driver off: nothing is printed
+
+    def emit(data: dict) -> None:
+        lines = [ln for ln in data.get("lines", []) if not any(p.search(ln) for p in NOISE)]
+        if lines:
+            printer({**data, "lines": lines}, ignore_prefix=ignore_prefix)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", emit)
 
 
 def quiet_train_logs() -> None:

@@ -509,7 +509,7 @@ def _build(
             "out_dir": build,
             "split_column": cfg.split_column,
         },
-        env=storage.remote_env() if storage.is_remote(build) else None,
+        env=storage.remote_env(other_machines=True) if storage.is_remote(build) else None,
     )
     tok_sha = hashlib.sha256(tok_bytes).hexdigest()
     return _build_manifest(cfg, plan, tok, tok_sha, settings, results, prefix=prefix)

@@ -328,24 +328,30 @@ def explain_remote(e: BaseException) -> str:
 
 # ---------------------------------------------------------------------------- additions (data)
 
-# Environment that decides how object stores are reached; Ray tasks and workers started from a
-# driver get the driver's values (the driver's settings are the ones the user gave).
 # Object-store settings handed to Ray tasks and workers. Never the secrets themselves
 # (AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_ACCESS_KEY_ID): a runtime env is logged by
-# Ray's runtime-env agent; workers inherit their node's environment (the driver's on the local
-# cluster; on a joined cluster the nodes' own credentials: instance role, profile or the
+# Ray's runtime-env agent; workers inherit their node's credentials (the driver's environment
+# on the local cluster; on a joined cluster the nodes' own: instance role, profile or the
 # environment `ray start` ran in).
 REMOTE_ENV_VARS = (
     "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
     "AWS_EC2_METADATA_DISABLED", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
     "AWS_CA_BUNDLE", "GOOGLE_APPLICATION_CREDENTIALS",
 )  # fmt: skip
+# Those that name a file on this machine: meaningless on another machine's node.
+LOCAL_FILE_VARS = (
+    "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_CA_BUNDLE",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+)  # fmt: skip
 
 
-def remote_env() -> dict[str, str]:
+def remote_env(*, other_machines: bool = False) -> dict[str, str]:
     """The object-store settings of this process's environment (REMOTE_ENV_VARS that are set),
-    to hand to Ray tasks so they reach the store as the driver does."""
-    return {var: os.environ[var] for var in REMOTE_ENV_VARS if var in os.environ}
+    to hand to Ray tasks and actors so they reach the store as this process does.
+    other_machines: for processes on other machines (a joined cluster, a submitted job):
+    without the settings that name files on this one."""
+    skip = LOCAL_FILE_VARS if other_machines else ()
+    return {v: os.environ[v] for v in REMOTE_ENV_VARS if v in os.environ and v not in skip}
 
 
 def check_credentials(uri: str, what: str) -> None:

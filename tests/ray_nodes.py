@@ -1,9 +1,9 @@
 """A real two-node Ray cluster on this machine, for the e2e tests of the users' ground.
 
-    with TwoNodes.start() as nodes:        # or the `ray_nodes` fixture (module scope)
+    with TwoNodes.start(extra_env) as nodes:   # or the `ray_nodes` fixture (module scope)
         nodes.address                      # "127.0.0.1:P": cluster.address=... of a run
         nodes.dashboard_url                # "http://127.0.0.1:Q": ray job submit --address
-        nodes.env                          # os.environ plus RAY_AUTH_MODE=token where needed
+        nodes.env                          # the nodes' environment (RAY_AUTH_MODE=token ...)
         nodes.kill_second_raylet()         # SIGKILL node 2's raylet (a lost node)
         nodes.restart_second()             # a fresh node 2 joins (a replacement node)
 
@@ -11,8 +11,9 @@ Each node is `ray start ... --block` in a session of its own (start_new_session)
 CPU, its own temp dir and its own ports (several Ray clusters share this machine while the
 test suite runs, so nothing is left at Ray's fixed defaults). Ray 2.60 turns token auth on
 for a head started where ~/.ray/auth_token exists; joining nodes and every client then need
-RAY_AUTH_MODE=token, which `env` carries. Nodes do NOT get the AWS_* variables of the tests'
-S3 server: what reaches object storage does so with the settings raygpt passes on.
+RAY_AUTH_MODE=token, which `env` carries. Nodes do NOT get this environment's AWS_* variables
+(the tests' S3 server): only what `extra_env` gives them (e.g. credentials of their own); the
+rest must come with the settings raygpt passes on.
 
 Teardown stops only what this module started: SIGTERM to each `ray start --block` process
 (Ray drains, then stops that node's processes), then SIGKILL to every process still in that
@@ -86,6 +87,7 @@ def node_env(address: str) -> dict[str, str]:
     env.update(auth_env())
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["RAY_ADDRESS"] = address
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "2"  # teardown: `ray start` drains 30 s
     env.pop("PYTHONPATH", None)
     return env
 
@@ -242,50 +244,76 @@ print(json.dumps([{k: getattr(r, k) for k in ("actor_id", "node_id", "job_id", "
 
 
 class TwoNodes:
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.dashboard_port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.env = node_env(self.address)
-        self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
+    def __init__(self, extra_env: Optional[dict[str, str]] = None) -> None:
+        self.extra_env = dict(extra_env or {})  # more environment for the nodes
         self.nodes: list[Node] = []  # every node ever started (teardown stops them all)
         self.head: Optional[Node] = None
         self.second: Optional[Node] = None
+        self._new_ports()
+
+    def _new_ports(self) -> None:
+        self.port = free_port()
+        self.dashboard_port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {**node_env(self.address), **self.extra_env}
+        self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
 
     @classmethod
     @contextlib.contextmanager
-    def start(cls):
-        nodes = cls()
+    def start(cls, extra_env: Optional[dict[str, str]] = None, *, second: bool = True):
+        """second=False: the head alone (a one-node cluster of one CPU)."""
+        nodes = cls(extra_env)
         try:
             nodes._start_head()
-            nodes.second = nodes._start_worker_node("b")
-            nodes.wait_alive(2)
+            if second:
+                nodes.second = nodes._start_worker_node("b")
+            nodes.wait_alive(2 if second else 1)
             yield nodes
         finally:
             nodes.stop()
 
-    def _start_head(self) -> None:
-        self.head = Node(
-            "a",
-            [
-                "--head",
-                f"--port={self.port}",
-                "--include-dashboard=true",
-                "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={self.dashboard_port}",
-                f"--ray-client-server-port={free_port()}",
-                f"--system-config={json.dumps(SYSTEM_CONFIG)}",
-            ],
-            self.env,
-        )
-        self.nodes.append(self.head)
-        self.head.wait_started()
+    # On busy cores a raylet can give up waiting for its dashboard agent (Ray 2.60 waits 15 s
+    # for the agent's port files, not configurable: "Timed out waiting for file
+    # .../dashboard_agent_listen_port_*"); `ray start` then exits. A new try usually succeeds.
+    def _start_head(self, tries: int = 3) -> None:
+        for i in range(tries):
+            if i:
+                self._new_ports()
+            self.head = Node(
+                f"a{i}" if i else "a",
+                [
+                    "--head",
+                    f"--port={self.port}",
+                    "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={self.dashboard_port}",
+                    f"--ray-client-server-port={free_port()}",
+                    f"--system-config={json.dumps(SYSTEM_CONFIG)}",
+                ],
+                self.env,
+            )
+            self.nodes.append(self.head)
+            try:
+                self.head.wait_started()
+                return
+            except RuntimeError:
+                self.head.stop(timeout=30)
+                if i == tries - 1:
+                    raise
 
-    def _start_worker_node(self, name: str) -> Node:
-        node = Node(name, [f"--address={self.address}"], self.env)
-        self.nodes.append(node)
-        node.wait_started()
-        return node
+    def _start_worker_node(self, name: str, tries: int = 3) -> Node:
+        """A node joining the head (tries as for the head)."""
+        for i in range(tries):
+            node = Node(f"{name}{i}" if i else name, [f"--address={self.address}"], self.env)
+            self.nodes.append(node)
+            try:
+                node.wait_started()
+                return node
+            except RuntimeError:
+                node.stop(timeout=30)
+                if i == tries - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     # -- the cluster's view -------------------------------------------------------------------
     def alive_node_ids(self) -> list[str]:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,7 +57,10 @@ def _gpu_named(monkeypatch, name: str) -> None:
 # --------------------------------------------------------------- a CPU run on a GPU host
 
 
-def test_cpu_workers_on_a_gpu_host_keep_the_cpu_accelerator_and_gloo(gpu_host, monkeypatch):
+def test_cpu_workers_on_a_gpu_host_keep_the_cpu_accelerator_and_gloo(
+    gpu_host, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # the user's choice: kept
     env = worker_env(ClusterConfig(gpus_per_worker=0.0, allocator="glibc"))
     assert env["DS_ACCELERATOR"] == "cpu"
     assert (
@@ -331,3 +337,46 @@ def test_peak_table_covers_what_the_gpu_check_reports():
     for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H200"):
         half, single = metrics.GPU_PEAK_FLOPS[name]
         assert math.isclose(half, 989e12) and single < half
+
+
+def test_the_cpu_comm_op_is_built_once_per_environment_with_a_message(
+    tmp_path, monkeypatch, capsys
+):
+    """DeepSpeed's CPU comm op goes to a folder of this environment's own (two environments
+    sharing torch's one folder rebuild it in turn), says so when it is about to be built, and
+    a killed build's stale lock is cleared."""
+    import deepspeed
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "x")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")  # undone to "unset" after the test
+    monkeypatch.setenv("RAYGPT_CACHE", str(tmp_path))
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: None)
+
+    engine_mod._init_distributed()
+    here = Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    assert here.parent == tmp_path / "torch_extensions"
+    assert "building DeepSpeed's CPU comm op, once per environment" in capsys.readouterr().out
+
+    op = here / "py311_cpu" / "deepspeed_shm_comm"
+    op.mkdir(parents=True)
+    (op / "deepspeed_shm_comm.so").write_bytes(b"")
+    stale, fresh = here / "py0_cpu" / "deepspeed_shm_comm" / "lock", op / "lock"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    fresh.write_text("")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    engine_mod._init_distributed()
+    assert Path(os.environ["TORCH_EXTENSIONS_DIR"]) == here  # the same environment: same folder
+    assert "building" not in capsys.readouterr().out  # built already: nothing said
+    assert not stale.exists() and fresh.exists()
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "another-venv"))
+    engine_mod._init_distributed()
+    assert Path(os.environ["TORCH_EXTENSIONS_DIR"]).parent == here.parent
+    assert Path(os.environ["TORCH_EXTENSIONS_DIR"]) != here
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
+    assert engine_mod.comm_op_build_dir() is None  # the user's folder is kept
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "mine")

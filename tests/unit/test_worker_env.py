@@ -4,6 +4,8 @@ process: tests/dist/test_allocator_preload.py."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from cluster import launch
@@ -38,3 +40,90 @@ def test_cluster_groups_choose_and_bad_names_are_refused():
     assert ray.allocator == "glibc"
     with pytest.raises(ConfigError, match="allocator \\('jemalloc'\\) must be one of"):
         load_config(["cluster.allocator=jemalloc"])
+
+
+def test_worker_log_noise_is_dropped_and_everything_else_printed(monkeypatch):
+    """The one handler Ray prints worker output with is replaced by a filter of the NOISE
+    lines (cluster/ray_private.py) in front of the same printer."""
+    from ray._private import worker as ray_worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from cluster import ray_private
+
+    printed = []
+    monkeypatch.setattr(dispatcher, "handlers", [("ray_print_logs", None)])
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", lambda data, **kw: printed.append(data))
+    ray_private.drop_noise_from_worker_logs()
+    noise = (
+        "[2026-11-28 05:14:28,984 E 705 1219] core_worker.cc:2465: Actor with class name: "
+        "'PreemptionWatcher' and ID: '4267b85309413bd0f0f1af4b01000000' has constructor "
+        "arguments in the object store and max_restarts > 0. If the arguments in the object "
+        "store go out of scope or are lost, the actor restart will fail."
+    )
+    dispatcher.emit({"pid": 7, "is_err": True, "lines": [noise, "step 1 loss 5.0"]})
+    dispatcher.emit({"pid": 7, "is_err": True, "lines": [noise]})
+    dispatcher.emit({"pid": 8, "is_err": False, "lines": ["an actor failed: ERROR"]})
+    assert [d["lines"] for d in printed] == [["step 1 loss 5.0"], ["an actor failed: ERROR"]]
+    assert printed[0]["pid"] == 7 and printed[0]["is_err"] is True
+
+
+def test_token_auth_is_set_as_ray_would_and_an_explicit_mode_kept(monkeypatch):
+    from ray._private.authentication import authentication_token_setup as setup
+
+    from cluster import ray_private
+
+    class Loader:
+        token = True
+
+        def has_token(self, ignore_auth_mode=False):
+            assert ignore_auth_mode
+            return self.token
+
+    loader = Loader()
+    monkeypatch.setattr(
+        setup, "AuthenticationTokenLoader", type("L", (), {"instance": lambda: loader})
+    )
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    ray_private.settle_token_auth()
+    assert os.environ["RAY_AUTH_MODE"] == "token"  # a token exists: what Ray turns on itself
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    ray_private.settle_token_auth()
+    assert os.environ["RAY_AUTH_MODE"] == "disabled"
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    loader.token = False
+    ray_private.settle_token_auth()
+    assert "RAY_AUTH_MODE" not in os.environ  # no token: Ray's own default
+
+
+def test_a_joined_cluster_gets_the_job_env_but_not_what_a_submitted_job_has(monkeypatch):
+    """Every process of the job on a joined cluster (Ray Train's controller too) gets the
+    object-store settings; under `ray job submit` those the job's runtime env already has are
+    left out (Ray refuses to merge the same keys)."""
+    import json
+
+    import ray
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    from cluster import ray_private
+
+    for var in ("RAY_DEDUP_LOGS", "RAY_COLOR_PREFIX", "RAY_TRAIN_ENABLE_PRINT_PATCH"):
+        monkeypatch.setenv(var, "0")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    asked = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: asked.append(kw))
+    monkeypatch.setattr(ray_private, "drop_noise_from_worker_logs", lambda: None)
+    joined = ClusterConfig(address="127.0.0.1:6379")
+    env = {"AWS_ENDPOINT_URL": "http://store:9000", "AWS_DEFAULT_REGION": "eu-west-1"}
+
+    monkeypatch.delenv(RAY_JOB_CONFIG_JSON_ENV_VAR, raising=False)
+    assert launch.connect(joined, job_env=env) is False
+    assert asked[-1]["runtime_env"] == {"env_vars": env}
+
+    job = {"runtime_env": {"env_vars": {"AWS_ENDPOINT_URL": "http://given:1"}}}
+    monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, json.dumps(job))
+    assert ray_private.job_env_vars() == {"AWS_ENDPOINT_URL": "http://given:1"}
+    launch.connect(joined, job_env=env)
+    assert asked[-1]["runtime_env"] == {"env_vars": {"AWS_DEFAULT_REGION": "eu-west-1"}}
+    launch.connect(joined, job_env={"AWS_ENDPOINT_URL": "http://store:9000"})
+    assert asked[-1]["runtime_env"] is None  # nothing left to add

@@ -27,7 +27,7 @@ def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, An
     preflight.check_before_ray(cfg)
     run_plan = plan.plan_run(cfg)
     try:
-        with connected(cfg.cluster):
+        with connected(cfg.cluster, job_env=storage.remote_env(other_machines=True)):
             preflight.check_cluster(cfg)
             data_dir = prepare_data(cfg)
             # Validated, data included: from here on the run directory may change.

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
+import sys
+import time
 import zlib
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
@@ -198,9 +203,48 @@ def comm_backend() -> str:
     return get_accelerator().communication_backend_name()
 
 
+# A DeepSpeed build lock older than this is a killed build's: removed, or every later build waits.
+STALE_BUILD_LOCK_S = 600
+
+
+def comm_op_build_dir() -> Optional[Path]:
+    """Where DeepSpeed's CPU shared-memory comm op is built, once per environment.
+
+    DeepSpeed JIT-compiles it (~40 s on 2 cores) into torch's extension folder, shared by every
+    environment of the user (~/.cache/torch_extensions/py311_cpu); its build flags name the
+    environment's paths, so two environments (two clones, two venvs) take turns rebuilding it.
+    Each environment gets its own folder instead, keyed by its interpreter prefix and its torch and
+    DeepSpeed versions, under RAYGPT_CACHE (default ~/.cache/raygpt). A TORCH_EXTENSIONS_DIR the
+    user set is kept. Sets TORCH_EXTENSIONS_DIR and returns the op's folder; None when the
+    accelerator is not the CPU (no such op) or the user chose the folder."""
+    if accelerator_device_type() != "cpu" or os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return None
+    import deepspeed
+
+    key = f"{Path(sys.prefix).resolve()}|{torch.__version__}|{deepspeed.__version__}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("RAYGPT_CACHE", Path.home() / ".cache" / "raygpt"))
+    root = cache / "torch_extensions" / digest
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(root)
+    return root
+
+
 def _init_distributed() -> None:
     import deepspeed
 
+    build_dir = comm_op_build_dir()
+    if build_dir is not None:
+        ops = list(build_dir.glob("*/deepspeed_shm_comm/deepspeed_shm_comm.so"))
+        for lock in build_dir.glob("*/deepspeed_shm_comm/lock"):
+            with contextlib.suppress(OSError):
+                if time.time() - lock.stat().st_mtime > STALE_BUILD_LOCK_S:
+                    lock.unlink()
+        if not ops and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(
+                "building DeepSpeed's CPU comm op, once per environment (~40 s on 2 cores) "
+                f"in {build_dir}",
+                flush=True,
+            )
     deepspeed.init_distributed(dist_backend=comm_backend())
 
 
