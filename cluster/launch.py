@@ -72,8 +72,8 @@ def connect(cluster: ClusterConfig, job_env: Optional[dict[str, str]] = None) ->
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     # Ray Train V2 otherwise re-emits every worker print through its logger (twice on screen).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    ray_private.settle_token_auth()  # Ray's choice, without a warning on every run
     if cluster.address is None:
+        ray_private.settle_token_auth()  # Ray's choice, without a warning on every run
         ray.init(
             num_cpus=os.cpu_count(),
             # The dashboard serves the State API that Ray Train's placement-group cleaner polls.

@@ -188,22 +188,18 @@ NOISE = (
 
 
 def settle_token_auth() -> None:
-    """Token auth as Ray would choose it, without its warning. Ray 2.60 turns token auth on
-    when RAY_AUTH_MODE is unset and a token exists (~/.ray/auth_token, RAY_AUTH_TOKEN or
-    RAY_AUTH_TOKEN_PATH), and warns on every ray.init that it did; setting the mode it picks
-    changes nothing else. An explicit RAY_AUTH_MODE is left as it is."""
+    """For a private local Ray: token auth on, as Ray 2.60 turns it on for every new local
+    cluster, without the warning it prints each time it does (the mode is then explicit, which
+    Ray respects silently). Ray's own switch is used: it also refreshes the configuration Ray
+    cached at import, which an environment variable set now would not reach. An explicit
+    RAY_AUTH_MODE is left as it is."""
     if os.environ.get("RAY_AUTH_MODE") is not None:
         return
     try:
-        from ray._private.authentication.authentication_token_setup import (
-            AuthenticationTokenLoader,
-        )
-
-        has_token = AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True)
-    except (ImportError, AttributeError, TypeError):  # another Ray: its own default, warning too
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    except ImportError:  # another Ray: its own default, and its warning
         return
-    if has_token:
-        os.environ["RAY_AUTH_MODE"] = "token"
+    _enable_token_auth()
 
 
 def drop_noise_from_worker_logs() -> None:

@@ -357,19 +357,21 @@ def test_the_cpu_comm_op_is_built_once_per_environment_with_a_message(
     assert here.parent == tmp_path / "torch_extensions"
     assert "building DeepSpeed's CPU comm op, once per environment" in capsys.readouterr().out
 
-    op = here / "py311_cpu" / "deepspeed_shm_comm"
+    op = here / "deepspeed_shm_comm"  # where torch builds it under TORCH_EXTENSIONS_DIR
     op.mkdir(parents=True)
-    (op / "deepspeed_shm_comm.so").write_bytes(b"")
-    stale, fresh = here / "py0_cpu" / "deepspeed_shm_comm" / "lock", op / "lock"
-    stale.parent.mkdir(parents=True)
-    stale.write_text("")
-    os.utime(stale, (time.time() - 3600, time.time() - 3600))
-    fresh.write_text("")
+    lock = op / "lock"
+    lock.write_text("")  # a build under way (fresh): kept
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    engine_mod._init_distributed()
+    assert lock.exists()
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))  # a killed build's: cleared
+    (op / "deepspeed_shm_comm.so").write_bytes(b"")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    capsys.readouterr()
     engine_mod._init_distributed()
     assert Path(os.environ["TORCH_EXTENSIONS_DIR"]) == here  # the same environment: same folder
     assert "building" not in capsys.readouterr().out  # built already: nothing said
-    assert not stale.exists() and fresh.exists()
+    assert not lock.exists()
 
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
     monkeypatch.setattr(sys, "prefix", str(tmp_path / "another-venv"))

@@ -67,32 +67,19 @@ def test_worker_log_noise_is_dropped_and_everything_else_printed(monkeypatch):
     assert printed[0]["pid"] == 7 and printed[0]["is_err"] is True
 
 
-def test_token_auth_is_set_as_ray_would_and_an_explicit_mode_kept(monkeypatch):
+def test_token_auth_is_switched_on_as_ray_would_and_an_explicit_mode_kept(monkeypatch):
     from ray._private.authentication import authentication_token_setup as setup
 
     from cluster import ray_private
 
-    class Loader:
-        token = True
-
-        def has_token(self, ignore_auth_mode=False):
-            assert ignore_auth_mode
-            return self.token
-
-    loader = Loader()
-    monkeypatch.setattr(
-        setup, "AuthenticationTokenLoader", type("L", (), {"instance": lambda: loader})
-    )
+    switched = []
+    monkeypatch.setattr(setup, "_enable_token_auth", lambda: switched.append(True))
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     ray_private.settle_token_auth()
-    assert os.environ["RAY_AUTH_MODE"] == "token"  # a token exists: what Ray turns on itself
+    assert switched == [True]  # Ray's own switch (env + its cached config)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     ray_private.settle_token_auth()
-    assert os.environ["RAY_AUTH_MODE"] == "disabled"
-    monkeypatch.delenv("RAY_AUTH_MODE")
-    loader.token = False
-    ray_private.settle_token_auth()
-    assert "RAY_AUTH_MODE" not in os.environ  # no token: Ray's own default
+    assert switched == [True] and os.environ["RAY_AUTH_MODE"] == "disabled"
 
 
 def test_a_joined_cluster_gets_the_job_env_but_not_what_a_submitted_job_has(monkeypatch):

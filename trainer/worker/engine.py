@@ -234,8 +234,9 @@ def _init_distributed() -> None:
 
     build_dir = comm_op_build_dir()
     if build_dir is not None:
-        ops = list(build_dir.glob("*/deepspeed_shm_comm/deepspeed_shm_comm.so"))
-        for lock in build_dir.glob("*/deepspeed_shm_comm/lock"):
+        # torch builds an extension in TORCH_EXTENSIONS_DIR/<name> when the variable is set
+        ops = list(build_dir.glob("deepspeed_shm_comm/deepspeed_shm_comm.so"))
+        for lock in build_dir.glob("deepspeed_shm_comm/lock"):
             with contextlib.suppress(OSError):
                 if time.time() - lock.stat().st_mtime > STALE_BUILD_LOCK_S:
                     lock.unlink()
