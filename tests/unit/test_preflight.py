@@ -3,7 +3,9 @@ leave everything as it was."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -102,3 +104,36 @@ def test_a_local_path_every_node_sees_passes(tmp_path, monkeypatch):
     )
     preflight.check_shared_paths(cfg)
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_bf16_on_a_cpu_without_native_bf16_gets_one_warning_line(capsys):
+    """Local CPU workers in bf16 on an AVX2-only CPU: one warning naming the faster choice;
+    nothing for fp32, for a CPU with AMX / AVX512-BF16, for GPUs or for a joined cluster."""
+    from trainer.config import load_config
+    from trainer.driver.preflight import warn_slow_cpu_bf16
+
+    avx2 = {"fpu", "sse2", "avx2", "fma"}
+    warn_slow_cpu_bf16(load_config(["precision=bf16"]), flags=avx2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: precision=bf16 on this CPU")
+    assert "precision=fp32" in err[0]
+    for overrides, flags in [
+        (["precision=fp32"], avx2),
+        (["precision=bf16"], avx2 | {"amx_bf16"}),
+        (["precision=bf16"], avx2 | {"avx512_bf16"}),
+        (
+            [
+                "precision=bf16",
+                "cluster=ray",
+                "cluster.address=x:1",
+                "trainer.global_batch_size=64",
+            ],
+            avx2,
+        ),
+    ]:
+        warn_slow_cpu_bf16(load_config(overrides), flags=flags)
+        assert capsys.readouterr().err == "", overrides
+    cfg = load_config(["precision=bf16"])
+    gpu = dataclasses.replace(cfg.cluster, gpus_per_worker=1.0)
+    warn_slow_cpu_bf16(SimpleNamespace(cluster=gpu, precision=cfg.precision), flags=avx2)
+    assert capsys.readouterr().err == ""

@@ -9,13 +9,15 @@ used by a multi-node cluster is visible from every node.
 
 from __future__ import annotations
 
+import sys
 import uuid
 from pathlib import Path
+from typing import Optional
 
 from cluster.config import ClusterError
 from data_pipeline import storage
 from data_pipeline.manifest import MANIFEST_FILE
-from trainer.config import ConfigError, RootConfig
+from trainer.config import ConfigError, RootConfig, check_eval_fits
 
 
 def check_before_ray(cfg: RootConfig) -> None:
@@ -29,14 +31,61 @@ def check_before_ray(cfg: RootConfig) -> None:
     check_storage(cfg)
     check_sources(cfg)
     check_offload(cfg)
+    warn_slow_cpu_bf16(cfg)
     try:
         preload_for(cfg.cluster)  # cluster.allocator=tcmalloc where there is none
     except ClusterError as e:
         raise ConfigError(str(e)) from None
 
 
+# CPU flags of a native bf16 matmul (oneDNN uses them); without one, bf16 is emulated.
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> Optional[set[str]]:
+    """This machine's CPU flags (Linux), None where they cannot be read."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
+def warn_slow_cpu_bf16(cfg: RootConfig, flags: Optional[set[str]] = None) -> None:
+    """One warning line for bf16 on CPU workers of this machine (the local cluster) when its
+    CPU has no native bf16: there, a bf16 matmul runs at a few % of fp32's rate (0.3 vs 15
+    GFLOP/s per thread on an AVX2 EPYC, bench/README.md), so precision=fp32 trains faster.
+    Workers on other machines (a joined cluster) may have other CPUs: nothing is said."""
+    if cfg.cluster.use_gpu or cfg.cluster.address is not None or not cfg.precision.bf16:
+        return
+    flags = cpu_flags() if flags is None else flags
+    if flags is None or any(f in flags for f in NATIVE_BF16_FLAGS):
+        return
+    print(
+        "warning: precision=bf16 on this CPU, which has no native bf16 (no "
+        f"{' / '.join(NATIVE_BF16_FLAGS)}): its bf16 matmuls are emulated, many times slower "
+        "than fp32; precision=fp32 trains faster here",
+        file=sys.stderr,
+    )
+
+
+# prepare's remedy for an out_dir holding something else, as this command can follow it
+# (`python -m trainer.train` has no --overwrite flag).
+TRAIN_OVERWRITE_HINT = (
+    "replace it with `python -m data_pipeline.prepare --overwrite` and the same data.* settings"
+)
+
+
 def check_storage(cfg: RootConfig) -> None:
-    """run.root and data.out_dir can be written (or, for prepared data, read)."""
+    """run.root and data.out_dir can be written (or, for prepared data, read), and data.out_dir
+    holds this run's dataset, nothing or an empty directory (what prepare would accept). With
+    the data prepared: the validation split holds an eval."""
+    from data_pipeline.config import DataError
+    from data_pipeline.prepare import check_out_dir
+
     try:
         storage.check_credentials(cfg.run.root, "run.root")
         storage.check_credentials(cfg.data.out_dir, "data.out_dir")
@@ -44,18 +93,21 @@ def check_storage(cfg: RootConfig) -> None:
         out = cfg.data.out_dir
         if storage.exists(storage.join(out, MANIFEST_FILE)):
             storage.check_readable(out, "data.out_dir")  # prepared data may be read-only
-        else:
-            storage.check_writable(out, "data.out_dir")
-    except (storage.StorageError, OSError) as e:
+        manifest = check_out_dir(cfg.data, hint=TRAIN_OVERWRITE_HINT)
+    except (storage.StorageError, OSError, DataError) as e:
         raise ConfigError(str(e)) from None
+    if manifest is not None:
+        check_eval_fits(cfg, manifest.splits["val"].num_samples, out)
 
 
 def check_sources(cfg: RootConfig) -> None:
-    """Cheap checks of data.sources (paths exist, globs match) when the data is not prepared."""
-    from data_pipeline.sources import list_work_units
+    """Cheap checks of data.sources when the data is not prepared: paths exist, globs match,
+    local Parquet files have a readable footer (a damaged one is named here, not by prepare
+    after Ray started)."""
+    from data_pipeline.sources import check_parquet_files, list_work_units
 
     if not storage.exists(storage.join(cfg.data.out_dir, MANIFEST_FILE)):
-        list_work_units(cfg.data)
+        check_parquet_files(list_work_units(cfg.data))
 
 
 def check_offload(cfg: RootConfig, *, default_cuda_home: str = "/usr/local/cuda") -> None:
@@ -69,6 +121,10 @@ def check_offload(cfg: RootConfig, *, default_cuda_home: str = "/usr/local/cuda"
     p = cfg.parallel
     if p.offload_device != "nvme":
         return
+    try:  # first: the cheap check, and the one only the user's setting can fix
+        storage.check_writable(p.nvme_path, "parallel.nvme_path")
+    except storage.StorageError as e:
+        raise ConfigError(str(e)) from None
     if cfg.cluster.use_gpu and not (
         os.environ.get("CUDA_HOME")
         or os.environ.get("CUDA_PATH")
@@ -87,10 +143,6 @@ def check_offload(cfg: RootConfig, *, default_cuda_home: str = "/usr/local/cuda"
             "parallel.offload_device=nvme needs DeepSpeed's async_io op, which needs libaio: "
             "install libaio-dev (apt install libaio-dev) on every node, or use offload_device=cpu"
         )
-    try:
-        storage.check_writable(p.nvme_path, "parallel.nvme_path")
-    except storage.StorageError as e:
-        raise ConfigError(str(e)) from None
 
 
 def check_cluster(cfg: RootConfig) -> None:
