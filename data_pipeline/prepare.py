@@ -318,7 +318,22 @@ def _holds_only_ours(out: str) -> bool:
     return all(VERSION_PREFIX.fullmatch(n) for n in storage.listdir(out))
 
 
-def _check_out_dir(out: str, settings: dict[str, Any], overwrite: bool) -> Manifest | None:
+# The remedy for an out_dir that holds something else, as prepare's command line spells it;
+# training (which has no --overwrite) passes its own (trainer/driver/preflight.py).
+OVERWRITE_HINT = "pass overwrite (--overwrite)"
+
+
+def check_out_dir(cfg: DataConfig, *, hint: str = OVERWRITE_HINT) -> Manifest | None:
+    """What prepare(cfg) would find in cfg.out_dir, checked without writing (see
+    _check_out_dir): its manifest when it already holds this dataset, None when prepare would
+    build it; DataError when prepare would refuse it (`hint`: the remedy to name)."""
+    out = storage.absolute(cfg.out_dir)
+    return _check_out_dir(out, settings_of(cfg), False, hint=hint)
+
+
+def _check_out_dir(
+    out: str, settings: dict[str, Any], overwrite: bool, *, hint: str = OVERWRITE_HINT
+) -> Manifest | None:
     """What out_dir holds, checked before anything is read or written: returns its manifest
     when it already holds this dataset, None when prepare is to build it; raises DataError
     (one line) when it must not or cannot be built there. Writes nothing but a probe object
@@ -334,13 +349,12 @@ def _check_out_dir(out: str, settings: dict[str, Any], overwrite: bool) -> Manif
                 changed = sorted(k for k in settings if existing.settings.get(k) != settings[k])
                 raise DataError(
                     f"data.out_dir: {out!r} holds a dataset prepared with other settings "
-                    f"(changed: {', '.join(changed)}); pick another data.out_dir or pass "
-                    "overwrite (--overwrite)"
+                    f"(changed: {', '.join(changed)}); pick another data.out_dir or {hint}"
                 )
         elif not overwrite and not _holds_only_ours(out):
             raise DataError(
                 f"data.out_dir: {out!r} exists and is not a prepared dataset (no "
-                f"{MANIFEST_FILE}); pick another data.out_dir or pass overwrite (--overwrite)"
+                f"{MANIFEST_FILE}); pick another data.out_dir or {hint}"
             )
         storage.check_writable(out, "data.out_dir")
     except storage.StorageError as e:
@@ -348,7 +362,7 @@ def _check_out_dir(out: str, settings: dict[str, Any], overwrite: bool) -> Manif
     return None
 
 
-def prepare(cfg: DataConfig, *, overwrite: bool = False) -> Manifest:
+def prepare(cfg: DataConfig, *, overwrite: bool = False, hint: str = OVERWRITE_HINT) -> Manifest:
     """Build the dataset described by cfg in cfg.out_dir (any storage URI) and return its
     manifest.
 
@@ -364,7 +378,7 @@ def prepare(cfg: DataConfig, *, overwrite: bool = False) -> Manifest:
     started = time.perf_counter()
     out = storage.absolute(cfg.out_dir)
     settings = settings_of(cfg)
-    existing = _check_out_dir(out, settings, overwrite)
+    existing = _check_out_dir(out, settings, overwrite, hint=hint)
     if existing is not None:
         log.info("%s already holds this dataset", out)
         return existing
@@ -386,7 +400,7 @@ def prepare(cfg: DataConfig, *, overwrite: bool = False) -> Manifest:
         ray.init(include_dashboard=False, logging_level=logging.WARNING)
     try:
         build = _build_remote if storage.is_remote(out) else _build_local
-        manifest = build(cfg, plan, settings, out, overwrite, started)
+        manifest = build(cfg, plan, settings, out, overwrite, started, hint)
     finally:
         if ray_started:
             ray.shutdown()
@@ -423,6 +437,7 @@ def _build_local(
     out: str,
     overwrite: bool,
     started: float,
+    hint: str = OVERWRITE_HINT,
 ) -> Manifest:
     """Build in `<out>.tmp-<pid>`, then rename it into place (see _commit)."""
     tmp = Path(f"{out}.tmp-{os.getpid()}")
@@ -446,6 +461,7 @@ def _build_remote(
     out: str,
     overwrite: bool,
     started: float,
+    hint: str = OVERWRITE_HINT,
 ) -> Manifest:
     """Build under out/<version>/, commit by writing out/manifest.json, then (overwrite) delete
     what out held before."""
@@ -461,7 +477,7 @@ def _build_remote(
         if current is not None and not overwrite:
             raise DataError(
                 f"data.out_dir: {out!r} was prepared with other settings by another prepare "
-                "meanwhile; pick another data.out_dir or pass overwrite (--overwrite)"
+                f"meanwhile; pick another data.out_dir or {hint}"
             )
         manifest.save(out)
     except BaseException:

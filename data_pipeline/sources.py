@@ -303,11 +303,15 @@ def _read_jsonl(
                 raise DataError(
                     f"jsonl file {unit.path!r} line {row + 1}: invalid JSON ({msg})"
                 ) from None
-            if not isinstance(obj, dict) or text_column not in obj:
-                fields = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
+            if not isinstance(obj, dict):
+                raise DataError(
+                    f"jsonl file {unit.path!r} line {row + 1}: is a JSON {_json_kind(obj)}, "
+                    f"not an object (each line must be one object with a {text_column!r} field)"
+                )
+            if text_column not in obj:
                 raise DataError(
                     f"jsonl file {unit.path!r} line {row + 1} has no field {text_column!r} "
-                    f"(fields: {fields})"
+                    f"(fields: {', '.join(obj)})"
                 )
             text = obj[text_column]
             if text is not None and not isinstance(text, str):
@@ -326,6 +330,45 @@ def _read_jsonl(
                 yield Document(id=f"{unit.name}#{row}", text=text, row=row, split=split)
 
 
+def _json_kind(value: object) -> str:
+    """The JSON name of a decoded value's type, for messages."""
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    return "number"
+
+
+def _parquet_error(path: str, exc: BaseException) -> DataError:
+    """A file that pyarrow cannot read as Parquet (not Parquet at all, truncated, damaged
+    pages) as one line naming the file and what is wrong."""
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    return DataError(f"parquet file {path!r} cannot be read as Parquet: {reason}")
+
+
+def open_parquet(path: str, f) -> pq.ParquetFile:
+    """pq.ParquetFile of an open file; DataError (one line naming the file) when it is not a
+    readable Parquet file: no magic bytes (another kind of file), a truncated footer."""
+    try:
+        return pq.ParquetFile(f)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise _parquet_error(path, exc) from None
+
+
+def check_parquet_files(units: list[WorkUnit]) -> None:
+    """Reads the footer of every local Parquet work unit (a few KB each): a damaged or
+    non-Parquet file is refused before anything starts. Object-store files are read by
+    prepare (a request per file would cost minutes on large datasets)."""
+    for unit in units:
+        if unit.format == "parquet" and "://" not in unit.path:
+            with open(unit.path, "rb") as f:
+                open_parquet(unit.path, f)
+
+
 def _is_string(col_type: pa.DataType) -> bool:
     if pa.types.is_dictionary(col_type):
         col_type = col_type.value_type
@@ -336,7 +379,7 @@ def _read_parquet(
     unit: WorkUnit, text_column: str, split_column: str | None = None
 ) -> Iterator[Document]:
     with fsspec.open(unit.path, "rb") as f:
-        pf = pq.ParquetFile(f)
+        pf = open_parquet(unit.path, f)
         names = pf.schema_arrow.names
         if text_column not in names:
             raise DataError(
@@ -357,24 +400,33 @@ def _read_parquet(
                 raise DataError(
                     f"parquet file {unit.path!r}: column {name!r} has type {col_type}, not string"
                 )
-        row = 0
-        for batch in pf.iter_batches(columns=columns, batch_size=4096):
-            n = batch.num_rows
-            if row + n <= unit.start:
-                row += n
-                continue
-            splits = batch.column(1).to_pylist() if split_column is not None else [None] * n
-            for text, value in zip(batch.column(0).to_pylist(), splits):
-                if unit.stop is not None and row >= unit.stop:
-                    return
-                if row >= unit.start and not _is_empty(text):
-                    split = None
-                    if split_column is not None:
-                        split = _split_value(
-                            value, split_column, f"parquet file {unit.path!r} row {row}"
-                        )
-                    yield Document(id=f"{unit.name}#{row}", text=text, row=row, split=split)
-                row += 1
+        try:
+            yield from _parquet_rows(pf, unit, columns, split_column)
+        except (pa.ArrowException, OSError) as exc:  # damaged pages behind a valid footer
+            raise _parquet_error(unit.path, exc) from None
+
+
+def _parquet_rows(
+    pf: pq.ParquetFile, unit: WorkUnit, columns: list[str], split_column: str | None
+) -> Iterator[Document]:
+    row = 0
+    for batch in pf.iter_batches(columns=columns, batch_size=4096):
+        n = batch.num_rows
+        if row + n <= unit.start:
+            row += n
+            continue
+        splits = batch.column(1).to_pylist() if split_column is not None else [None] * n
+        for text, value in zip(batch.column(0).to_pylist(), splits):
+            if unit.stop is not None and row >= unit.stop:
+                return
+            if row >= unit.start and not _is_empty(text):
+                split = None
+                if split_column is not None:
+                    split = _split_value(
+                        value, split_column, f"parquet file {unit.path!r} row {row}"
+                    )
+                yield Document(id=f"{unit.name}#{row}", text=text, row=row, split=split)
+            row += 1
 
 
 def read_documents(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -56,10 +57,45 @@ def read_file(path: str) -> bytes:
         raise DataError(f"data.tokenizer: path {path!r} does not exist") from None
 
 
+EXPECTED = (
+    "data.tokenizer expects a tokenizer.json: the one file Hugging Face `tokenizers` saves "
+    "(with 'model' and 'added_tokens'), found beside a Hub model's tokenizer_config.json"
+)
+
+
+def wrong_kind(path: str, data: bytes) -> str | None:
+    """What a file given as data.tokenizer is when it is another kind of tokenizer file (a
+    tokenizer_config.json, special_tokens_map.json, vocab.json, vocab.txt, merges.txt), or
+    None when it looks like a tokenizer.json (or like nothing known)."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except ValueError:
+        obj = None
+    if isinstance(obj, dict) and "model" in obj and "added_tokens" in obj:
+        return None
+    if name == "tokenizer_config.json" or (isinstance(obj, dict) and "tokenizer_class" in obj):
+        kind = "a tokenizer_config.json (tokenizer settings, no vocabulary)"
+    elif name == "special_tokens_map.json":
+        kind = "a special_tokens_map.json"
+    elif isinstance(obj, dict) and obj and all(isinstance(v, int) for v in obj.values()):
+        kind = "a vocab file (token -> id only, no merges or pre-tokenizer)"
+    elif name in ("vocab.txt", "merges.txt") or data.startswith(b"#version"):
+        kind = f"a {name if name in ('vocab.txt', 'merges.txt') else 'merges'} file"
+    else:
+        return None
+    return f"data.tokenizer: {path!r} is {kind}, not a tokenizer.json; {EXPECTED}"
+
+
 def load_tokenizer(path: str) -> Tokenizer:
     """Load a tokenizer.json (local path, s3:// / gs:// URI or fsspec URL); it must define
     `<|endoftext|>`."""
+    if not storage.is_remote(path) and Path(path).is_dir():
+        raise DataError(f"data.tokenizer: {path!r} is a directory; {EXPECTED}")
     data = read_file(path)
+    kind = wrong_kind(path, data)
+    if kind:
+        raise DataError(kind)
     try:
         tok = Tokenizer.from_str(data.decode("utf-8"))
     except Exception as exc:  # tokenizers raises a bare Exception on bad JSON

@@ -17,7 +17,7 @@ from typing import Optional
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from hydra.errors import HydraException
+from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -33,6 +33,21 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 class ConfigError(ValueError):
     """A bad config value or combination; str() is one line fit for the user."""
+
+
+# A name that becomes one directory (run.name under run.root, sweep.name, a config group's
+# file under conf/): no separator, no '..', nothing hidden or flag-like.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+def plain_name_error(key: str, value: str, role: str) -> Optional[str]:
+    """The one-line complaint when `value` is not a plain name (None when it is)."""
+    if isinstance(value, str) and PLAIN_NAME.fullmatch(value):
+        return None
+    return (
+        f"{key} ({value!r}) must be letters, digits, '.', '_' or '-', not starting with '.' "
+        f"or '-' ({role}: a plain name cannot leave its directory)"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -268,6 +283,14 @@ class RunConfig:
     name: Optional[str] = None  # None -> "<model>-<timestamp>"; the same name resumes
     group: Optional[str] = None  # W&B group; multirun sets it to the sweep
 
+    def __post_init__(self) -> None:
+        if not self.root:
+            raise ValueError("root must not be empty")
+        for key, role in (("name", "the run directory run.root/<name>"), ("group", "W&B group")):
+            value = getattr(self, key)
+            if value is not None and (msg := plain_name_error(key, value, role)):
+                raise ValueError(msg)
+
 
 @dataclass(frozen=True, kw_only=True)
 class SweepConfig:
@@ -282,11 +305,10 @@ class SweepConfig:
     def __post_init__(self) -> None:
         if self.max_parallel < 1:
             raise ValueError(f"max_parallel ({self.max_parallel}) must be >= 1")
-        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
-            raise ValueError(
-                f"name ({self.name!r}) must be letters, digits, '.', '_' or '-' (a directory "
-                "and run-name prefix)"
-            )
+        if self.name is not None and (
+            msg := plain_name_error("name", self.name, "a directory and run-name prefix")
+        ):
+            raise ValueError(msg)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -390,13 +412,71 @@ def _one_line(e: BaseException) -> str:
     return ": ".join(parts) or type(e).__name__
 
 
+def check_group_options(overrides: list[str]) -> None:
+    """A config-group choice (model=, +experiment=, sweeps of them) names one file of its
+    conf/ directory: a path such as model=../experiment/smoke would load a file of another
+    group, so only plain names are taken. Overrides Hydra cannot parse are left to compose,
+    which names them."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for line in overrides:
+        try:
+            (o,) = parser.parse_overrides([line])
+        except HydraException:
+            continue
+        group = o.key_or_group
+        if o.is_delete() or "." in group or "@" in group or not (CONF_DIR / group).is_dir():
+            continue
+        if o.is_sweep_override():
+            try:
+                values = list(o.sweep_string_iterator())
+            except Exception:  # noqa: BLE001 - glob()/range(): Hydra itself lists the files
+                continue
+        else:
+            values = [o.value()]
+        for value in values:
+            if msg := plain_name_error(group, value, f"a file of conf/{group}/"):
+                raise ConfigError(msg)
+
+
+def _override_parse_error(overrides: list[str]) -> Optional[str]:
+    """Which override Hydra's grammar rejects, and why (its message has no position)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for line in overrides:
+        try:
+            parser.parse_overrides([line])
+        except HydraException as e:
+            return f"cannot parse override {line!r}: {_one_line(e)}"
+    return None
+
+
+def _yaml_error(e: BaseException) -> str:
+    """A YAML syntax error of a conf/ file as `file:line:col: problem` (PyYAML's 0-based
+    marks made 1-based)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = " ".join(str(getattr(e, "problem", "") or e).split())
+    if mark is None:
+        return f"invalid YAML: {problem}"
+    return f"{mark.name}:{mark.line + 1}:{mark.column + 1}: invalid YAML: {problem}"
+
+
 def compose_config(overrides: list[str]) -> DictConfig:
     """Composes conf/config.yaml with Hydra overrides (no Hydra run dir, no chdir)."""
+    import yaml
+
+    check_group_options(list(overrides))
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             return compose(config_name="config", overrides=list(overrides))
+    except yaml.YAMLError as e:  # a conf/ file with a syntax error
+        raise ConfigError(_yaml_error(e)) from None
     except (HydraException, OmegaConfBaseException) as e:
         msg = _one_line(e)
+        if isinstance(e, OverrideParseException):
+            msg = _override_parse_error(list(overrides)) or msg
         missing = re.search(r"Could not find '(\w+)/([^']+)'", msg)
         if missing and (CONF_DIR / missing.group(1)).is_dir():
             options = sorted(p.stem for p in (CONF_DIR / missing.group(1)).glob("*.yaml"))
@@ -464,8 +544,16 @@ def tokenizer_vocab_size(data: DataConfig) -> tuple[int, str]:
     BPE size data.vocab_size. An object-store tokenizer is read by prepare, after preflight
     (0 here; trainer/driver/run.py checks the prepared manifest)."""
     remote_tok = bool(data.tokenizer) and storage.is_remote(data.tokenizer)
-    if data.tokenizer and not remote_tok and not Path(data.tokenizer).is_file():
+    if data.tokenizer and not remote_tok and not Path(data.tokenizer).exists():
         raise ConfigError(f"data.tokenizer: file '{data.tokenizer}' does not exist")
+    if data.tokenizer and not remote_tok:  # another kind of tokenizer file: say which is wanted
+        from data_pipeline.tokenizer import EXPECTED, wrong_kind
+
+        if Path(data.tokenizer).is_dir():
+            raise ConfigError(f"data.tokenizer: {data.tokenizer!r} is a directory; {EXPECTED}")
+        kind = wrong_kind(data.tokenizer, Path(data.tokenizer).read_bytes())
+        if kind:
+            raise ConfigError(kind)
     if not storage.is_remote(data.out_dir):  # object stores: read after preflight, by prepare
         from data_pipeline.manifest import manifest_uri, read_manifest
 
@@ -483,7 +571,10 @@ def tokenizer_vocab_size(data: DataConfig) -> tuple[int, str]:
 
             return Tokenizer.from_file(data.tokenizer).get_vocab_size(), data.tokenizer
         except Exception as e:  # noqa: BLE001 - any parse failure is a user error here
-            raise ConfigError(f"data.tokenizer: cannot load '{data.tokenizer}': {e}") from None
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(
+                f"data.tokenizer: {data.tokenizer!r} is not a valid tokenizer.json ({reason})"
+            ) from None
     return data.vocab_size, "data.vocab_size"
 
 
@@ -576,3 +667,70 @@ def validate(cfg: RootConfig) -> None:
                     f"cluster.num_workers ({c.num_workers}) x gpus_per_worker "
                     f"({c.gpus_per_worker}) GPUs requested, but this machine has {gpus}"
                 )
+
+
+def check_eval_fits(cfg: RootConfig, val_samples: int, where: str) -> None:
+    """An eval reads trainer.eval_batches micro batches per data-parallel rank, the same
+    leading validation samples every time. More than the validation split holds would read
+    samples twice and weight them twice in the reported val loss, which no setting means:
+    refused (the I/O that finds val_samples is the caller's: preflight, prepare)."""
+    t, dp = cfg.trainer, cfg.dp_size
+    per_eval = t.eval_batches * t.micro_batch_size * dp
+    if per_eval <= val_samples:
+        return
+    fits = val_samples // (t.micro_batch_size * dp)
+    remedy = (
+        f"set trainer.eval_batches <= {fits}"
+        if fits
+        else "give more validation data (data.val_fraction, data.val_sources)"
+    )
+    raise ConfigError(
+        f"trainer.eval_batches ({t.eval_batches}) x micro_batch_size ({t.micro_batch_size}) x "
+        f"data-parallel size ({dp}) = {per_eval} validation samples per eval, but the "
+        f"validation split of {where} holds {val_samples}: an eval would read samples twice; "
+        f"{remedy}"
+    )
+
+
+def config_warnings(cfg: RootConfig) -> list[str]:
+    """Settings that take effect differently than written but that a user can mean, most
+    often a short trial (trainer.max_steps=2) of a config made for a long run: at most one
+    line, printed by the driver. Refusing them would block exactly those trials.
+
+    - optim.warmup_steps > max_steps: the learning rate never reaches optim.lr (it ends at
+      max_steps/warmup_steps of it); the schedule still runs as written.
+    - trainer.eval_interval / checkpoint_interval > max_steps: only the final eval / the
+      final checkpoint (what 0 means), which always run.
+    - logging.log_interval > max_steps: only the last step is logged (it always is).
+    - trainer.keep_every: no checkpoint_interval x keep_every step within the run, so no
+      checkpoint is kept for good.
+    """
+    t, n = cfg.trainer, cfg.trainer.max_steps
+    parts = []
+    warmup = cfg.optim.warmup_steps
+    if warmup > n:
+        parts.append(
+            f"optim.warmup_steps ({warmup}) is longer than the run: the learning rate ends at "
+            f"{n}/{warmup} of optim.lr"
+        )
+    late = [
+        f"{key} ({value})"
+        for key, value in (
+            ("trainer.eval_interval", t.eval_interval),
+            ("trainer.checkpoint_interval", t.checkpoint_interval),
+            ("logging.log_interval", cfg.logging.log_interval),
+        )
+        if value > n
+    ]
+    if late:
+        parts.append(
+            f"{', '.join(late)} > max_steps: only the final eval/checkpoint/log line of each"
+        )
+    if t.keep_every and t.checkpoint_interval * t.keep_every > n:
+        parts.append(
+            f"trainer.keep_every ({t.keep_every}) x checkpoint_interval "
+            f"({t.checkpoint_interval}) > max_steps: no checkpoint is kept for good"
+        )
+    if not parts:
+        return []
+    return [f"warning: trainer.max_steps is {n}: " + "; ".join(parts)]

@@ -74,6 +74,11 @@ def find_checkpoint(path: str | Path) -> str:
         found = latest_verified(uri)
     except CheckpointError as e:
         raise ExportError(f"checkpoint {uri} is damaged: {e}") from None
+    if found is None and storage.is_file(storage.join(uri, "config.json")):
+        raise ExportError(
+            f"{uri} is a Hugging Face model directory (what export writes), not a raygpt run: "
+            "give a run directory or one of its checkpoint_* directories"
+        )
     if found is None:
         raise ExportError(f"no complete checkpoint_* directory (with {STATE_FILE}) in {uri}")
     return found

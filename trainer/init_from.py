@@ -22,21 +22,46 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
+EXPECTED = "expected a Hugging Face model directory: config.json + model.safetensors"
+
+
+def _not_a_model_dir(hf_dir: str) -> str:
+    """Why hf_dir (which has no config.json) is not a Hugging Face model directory, and what
+    to do when it is a raygpt run or checkpoint (the other kind of model directory)."""
+    from trainer.checkpoint.format import STATE_FILE
+    from trainer.checkpoint.latest import CHECKPOINT_PREFIX
+
+    if storage.is_file(hf_dir):
+        return f"{hf_dir} is a file ({EXPECTED})"
+    if not storage.is_dir(hf_dir):
+        return f"{hf_dir} does not exist ({EXPECTED})"
+    names = storage.listdir(hf_dir)
+    kind = None
+    if STATE_FILE in names:
+        kind = "a raygpt checkpoint directory"
+    elif any(n.startswith(CHECKPOINT_PREFIX) for n in names):
+        kind = "a raygpt run directory"
+    if kind is None:
+        return f"{hf_dir} has no {CONFIG_FILE} ({EXPECTED})"
+    return (
+        f"{hf_dir} is {kind}, not a Hugging Face model directory ({EXPECTED}): export it "
+        f"with `python -m trainer.export {hf_dir} OUT` and set model.init_from=OUT, or "
+        "continue that run by its run.name"
+    )
+
+
 def _read_config(hf_dir: Path | str) -> dict[str, Any]:
     path = storage.join(str(hf_dir), CONFIG_FILE)
     try:
         text = storage.read_text(path)
-    except FileNotFoundError:
-        raise ValueError(
-            f"init_from: {path} does not exist (expected a Hugging Face model "
-            "directory: config.json + model.safetensors)"
-        ) from None
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise ValueError(_not_a_model_dir(str(hf_dir))) from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"init_from: cannot read {path}: {storage.one_line(e)}") from None
+        raise ValueError(f"cannot read {path}: {storage.one_line(e)}") from None
     try:
         return json.loads(text)
-    except ValueError as e:
-        raise ValueError(f"init_from: {path} is not valid JSON: {e}") from None
+    except ValueError as e:  # the message keeps json's "line L column C (char N)"
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 def check_hf_config(cfg: GPTConfig, hf_dir: str) -> None:
@@ -44,8 +69,9 @@ def check_hf_config(cfg: GPTConfig, hf_dir: str) -> None:
 
     Reads config.json only, so the driver can validate before any worker starts.
     """
+    hf = _read_config(hf_dir)  # its errors name the path already
     try:
-        theirs = shape_of(config_from_hf(_read_config(hf_dir)))
+        theirs = shape_of(config_from_hf(hf))
     except ValueError as e:
         raise ValueError(f"init_from {hf_dir}: {e}") from None
     ours = shape_of(cfg)

@@ -236,7 +236,9 @@ def test_block_size_counts_only_for_learned_positions(tmp_path):
 
 
 def test_init_from_missing_dir(tmp_path):
-    with pytest.raises(ValueError, match=r"init_from: .*config\.json does not exist"):
+    with pytest.raises(
+        ValueError, match=r"nope does not exist \(expected a Hugging Face model directory"
+    ):
         load_hf_weights(GPT(GPTConfig(**GPT2)), str(tmp_path / "nope"))
 
 

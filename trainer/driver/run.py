@@ -12,7 +12,7 @@ from typing import Any
 
 from cluster.config import ClusterError
 from data_pipeline import storage
-from trainer.config import ConfigError, RootConfig
+from trainer.config import ConfigError, RootConfig, check_eval_fits, config_warnings
 from trainer.driver import plan, preflight
 
 
@@ -21,9 +21,13 @@ def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, An
 
     progress_bar: draw a live bar on this (driver) terminal; otherwise rank 0 prints lines.
     """
+    import sys
+
     from cluster.launch import connected, fit, make_stop_signal
     from trainer.worker.entry import train_worker
 
+    for line in config_warnings(cfg):
+        print(line, file=sys.stderr, flush=True)
     preflight.check_before_ray(cfg)
     run_plan = plan.plan_run(cfg)
     try:
@@ -84,7 +88,7 @@ def prepare_data(cfg: RootConfig) -> str:
     """Runs data preparation (idempotent, as Ray tasks) and checks it against the model."""
     from data_pipeline.prepare import prepare
 
-    manifest = prepare(cfg.data)
+    manifest = prepare(cfg.data, hint=preflight.TRAIN_OVERWRITE_HINT)
     vocab = int(manifest.tokenizer.vocab_size)
     if cfg.model.vocab_size < vocab:
         raise ConfigError(
@@ -96,6 +100,7 @@ def prepare_data(cfg: RootConfig) -> str:
             f"data.seq_len ({cfg.data.seq_len}) differs from the prepared shards' seq_len "
             f"({manifest.seq_len}) in {cfg.data.out_dir}"
         )
+    check_eval_fits(cfg, manifest.splits["val"].num_samples, cfg.data.out_dir)
     return cfg.data.out_dir
 
 
