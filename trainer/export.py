@@ -459,19 +459,28 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def check_target(out_dir: str | Path) -> str:
+    """The export target as an absolute URI, once it is known to be writable and new (absent
+    or an empty directory); ExportError (one line naming it) otherwise. Writes nothing."""
+    out = storage.absolute(str(out_dir))
+    try:
+        storage.check_writable(out, "export target")
+        if storage.is_file(out) or storage.listdir(out):
+            raise ExportError(
+                f"export target ({out}) exists and is not empty: choose a new output directory"
+            )
+    except storage.StorageError as e:
+        raise ExportError(str(e)) from None
+    return out
+
+
 def export(ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "fp32") -> str:
     """Exports checkpoint ckpt_dir as an HF model directory out_dir (absent or empty). Either
     may be a storage URI: a remote checkpoint is read from a local copy, a remote target gets
     the finished directory uploaded."""
     if dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r} must be one of {sorted(DTYPES)}")
-    out = storage.absolute(str(out_dir))
-    try:
-        storage.check_writable(out, "export target")
-        if storage.is_file(out) or storage.listdir(out):
-            raise ExportError(f"{out} exists and is not empty: choose a new output directory")
-    except storage.StorageError as e:
-        raise ExportError(str(e)) from None
+    out = check_target(out_dir)
     if storage.is_remote(out):
         with tempfile.TemporaryDirectory(prefix="raygpt-export-") as tmp:
             _export_local(str(ckpt_dir), Path(tmp) / "model", dtype)
@@ -522,6 +531,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     args = parser.parse_args(argv)
     try:
+        check_target(args.out_dir)  # up front: before the checkpoint is looked for and read
         ckpt = find_checkpoint(args.path)
         step = json.loads(storage.read_text(storage.join(ckpt, STATE_FILE))).get("step")
         out = export(ckpt, args.out_dir, args.dtype)

@@ -44,14 +44,16 @@ def _not_a_model_dir(hf_dir: str) -> str:
     if kind is None:
         return f"{hf_dir} has no {CONFIG_FILE} ({EXPECTED})"
     return (
-        f"{hf_dir} is {kind}, not a Hugging Face model directory ({EXPECTED}): export it "
-        f"with `python -m trainer.export {hf_dir} OUT` and set model.init_from=OUT, or "
-        "continue that run by its run.name"
+        f"{hf_dir} is {kind}, not a Hugging Face model directory (config.json + "
+        f"model.safetensors): export it with `python -m trainer.export {hf_dir} OUT` and set "
+        "model.init_from=OUT, or continue that run by its run.name"
     )
 
 
 def _read_config(hf_dir: Path | str) -> dict[str, Any]:
     path = storage.join(str(hf_dir), CONFIG_FILE)
+    if storage.is_file(str(hf_dir)):  # e.g. the model.safetensors or config.json itself
+        raise ValueError(_not_a_model_dir(str(hf_dir)))
     try:
         text = storage.read_text(path)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
