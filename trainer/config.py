@@ -428,13 +428,13 @@ def check_group_options(overrides: list[str]) -> None:
         group = o.key_or_group
         if o.is_delete() or "." in group or "@" in group or not (CONF_DIR / group).is_dir():
             continue
+        value = o.value()
         if o.is_sweep_override():
-            try:
-                values = list(o.sweep_string_iterator())
-            except Exception:  # noqa: BLE001 - glob()/range(): Hydra itself lists the files
+            values = getattr(value, "list", None)  # a,b / choice(a,b); glob() lists real files
+            if values is None:
                 continue
         else:
-            values = [o.value()]
+            values = [value]
         for value in values:
             if msg := plain_name_error(group, value, f"a file of conf/{group}/"):
                 raise ConfigError(msg)
@@ -460,7 +460,11 @@ def _yaml_error(e: BaseException) -> str:
     problem = " ".join(str(getattr(e, "problem", "") or e).split())
     if mark is None:
         return f"invalid YAML: {problem}"
-    return f"{mark.name}:{mark.line + 1}:{mark.column + 1}: invalid YAML: {problem}"
+    where = f"{mark.name}:{mark.line + 1}:{mark.column + 1}"
+    context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and cmark is not None and cmark is not mark:
+        problem += f" ({context} at {cmark.line + 1}:{cmark.column + 1})"
+    return f"{where}: invalid YAML: {problem}"
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
