@@ -158,12 +158,24 @@ def _write_damaged(d: Path) -> dict[str, Path]:
     files = {
         "not-parquet": d / "notes.parquet",
         "truncated": d / "cut.parquet",
+        "damaged-pages": d / "pages.parquet",
+        "damaged-manifest": d / "prepared" / "manifest.json",
         "jsonl-array": d / "array.jsonl",
         "jsonl-number": d / "number.jsonl",
         "jsonl-string": d / "string.jsonl",
     }
     files["not-parquet"].write_text("id,text\n1,hello\n")
     files["truncated"].write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    pages = d / "zstd.parquet"  # a valid footer in front of which the data pages are damaged
+    texts = [f"document number {i} " * 200 for i in range(300)]
+    pq.write_table(pa.table({"text": texts}), pages, compression="zstd")
+    damaged = bytearray(pages.read_bytes())
+    for i in range(100, len(damaged) // 2, 7):
+        damaged[i] ^= 0x5A
+    files["damaged-pages"].write_bytes(bytes(damaged))
+    pages.unlink()
+    files["damaged-manifest"].parent.mkdir()
+    files["damaged-manifest"].write_text('{"version": 1,\n "name": ')
     files["jsonl-array"].write_text('{"text": "a"}\n["a", "b"]\n')
     files["jsonl-number"].write_text('{"text": "a"}\n{"text": "b"}\n42\n')
     files["jsonl-string"].write_text('"just text"\n')
@@ -174,6 +186,8 @@ def _write_damaged(d: Path) -> dict[str, Path]:
 DAMAGED = [
     ("not-parquet", r"cannot be read as Parquet: Parquet magic bytes not found"),
     ("truncated", r"cannot be read as Parquet: Parquet magic bytes not found"),
+    ("damaged-pages", r"cannot be read as Parquet: ZSTD decompression failed"),
+    ("damaged-manifest", r"is not valid JSON \(Expecting value: line 2 column 10"),
     ("jsonl-array", r"line 2: is a JSON array, not an object"),
     ("jsonl-number", r"line 3: is a JSON number, not an object"),
     ("jsonl-string", r"line 1: is a JSON string, not an object"),
@@ -188,12 +202,19 @@ def test_damaged_input_files_are_named_with_what_is_wrong(ws, capsys, kind, what
 
     path = _write_damaged(ws / "src")[kind]
     before = tree_digest(ws)
-    rc = prepare_main([f"data.sources=[{path}]", f"data.out_dir={ws / 'data'}"])
+    if kind == "damaged-manifest":  # a prepared dataset's: prepare, and a resume, name it
+        data = [*SMOKE, f"data.out_dir={path.parent}"]
+        rc = train_main([*train_args(ws), f"data.out_dir={path.parent}"])
+        line = one_error(capsys)
+        assert rc == 2 and f"'{path}'" in line and re.search(what, line), line
+    else:
+        data = [f"data.sources=[{path}]", f"data.out_dir={ws / 'data'}"]
+    rc = prepare_main(data)
     line = one_error(capsys)
     assert rc == 2
     assert f"'{path}'" in line and re.search(what, line), line
     assert tree_digest(ws) == before and not (ws / "data").exists()
-    if kind in ("not-parquet", "truncated"):  # training: the same line, before Ray
+    if kind.endswith(("parquet", "truncated")):  # training: the same line, before Ray
         rc = train_main([*train_args(ws), f"data.sources=[{path}]"])
         line = one_error(capsys)
         assert rc == 2 and f"'{path}'" in line and re.search(what, line), line
