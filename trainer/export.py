@@ -519,8 +519,17 @@ def _export_from(ckpt_dir: Path, out_dir: Path, dtype: str) -> Path:
     return out_dir
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `error:` line (with the usage) and exit status 2,
+    like every other bad input of this command."""
+
+    def error(self, message: str):
+        usage = " ".join(self.format_usage().split()).removeprefix("usage: ")
+        self.exit(2, f"error: {message} (usage: {usage})\n")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m trainer.export",
         description="Export a raygpt checkpoint as a Hugging Face model directory.",
     )
@@ -529,7 +538,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     parser.add_argument("out_dir", help="new (or empty) output directory (a path, s3:// or gs://)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage error (2, one line printed) or --help (0)
+        return int(e.code or 0)
     try:
         check_target(args.out_dir)  # up front: before the checkpoint is looked for and read
         ckpt = find_checkpoint(args.path)

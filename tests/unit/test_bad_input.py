@@ -524,6 +524,24 @@ def test_remedies_name_what_each_command_accepts(ws, capsys, base_cfg):
     assert tree_digest(ws) == before
 
 
+USAGE = [
+    (["r", "o", "--dtype", "fp16"], "argument --dtype: invalid choice: 'fp16'"),
+    ([], "the following arguments are required: path, out_dir"),
+    (["r", "o", "--overwrite"], "unrecognized arguments: --overwrite"),
+]
+
+
+@pytest.mark.parametrize("argv,message", USAGE, ids=["dtype", "missing", "flag"])
+def test_export_usage_errors_are_one_line_with_the_usage(ws, capsys, argv, message):
+    """argparse's two lines (usage, then `prog: error:`) are one `error:` line naming the
+    value and the usage: the flags this command accepts."""
+    before = tree_digest(ws)
+    assert export_main([str(ws / a) if a in ("r", "o") else a for a in argv]) == 2
+    line = one_error(capsys)
+    assert message in line and "(usage: python -m trainer.export [-h] [--dtype" in line, line
+    assert tree_digest(ws) == before and not (ws / "o").exists()
+
+
 POSITIONS = ["yaml", "override", "init_from-json", "tokenizer-json"]
 
 
