@@ -213,7 +213,7 @@ class TrainerConfig:
     global_batch_size: int = 16  # = micro_batch_size x grad_accum x data-parallel size
     grad_accum: Optional[int] = None  # None -> derived from the other two
     eval_interval: int = 100  # 0 disables periodic eval (a final eval still runs)
-    eval_batches: int = 4  # micro batches per rank per eval
+    eval_batches: int = 4  # micro batches per rank per eval (>= 1: the final eval always runs)
     checkpoint_interval: int = 100  # 0 -> only the final checkpoint
     # Also checkpoint when this many minutes passed since the last one (preemptible clusters).
     checkpoint_every_minutes: Optional[float] = None
@@ -251,7 +251,12 @@ class TrainerConfig:
         for k in ("max_steps", "micro_batch_size", "global_batch_size", "keep_last"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} ({getattr(self, k)}) must be >= 1")
-        for k in ("eval_interval", "eval_batches", "checkpoint_interval", "sample_tokens"):
+        if self.eval_batches < 1:  # 0 would build an empty validation loader in every worker
+            raise ValueError(
+                f"eval_batches ({self.eval_batches}) must be >= 1: the final eval always runs "
+                "(eval_interval=0 turns off only the periodic ones)"
+            )
+        for k in ("eval_interval", "checkpoint_interval", "sample_tokens"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{k} ({getattr(self, k)}) must be >= 0")
         if self.stop_at_step is not None and not 1 <= self.stop_at_step <= self.max_steps:

@@ -368,6 +368,7 @@ EVAL = [
     # (eval_batches, validation samples, the remedy)
     (3, 20, "set trainer.eval_batches <= 2"),
     (2, 5, "give more validation data"),
+    (1, 0, "give more validation data"),  # data.val_fraction=0 and no val_sources
 ]
 
 
@@ -382,6 +383,16 @@ def test_eval_batches_beyond_the_validation_split_are_refused(base_cfg, batches,
     assert f"trainer.eval_batches ({batches}) x micro_batch_size (4) x data-parallel size" in line
     assert f"validation split of data/x holds {val}" in line and remedy in line
     check_eval_fits(base_cfg, 2 * 4 * base_cfg.dp_size, "data/x")  # exactly enough: fine
+
+
+def test_an_eval_of_no_batches_is_refused():
+    """The final eval always runs: eval_batches=0 used to reach the workers as an empty
+    validation loader (a ValueError in every worker, after Ray started)."""
+    from trainer.config import TrainerConfig
+
+    with pytest.raises(ValueError) as e:
+        TrainerConfig(eval_batches=0)
+    assert one_line(e).startswith("eval_batches (0) must be >= 1: the final eval always runs")
 
 
 def test_a_resume_with_an_eval_larger_than_the_prepared_val_split_changes_nothing(
