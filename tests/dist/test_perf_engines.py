@@ -57,7 +57,8 @@ ENGINE_SCRIPT = textwrap.dedent(
             out[f"z{stage}-contiguous"] = train(stage, False, False, contiguous=True)
         print("RESULT " + json.dumps(out))
         sys.exit(0)
-    for stage in (0, 1, 2, 3) if sys.argv[1] == "fused" else (0,):
+    # ZeRO-1 and 2 share DeepSpeed's optimizer wrapper (stage_1_and_2.py): 2 stands for both
+    for stage in (0, 2, 3) if sys.argv[1] == "fused" else (0,):
         out[f"z{stage}"] = train(stage, False, False)
         if sys.argv[1] == "fused":
             out[f"z{stage}-fused"] = train(stage, True, False)
@@ -76,7 +77,7 @@ def run_engines(what: str) -> dict:
 @pytest.mark.timeout(600)
 def test_fused_adamw_trains_like_the_loop_at_every_zero_stage():
     out = run_engines("fused")
-    for stage in (0, 1, 2, 3):
+    for stage in (0, 2, 3):
         plain, fused = out[f"z{stage}"], out[f"z{stage}-fused"]
         assert all(f is True for f in fused["fused"]), (stage, fused["fused"])
         assert not any(plain["fused"]), (stage, plain["fused"])
