@@ -4,25 +4,41 @@ python -m trainer.train                                  # the defaults in conf/
 python -m trainer.train +experiment=demo                 # what `make train` runs
 python -m trainer.train model=gpt2-124m parallel=zero3 cluster=ray trainer.max_steps=5000
 python -m trainer.train -m optim.lr=1e-3,3e-4            # a sweep: parallel runs on Ray
+python -m trainer.train --check [-m] [overrides]         # validate only (exit 0 or 2)
+
+--check composes and validates the config (with -m: every job of the sweep, as the sweep
+validates them) and exits without starting Ray or touching run.root: 0 and a last line
+`ok: {json}` (cluster/submit.py reads it), or 2 and one `error:` line.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Optional
 
 from trainer.config import ConfigError, RootConfig, load_config
 
+FLAGS = ("-m", "--multirun", "--check")
+
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     multirun = any(a in ("-m", "--multirun") for a in argv)
+    check = "--check" in argv
+    overrides = [a for a in argv if a not in FLAGS]
     try:
         if multirun:
             from trainer.driver.sweep import run_sweep  # noqa: I001
 
-            return run_sweep([a for a in argv if a not in ("-m", "--multirun")])
-        cfg = load_config(argv)
+            return run_sweep(overrides, check=check)
+        cfg = load_config(overrides)
+        if check:
+            a = cfg.cluster.address
+            info = {"run": cfg.run.name, "run.root": cfg.run.root, "cluster.address": a}
+            print(f"run {cfg.run.name}: config valid (nothing started)")
+            print("ok: " + json.dumps(info), flush=True)
+            return 0
         return train(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

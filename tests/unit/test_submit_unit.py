@@ -1,0 +1,150 @@
+"""cluster/submit.py without a cluster: cluster/ imports nothing from trainer/, both command-line
+forms, and the entrypoint's own validate-only mode (`python -m trainer.train --check`) that
+submit runs before it submits."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+from cluster import submit
+from trainer.train import main
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = ["+experiment=smoke", "logging.mode=disabled"]
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    """Every module a file imports (at any depth: functions included), with its line."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.lineno, node.module))
+    return found
+
+
+def test_cluster_imports_nothing_from_trainer():
+    files = sorted((ROOT / "cluster").rglob("*.py"))
+    assert any(p.name == "submit.py" for p in files)
+    bad = [
+        f"{p.relative_to(ROOT)}:{line} imports {mod}"
+        for p in files
+        for line, mod in imported_modules(p)
+        if mod == "trainer" or mod.startswith("trainer.")
+    ]
+    assert bad == []
+
+
+def test_the_import_scan_sees_imports_inside_functions(tmp_path):
+    f = tmp_path / "x.py"
+    f.write_text("def f():\n    from trainer.config import load_config\n")
+    assert imported_modules(f) == [(2, "trainer.config")]
+
+
+def test_both_forms_of_the_command_line():
+    assert submit.split_entrypoint(["--address", "u", "a=1"]) == (
+        ["--address", "u", "a=1"],
+        None,
+        [],
+    )
+    opts, python, args = submit.split_entrypoint(
+        ["--address", "u", "--no-wait", "--", "python3", "-m", "trainer.train", "-m", "a=1,2"]
+    )
+    assert (opts, python, args) == (["--address", "u", "--no-wait"], "python3", ["-m", "a=1,2"])
+    with pytest.raises(submit.SubmitError, match=r"must be `python -m trainer.train"):
+        submit.split_entrypoint(["--address", "u", "--", "bash", "-c", "true"])
+
+
+def test_cluster_ray_added_unless_a_cluster_is_given():
+    assert submit.with_cluster(["-m", "a=1,2"]) == ["-m", "cluster=ray", "a=1,2"]
+    assert submit.with_cluster(["cluster.address=auto", "a=1"]) == ["cluster.address=auto", "a=1"]
+    assert submit.with_cluster(["cluster=local"]) == ["cluster=local"]
+
+
+def check(args: list[str], capsys) -> tuple[int, list[str], list[str]]:
+    rc = main(["--check", *args])
+    out, err = capsys.readouterr()
+    return rc, out.splitlines(), [ln for ln in err.splitlines() if ln.startswith("error:")]
+
+
+def test_check_validates_a_run_and_starts_nothing(tmp_path, capsys):
+    rc, out, errors = check(
+        [*SMOKE, f"run.root={tmp_path}", "run.name=r", "cluster.address=auto"], capsys
+    )
+    assert rc == 0 and errors == []
+    info = json.loads(out[-1].removeprefix("ok: "))
+    assert info == {"run": "r", "run.root": str(tmp_path), "cluster.address": "auto"}
+    assert not any(tmp_path.iterdir())
+
+
+def test_check_of_a_sweep_validates_every_job_and_writes_nothing(tmp_path, capsys):
+    base = [*SMOKE, f"run.root={tmp_path}", "run.name=sw"]
+    rc, out, errors = check(["-m", *base, "optim.lr=1e-3,2e-3,3e-3"], capsys)
+    assert rc == 0 and errors == []
+    info = json.loads(out[-1].removeprefix("ok: "))
+    assert info["sweep"] == "sweep-sw" and info["jobs"] == 3 and info["cluster.address"] is None
+    assert not any(tmp_path.iterdir())
+
+    rc, out, errors = check(["-m", *base, "model.n_head=4,3"], capsys)
+    assert rc == 2 and len(errors) == 1
+    assert errors[0].startswith("error: sweep job 1 (sw-1: model.n_head=3): model:")
+    rc, out, errors = check(["-m", *base, "cluster.cpus_per_worker=1,1000"], capsys)
+    assert rc == 2 and "sweep job 1 (sw-1: cluster.cpus_per_worker=1000)" in errors[0]
+    assert "the local cluster cannot hold them" in errors[0]
+    assert not any(tmp_path.iterdir())
+
+
+def test_check_of_an_optuna_sweep_validates_its_first_batch(tmp_path, capsys):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    rc, out, errors = check(
+        ["-m", *SMOKE, f"run.root={tmp_path}", "run.name=sw", "hydra/sweeper=optuna",
+         "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", "optim.lr=interval(1e-4,1e-2)"],
+        capsys,
+    )  # fmt: skip
+    assert rc == 0 and errors == []
+    assert "sweep sweep-sw: the sweeper's first batch: 2 job(s) valid" in out[-2]
+    assert json.loads(out[-1].removeprefix("ok: "))["jobs"] == 2
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "argv, entry",
+    [
+        (["--address", "http://h:8265", "--no-wait", "-m", "optim.lr=1,2"],
+         ["-m", "cluster=ray", "optim.lr=1,2"]),
+        (["--address", "http://h:8265", "--stop-grace-s", "30", "--", "python", "-m",
+          "trainer.train", "cluster.address=auto", "a=1"],
+         ["cluster.address=auto", "a=1"]),
+    ],
+    ids=["overrides", "entrypoint"],
+)  # fmt: skip
+def test_both_forms_reach_the_check_with_the_entrypoints_arguments(
+    argv, entry, monkeypatch, capsys
+):
+    seen = []
+
+    def check_entrypoint(args):
+        seen.append(args)
+        return {"run": "r", "run.root": "/x", "cluster.address": None}
+
+    monkeypatch.setattr(submit, "check_entrypoint", check_entrypoint)
+    assert submit.main(argv) == 2
+    assert seen == [entry]
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: cluster.address is null: a submitted job must join its cluster "
+        "(use cluster=ray or cluster.address=auto)"
+    )
+
+
+def test_bad_options_refused_before_the_check(monkeypatch, capsys):
+    monkeypatch.setattr(submit, "check_entrypoint", lambda args: pytest.fail("checked"))
+    assert submit.main(["--address", "u", "--stop-grace-s", "0", "a=1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --stop-grace-s (0) must be >= 1"
+    assert submit.main(["--address", "u", "--", "bash", "run.sh"]) == 2
+    assert "must be `python -m trainer.train [-m] [overrides]`" in capsys.readouterr().err
