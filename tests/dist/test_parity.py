@@ -1,35 +1,33 @@
 """Every parallel layout trains the same model as one process.
 
 fp32, fixed seed, the same global batch. Each layout runs 5 steps, stops (checkpoint), then
-resumes for 5 more: its 10 losses must equal the single-process reference (1e-5 relative for
-ZeRO layouts, 1e-4 for tensor/pipeline parallel), so one run proves parity and resume. The
-reference itself is held to a stored golden-loss file to catch silent numeric drift
-(regenerate it deliberately with RAYGPT_UPDATE_GOLDEN=1).
+resumes for 5 more: its 10 losses must equal the single-process run's (1e-5 relative for
+ZeRO layouts, 1e-4 for tensor/pipeline parallel), so one run proves parity and resume.
+
+The single-process run is held to tests/golden/parity_gpt_tiny_fp32.json, whose losses come
+from the independent reference loop (tests/reference/loop.py: plain PyTorch, nothing from
+trainer/ or cluster/), never from the engine. Regenerate it deliberately, and only from there:
+
+    .venv/bin/python -m tests.reference.make_golden
+
+Tensor parallelism with grouped-query attention and RoPE (a llama-style shape) is held to its
+single-process run in tests/dist/test_reference_parity.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import random
 from pathlib import Path
 
 import pytest
+from reference.corpus import BASE, STEPS, prepare_corpus, write_corpus
 
 from trainer.config import load_config
 
 pytestmark = pytest.mark.timeout(900)
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "parity_gpt_tiny_fp32.json"
-STEPS, STOP = 10, 5
-# gpt-tiny's shape (6 layers, d_model 256, 8 heads) on a 512-token vocabulary.
-BASE = [
-    "+experiment=smoke", "model=gpt-tiny", "model.vocab_size=512", "model.block_size=64",
-    "precision=fp32", "logging.mode=disabled", f"trainer.max_steps={STEPS}",
-    "trainer.micro_batch_size=2", "trainer.global_batch_size=8", "trainer.eval_interval=0",
-    "trainer.checkpoint_interval=0", "trainer.sample_tokens=0", "trainer.keep_last=1",
-    "optim.warmup_steps=3",
-]
+STOP = 5
 # Activation checkpointing is on in half the layouts (one of each kind): against the
 # reference, which has it off, that proves it changes no loss in any kind of layout.
 AC = "model.activation_checkpointing=true"
@@ -50,19 +48,9 @@ LAYOUTS = {  # name -> (overrides, workers, relative tolerance, stop and resume)
 
 @pytest.fixture(scope="module")
 def parity_data(tmp_path_factory) -> list[str]:
-    """A synthetic corpus made here (not the interpreter's stdlib): same bytes everywhere."""
-    from data_pipeline.prepare import prepare
-
-    src = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(1234)
-    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 7)))
-             for _ in range(300)]
-    for d in range(60):
-        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(40)]
-        (src / f"doc{d:03d}.txt").write_text("\n".join(lines) + "\n")
-    data = [f"data.sources=[{src}]", f"data.out_dir={tmp_path_factory.mktemp('data') / 'p'}"]
-    prepare(load_config([*BASE, *data]).data)
-    return data
+    """The parity corpus (tests/reference/corpus.py), prepared once for the module."""
+    corpus = write_corpus(tmp_path_factory.mktemp("corpus"))
+    return prepare_corpus(corpus, tmp_path_factory.mktemp("data") / "p")
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -76,9 +64,15 @@ def train(
 ) -> Path:
     from trainer.driver.run import run_training
 
-    common = [*BASE, *overrides, f"cluster.num_workers={workers}",
-              f"cluster.cpus_per_worker={2 / workers}", *data,
-              f"run.root={tmp_path}", f"run.name={name}"]
+    common = [
+        *BASE,
+        *overrides,
+        f"cluster.num_workers={workers}",
+        f"cluster.cpus_per_worker={2 / workers}",
+        *data,
+        f"run.root={tmp_path}",
+        f"run.name={name}",
+    ]
     if resume:
         run_training(load_config([*common, f"trainer.stop_at_step={STOP}"]))
     run_training(load_config(common))  # with resume: the same run again continues at STOP
@@ -90,18 +84,25 @@ def reference(tmp_path_factory, ray_cluster, parity_data) -> list[float]:
     from trainer.driver.run import run_training
 
     root = tmp_path_factory.mktemp("ref")
-    cfg = load_config([*BASE, "parallel=ddp", "cluster.num_workers=1", "cluster.cpus_per_worker=2",
-                       *parity_data, f"run.root={root}", "run.name=ref"])
+    cfg = load_config(
+        [
+            *BASE,
+            "parallel=ddp",
+            "cluster.num_workers=1",
+            "cluster.cpus_per_worker=2",
+            *parity_data,
+            f"run.root={root}",
+            "run.name=ref",
+        ]
+    )
     run_training(cfg)
-    ref = losses(root / "ref")
-    if os.environ.get("RAYGPT_UPDATE_GOLDEN"):
-        GOLDEN.write_text(json.dumps({"overrides": BASE, "losses": ref}, indent=1) + "\n")
-    return ref
+    return losses(root / "ref")
 
 
 def test_reference_matches_golden_losses(reference):
     golden = json.loads(GOLDEN.read_text())
     assert golden["overrides"] == BASE, "the golden file was made with another config"
+    assert golden["made_by"].startswith("python -m tests.reference.make_golden")
     assert reference == pytest.approx(golden["losses"], rel=1e-5, abs=0)
     assert reference[-1] < reference[0], "the reference must learn"
 

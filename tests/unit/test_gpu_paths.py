@@ -374,10 +374,20 @@ def test_the_cpu_comm_op_is_built_once_per_environment_with_a_message(
     assert not lock.exists()
 
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    bin_dir = tmp_path / "bin"  # another ninja first on PATH (a venv's): its own folder
+    bin_dir.mkdir()
+    (bin_dir / "ninja").write_text("#!/bin/sh\n")
+    (bin_dir / "ninja").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    engine_mod._init_distributed()
+    other_ninja = Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    assert other_ninja.parent == here.parent and other_ninja != here
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
     monkeypatch.setattr(sys, "prefix", str(tmp_path / "another-venv"))
     engine_mod._init_distributed()
     assert Path(os.environ["TORCH_EXTENSIONS_DIR"]).parent == here.parent
-    assert Path(os.environ["TORCH_EXTENSIONS_DIR"]) != here
+    assert Path(os.environ["TORCH_EXTENSIONS_DIR"]) not in (here, other_ninja)
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
     assert engine_mod.comm_op_build_dir() is None  # the user's folder is kept

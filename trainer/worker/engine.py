@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import sys
 import time
 import zlib
@@ -213,15 +214,20 @@ def comm_op_build_dir() -> Optional[Path]:
     DeepSpeed JIT-compiles it (~40 s on 2 cores) into torch's extension folder, shared by every
     environment of the user (~/.cache/torch_extensions/py311_cpu); its build flags name the
     environment's paths, so two environments (two clones, two venvs) take turns rebuilding it.
-    Each environment gets its own folder instead, keyed by its interpreter prefix and its torch and
-    DeepSpeed versions, under RAYGPT_CACHE (default ~/.cache/raygpt). A TORCH_EXTENSIONS_DIR the
+    Each environment gets its own folder instead, keyed by its interpreter prefix, its torch and
+    DeepSpeed versions and the ninja torch runs (the first on PATH: ninja 1.13, which pip puts in
+    a venv's bin, and ninja 1.11 of /usr/bin each discard the other's build log and rebuild, so
+    processes with and without the venv on PATH took turns rebuilding one folder), under
+    RAYGPT_CACHE (default ~/.cache/raygpt). A TORCH_EXTENSIONS_DIR the
     user set is kept. Sets TORCH_EXTENSIONS_DIR and returns the op's folder; None when the
     accelerator is not the CPU (no such op) or the user chose the folder."""
     if accelerator_device_type() != "cpu" or os.environ.get("TORCH_EXTENSIONS_DIR"):
         return None
     import deepspeed
 
-    key = f"{Path(sys.prefix).resolve()}|{torch.__version__}|{deepspeed.__version__}"
+    ninja = shutil.which("ninja")
+    ninja = str(Path(ninja).resolve()) if ninja else None
+    key = f"{Path(sys.prefix).resolve()}|{torch.__version__}|{deepspeed.__version__}|{ninja}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     cache = Path(os.environ.get("RAYGPT_CACHE", Path.home() / ".cache" / "raygpt"))
     root = cache / "torch_extensions" / digest
