@@ -78,6 +78,16 @@ def auth_env() -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token"} if token.is_file() or os.environ.get("RAY_AUTH_TOKEN") else {}
 
 
+def driver_env(fault: Optional[str] = None) -> dict[str, str]:
+    """The environment of a driver or Ray client the test starts: this one with
+    RAY_AUTH_MODE where needed, and the fault drill `fault` (RAYGPT_FAULT) or none."""
+    env = {**os.environ, **auth_env()}
+    env.pop("RAYGPT_FAULT", None)
+    if fault:
+        env["RAYGPT_FAULT"] = fault
+    return env
+
+
 def node_env(address: str) -> dict[str, str]:
     """The nodes' environment: this one without the S3 settings, with this interpreter's bin
     first on PATH (a job's `python` is the cluster's Python), RAY_AUTH_MODE where needed, and

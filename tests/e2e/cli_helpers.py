@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from procs import tree_digest  # noqa: F401 - the e2e tests import it from here
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,16 +22,6 @@ def run_cli(*args: str, timeout: int = 300, env: dict | None = None) -> subproce
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
-
-
-def tree_digest(d: Path) -> str:
-    """A hash of every path and file content under `d`: equal digests = untouched tree."""
-    h = hashlib.sha256()
-    for p in sorted(d.rglob("*")):
-        h.update(str(p.relative_to(d)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:

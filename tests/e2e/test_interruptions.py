@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import ROOT, tree_digest
+from procs import wait_for
 
 from trainer.checkpoint.format import verify_checkpoint
 
@@ -71,18 +72,6 @@ class Run:
     @property
     def output(self) -> str:
         return self.log.read_text()
-
-
-def wait_for(predicate, timeout: float, what: str, run: Run | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if run is not None and run.proc.poll() is not None:
-            pytest.fail(f"run exited ({run.proc.returncode}) before {what}:\n{run.output[-3000:]}")
-        time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 def marker_pid(run_dir: Path, point: str, step: int, rank: int) -> int | None:

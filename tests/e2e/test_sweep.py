@@ -26,12 +26,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import ROOT, error_lines, run_cli
-from ray_nodes import TwoNodes, alive, auth_env
+from cli_helpers import error_lines, run_cli
+from procs import Bg, wait_for
+from ray_nodes import TwoNodes, alive, auth_env, driver_env
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
@@ -69,14 +69,6 @@ def nodes():
         yield n
 
 
-def driver_env(fault: str | None = None) -> dict[str, str]:
-    env = {**os.environ, **auth_env()}
-    env.pop("RAYGPT_FAULT", None)
-    if fault:
-        env["RAYGPT_FAULT"] = fault
-    return env
-
-
 def state(d: Path) -> dict:
     return json.loads((d / "sweep.json").read_text())
 
@@ -98,43 +90,6 @@ def overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
 
 def sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
-class Bg:
-    """A command in the background, output to a file."""
-
-    def __init__(self, cmd: list[str], log: Path, env: dict[str, str]):
-        self.log = log
-        self._out = open(log, "w")  # noqa: SIM115 - closed in wait()
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT
-        )
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-            pytest.fail(f"timed out after {timeout} s:\n{self.output[-4000:]}")
-        finally:
-            self._out.close()
-
-    @property
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def wait_for(predicate, timeout: float, what: str, bg: Bg | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if bg is not None and bg.proc.poll() is not None:
-            pytest.fail(f"exited ({bg.proc.returncode}) before {what}:\n{bg.output[-5000:]}")
-        time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 def test_submitted_sweep_runs_in_parallel_survives_a_failure_stops_and_resumes(

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 import pytest
-from ray_nodes import TwoNodes, _client, auth_env
+from procs import Bg, wait_for
+from ray_nodes import TwoNodes, _client, driver_env
 
 from trainer.checkpoint.format import verify_checkpoint
 
@@ -40,47 +41,6 @@ pytestmark = pytest.mark.slow
 
 
 # -- runs ---------------------------------------------------------------------------------------
-def driver_env(fault: str | None = None) -> dict[str, str]:
-    env = {**os.environ, **auth_env()}
-    env.pop("RAYGPT_FAULT", None)
-    if fault:
-        env["RAYGPT_FAULT"] = fault
-    return env
-
-
-class Bg:
-    """A command of ours in the background; output to a file."""
-
-    def __init__(self, cmd: list[str], log: Path, env: dict[str, str]):
-        self.log = log
-        self._out = open(log, "w")  # noqa: SIM115 - closed in wait()
-        self.t0 = time.monotonic()
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT
-        )
-
-    def wait(self, timeout: float = RUN_TIMEOUT_S) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-            pytest.fail(f"timed out after {timeout} s:\n{self.output[-4000:]}")
-        finally:
-            self._out.close()
-            self.seconds = time.monotonic() - self.t0
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-        self._out.close()
-
-    @property
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
 class Runs:
     """The module's runs: one S3 prefix, the cluster, a log folder."""
 
@@ -198,18 +158,6 @@ def fault_marker_pid(runs: Runs, point: str, step: int, rank: int, since: float)
             if pid in runs.session_pids():
                 return pid
     return None
-
-
-def wait_for(predicate, timeout: float, what: str, bg: Bg | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if bg is not None and bg.proc.poll() is not None:
-            pytest.fail(f"exited ({bg.proc.returncode}) before {what}:\n{bg.output[-4000:]}")
-        time.sleep(0.3)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 def s3_folders(roots: list[Path], since: float) -> list[str]:

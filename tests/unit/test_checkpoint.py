@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from hostile import RunsCodeOnLoad
+from procs import tree_digest as digest
 
 from cluster.ray_private import SNAPSHOT_FILE
 from trainer.checkpoint import format as checkpoint
@@ -82,15 +83,6 @@ def make_checkpoint(dest: Path, state: dict, world: int = 2) -> Path:
 def ckpt(tmp_path, cfg) -> Path:
     state = {"step": 10, "consumed_samples": 80, "wandb_id": "abc", "config": cfg.to_dict()}
     return make_checkpoint(tmp_path / "checkpoint_00000010", state)
-
-
-def digest(d: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(d.rglob("*")):
-        h.update(str(p.relative_to(d)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------- integrity

@@ -9,7 +9,6 @@ runs the real command lines with Ray.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import string
@@ -20,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from procs import tree_digest
 from tokenizers import Tokenizer, decoders, models
 
 import data_pipeline.prepare as prepare_mod
@@ -54,16 +54,6 @@ def text_of(n: int, seed: int) -> str:
     rng = np.random.default_rng(seed)
     words = ["".join(rng.choice(list(string.ascii_lowercase), 5)) for _ in range(n // 6)]
     return " ".join(words)
-
-
-def tree_digest(d: Path) -> str:
-    """Every path and file content under d: equal digests = untouched."""
-    h = hashlib.sha256()
-    for p in sorted(d.rglob("*")):
-        h.update(str(p.relative_to(d)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture

@@ -4,11 +4,11 @@ directory on local disk and on S3, and the comparison it writes."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
+from procs import tree_digest as digest
 
 from cluster.config import ClusterConfig
 from trainer.config import ConfigError
@@ -16,15 +16,6 @@ from trainer.driver import sweep as sw
 from trainer.train import main
 
 SMOKE = ["+experiment=smoke", "logging.mode=disabled"]
-
-
-def digest(d: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(d.rglob("*")):
-        h.update(str(p.relative_to(d)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def run_main(args: list[str], capsys) -> tuple[int, list[str]]:
