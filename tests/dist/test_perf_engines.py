@@ -86,6 +86,7 @@ def test_fused_adamw_trains_like_the_loop_at_every_zero_stage():
         assert plain["losses"][-1] < plain["losses"][0]  # it trains
 
 
+@pytest.mark.drill  # make test-drills: inductor's C++ build, minutes on 2 cores
 @pytest.mark.timeout(600)
 def test_compiled_blocks_train_like_eager_and_keep_parameter_names():
     out = run_engines("compile")  # ZeRO-0; ZeRO-2 was checked by hand (bench.stack_overhead)

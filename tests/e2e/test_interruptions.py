@@ -144,6 +144,7 @@ def test_keep_last_k_plus_every_mth_checkpoint(reference):
         verify_checkpoint(run_dir / "kept" / name)  # complete: every rank's files, hashes
 
 
+@pytest.mark.drill  # make test-drills: five kills and resumes
 @pytest.mark.timeout(900)
 def test_driver_kill_sigterm_and_new_dp_sizes_resume_exactly_once(reference, tmp_path, smoke_data):
     ref_loss, ref_ids, _ = reference
@@ -207,6 +208,7 @@ def test_driver_kill_sigterm_and_new_dp_sizes_resume_exactly_once(reference, tmp
     assert_exactly_once(samples(run_dir), ref_ids)
 
 
+@pytest.mark.drill  # make test-drills: worker group restarts
 @pytest.mark.timeout(900)
 def test_worker_kill_and_hung_collective_recover_by_themselves(reference, tmp_path, smoke_data):
     """max_failures=2: a worker killed while saving checkpoint 4, then a worker that stops

@@ -92,6 +92,7 @@ def sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
+@pytest.mark.drill  # make test-drills: three rounds of parallel jobs
 def test_submitted_sweep_runs_in_parallel_survives_a_failure_stops_and_resumes(
     tmp_path, smoke_data, nodes
 ):
@@ -249,6 +250,7 @@ def test_sigkill_of_the_sweep_takes_its_jobs_with_it(tmp_path, smoke_data, nodes
     assert [j["status"] for j in jobs(d).values()] == ["running", "running"]  # resumable
 
 
+@pytest.mark.drill  # make test-drills: a round of parallel jobs
 def test_optuna_sweeper_runs_through_the_same_launcher(tmp_path, smoke_data, nodes):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     proc = run_cli(

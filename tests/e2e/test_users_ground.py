@@ -267,6 +267,7 @@ def job_id(bg: Bg) -> str | None:
     return m.group(1) if m else None
 
 
+@pytest.mark.drill  # make test-drills: 4 runs on two nodes, a node lost and replaced
 @pytest.mark.timeout(1800)
 def test_bc_job_stop_checkpoints_then_a_lost_node_resumes_from_s3(runs, reference):
     """c, then b on the resubmitted job (one job fewer than two separate scenarios)."""
