@@ -19,7 +19,7 @@ from models.gpt import GPT, GPTConfig
 from trainer.config import OptimConfig, ParallelConfig, PrecisionConfig
 from trainer.worker.ds_patches import skipped_optimizer_step, time_gradient_reduction
 from trainer.worker.kernels import use_contiguous_weight_grad
-from trainer.worker.observability.metrics import StepTimes
+from trainer.worker.observability.metrics import StepTimes, cache_dir
 from trainer.worker.parallel import Layout, pipeline_module, tensor_parallel_config
 
 
@@ -229,8 +229,7 @@ def comm_op_build_dir() -> Optional[Path]:
     ninja = str(Path(ninja).resolve()) if ninja else None
     key = f"{Path(sys.prefix).resolve()}|{torch.__version__}|{deepspeed.__version__}|{ninja}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("RAYGPT_CACHE", Path.home() / ".cache" / "raygpt"))
-    root = cache / "torch_extensions" / digest
+    root = cache_dir() / "torch_extensions" / digest
     os.environ["TORCH_EXTENSIONS_DIR"] = str(root)
     return root
 
@@ -240,13 +239,12 @@ def _init_distributed() -> None:
 
     build_dir = comm_op_build_dir()
     if build_dir is not None:
-        # torch builds an extension in TORCH_EXTENSIONS_DIR/<name> when the variable is set
-        ops = list(build_dir.glob("deepspeed_shm_comm/deepspeed_shm_comm.so"))
-        for lock in build_dir.glob("deepspeed_shm_comm/lock"):
-            with contextlib.suppress(OSError):
-                if time.time() - lock.stat().st_mtime > STALE_BUILD_LOCK_S:
-                    lock.unlink()
-        if not ops and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        op = build_dir / "deepspeed_shm_comm"  # torch builds in TORCH_EXTENSIONS_DIR/<name>
+        lock = op / "lock"
+        with contextlib.suppress(OSError):
+            if time.time() - lock.stat().st_mtime > STALE_BUILD_LOCK_S:
+                lock.unlink()
+        if not (op / "deepspeed_shm_comm.so").exists() and os.environ.get("LOCAL_RANK", "0") == "0":
             print(
                 "building DeepSpeed's CPU comm op, once per environment (~40 s on 2 cores) "
                 f"in {build_dir}",

@@ -89,13 +89,19 @@ def matmul_flops(dtype: str, threads: int, n: int = 2048, seconds: float = 1.2) 
     return best
 
 
+def cache_dir() -> Path:
+    """raygpt's per-machine cache (measured peak, DeepSpeed's built ops): RAYGPT_CACHE, default
+    ~/.cache/raygpt."""
+    return Path(os.environ.get("RAYGPT_CACHE", Path.home() / ".cache" / "raygpt"))
+
+
 def measure_matmul_flops(dtype: str, threads: int, seconds: float = 1.2) -> float:
     """Measured dense matmul FLOP/s of this CPU with `threads` threads, cached per machine.
 
     2048 x 2048 operands (1024 reach only ~60% of the AMX bf16 rate), the best of three
     windows: a neighbour's burst on a shared machine only ever lowers a window, and a peak
     measured low would overstate every MFU figure of every later run."""
-    cache = Path(os.environ.get("RAYGPT_CACHE", Path.home() / ".cache" / "raygpt")) / "peak.json"
+    cache = cache_dir() / "peak.json"
     n = 2048
     key = f"{platform.node()}|{platform.processor()}|{os.cpu_count()}|{threads}|{dtype}|n{n}x3"
     try:
