@@ -385,6 +385,8 @@ def _writable_schema(cls: type) -> DictConfig:
 
     def unfreeze(n) -> None:
         n._set_flag("readonly", None)
+        if isinstance(n, DictConfig) and OmegaConf.get_type(n) is dict:
+            n._set_flag("struct", False)  # a dict field (data.mixture.sources) takes new keys
         if isinstance(n, DictConfig):
             for k in n.keys():
                 unfreeze(n._get_node(k))
@@ -527,6 +529,8 @@ def to_root_config(cfg: DictConfig, *, default_name: Optional[str] = None) -> Ro
         out_dir=_absolute(data.out_dir),
         tokenizer=_absolute(data.tokenizer) if data.tokenizer else None,
     )
+    if groups["data"].mixture:
+        groups["data"] = dataclasses.replace(groups["data"], mixture=_absolute_mixture(data))
     root = RootConfig(**groups)
     validate(root)
     return root
@@ -534,6 +538,13 @@ def to_root_config(cfg: DictConfig, *, default_name: Optional[str] = None) -> Ro
 
 def load_config(overrides: list[str], *, default_name: Optional[str] = None) -> RootConfig:
     return to_root_config(compose_config(overrides), default_name=default_name)
+
+
+def _absolute_mixture(data: DataConfig):
+    """data.mixture with every source's dir made absolute (object-store URIs stay)."""
+    m = data.mixture
+    sources = {n: dataclasses.replace(s, dir=_absolute(s.dir)) for n, s in m.sources.items()}
+    return dataclasses.replace(m, sources=sources)
 
 
 def _absolute(path: str) -> str:
@@ -637,7 +648,8 @@ def validate(cfg: RootConfig) -> None:
             f"{cfg.cluster.gpus_per_worker}: it is a CPU kernel "
             "option (oneDNN's bf16 matmul); GPUs take transposed operands at full rate"
         )
-    vocab, source = tokenizer_vocab_size(d)
+    # A mixture's datasets are prepared: the driver checks their vocab (preflight), not this.
+    vocab, source = (0, "data.mixture") if d.mixture else tokenizer_vocab_size(d)
     if m.vocab_size < vocab:
         raise ConfigError(
             f"model.vocab_size ({m.vocab_size}) is smaller than the tokenizer's vocab "
