@@ -1,11 +1,16 @@
-"""Deterministic, rank-sharded, resumable batches over prepared token shards.
+"""Deterministic, rank-sharded, resumable batches over prepared token shards, read by row group.
 
-The sample order is a function of (seed, global position) only: position p belongs to epoch
-p // N and maps to permutation_e[p % N] with permutation_e = default_rng([seed, e]).permutation(N).
-A global step covers positions [consumed, consumed + global_batch); rank r of dp_size takes the
-r-th contiguous slice of global_batch / dp_size positions and cuts it into micro batches. So the
-union over ranks of a step's samples does not depend on the world size, and resuming needs only
-consumed_samples.
+The order: position p (the global count of consumed samples) maps to a sample id through a
+keyed function of (seed, p) in data_pipeline/order.py, computed per position in O(batch) memory.
+New runs use "blocks-v1": chunks of data.order_chunk consecutive samples in a keyed order per
+epoch, shuffled within windows of data.order_window chunks, so a step's samples come from a
+bounded number of chunks (row groups). The loader's checkpointed state names the order
+({"order": "blocks-v1", "order_chunk": C, "order_window": W}); a state without "order" (every
+checkpoint written before blocks-v1) resumes in the old materialised "permutation" order, so
+those runs continue exactly. A global step covers positions [consumed, consumed + global_batch);
+rank r of dp_size takes the r-th contiguous slice of global_batch / dp_size positions and cuts it
+into micro batches. So the union over ranks of a step's samples does not depend on the world
+size, and resuming needs only consumed_samples (and the recorded order).
 
 Training windows (DistributedLoader(window_offset=...), data.window_offset): "packed" trains on
 the stored rows. "random" reads the split as one token stream and shifts every window of epoch
@@ -13,18 +18,29 @@ e by one keyed offset o_e = window_shift(seed, e, row_len) in [0, row_len): wind
 row_len tokens starting at o_e + k * row_len (the tail of row k and the head of row k + 1), for
 k in [0, N - 1), N = stored rows. The windows of an epoch are disjoint and cover every token
 but the first o_e and the last row_len - o_e, so each token is read at most once per epoch and
-exactly once per position, as with packed rows (the same permutation of N - 1 window ids; one
+exactly once per position, as with packed rows (the same order of N - 1 window ids; one
 row_len tokens sit out each epoch, at both ends, different ones each epoch). Per-sample independent
 offsets would overlap or skip tokens, so the shift is per epoch. A window spanning the end of
 one prepare task's rows and the start of the next joins two stretches of text that were not
 adjacent (each task drops its packing remainder), like a document boundary without an EOS:
 num_tasks - 1 such windows per epoch.
 
+Reads: a sample id maps to (shard, row group, row) through the manifest's row counts and each
+shard's Parquet footer, read once per file and kept (FileMetaData, bounded by count). Only the
+needed row groups are read (ParquetFile.read_row_group) and decoded into an LRU bounded in bytes
+(data.read_cache_mb). Reads run on a small thread pool (data.read_threads), one read per row
+group in flight; since the order is known ahead, the loader asks for the row groups of the next
+data.prefetch_steps steps while the current one trains.
+
 Where the shards are: data_dir is a storage URI (data_pipeline/storage.py). Local paths and
-shared mounts are read in place. Object-store shards (s3://, gs://) are downloaded into a
-ShardCache, a local directory bounded in bytes with least-recently-used eviction (a shard larger
-than the whole bound is read from the store directly, without a local copy); the decoded rows of
-the last few shards are kept in memory either way.
+shared mounts are read in place. Object-store shards (s3://, gs://) are read by ranged requests
+through pyarrow's filesystem: one footer read per file, then one request per row group, with the
+open file handles (their size known: no new HEAD per read) and the decoded row groups kept in
+bounded caches. This reads only the row groups a window needs (a whole-file copy would fetch the
+other row groups of each file too: with blocks-v1 a window's chunks are spread over the corpus)
+and the prefetch pool hides the per-request latency. Passing a ShardCache (a local directory
+bounded in bytes with least-recently-used eviction) stages whole files through it instead, e.g.
+a slow shared mount onto local disk; a file larger than its whole bound is read in place.
 """
 
 from __future__ import annotations
@@ -38,10 +54,10 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +67,7 @@ import torch
 from data_pipeline import storage
 from data_pipeline.config import DataError
 from data_pipeline.manifest import Manifest
+from data_pipeline.order import BLOCKS, Order
 
 Step = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -58,6 +75,11 @@ CACHE_DIR_ENV = "RAYGPT_SHARD_CACHE"  # where remote shards are kept on this mac
 CACHE_BYTES_ENV = "RAYGPT_SHARD_CACHE_BYTES"  # how many bytes of them at most
 DEFAULT_CACHE_BYTES = 4 << 30
 STALE_TMP_SECONDS = 3600  # a partial download older than this was left by a dead process
+DEFAULT_READ_CACHE_BYTES = 1 << 30  # decoded row groups kept in memory (data.read_cache_mb)
+DEFAULT_READ_THREADS = 8  # row-group reads in flight (data.read_threads)
+FOOTERS_KEPT = 4096  # FileMetaData of this many shards (a few KB each)
+HANDLES_KEPT = 256  # open remote files (each holds its size: no HEAD per read)
+DEFAULT_ORDER = Order()
 
 
 class ShardCache:
@@ -180,21 +202,94 @@ def _read_parquet(uri: str, columns: list[str]) -> pa.Table:
         raise storage.StorageError(f"{uri}: cannot read: {storage.one_line(e)}") from None
 
 
-class TokenShards:
-    """Random access to the samples (rows of seq_len + 1 int32 tokens) of one split.
+class LoadCache:
+    """Values by key, least recently used first out once over max_bytes (or max_items), each
+    loaded at most once at a time: get() returns a Future, done for a hit, the load in flight
+    for a key already asked for, else a new load on `pool`. A load must not wait on this pool."""
 
-    data_dir: any storage URI. Local paths are read in place; object-store shards go through
-    `cache` (default: default_cache()). Passing a cache for a local path stages its shards
-    through it too (a slow shared mount onto local disk)."""
+    def __init__(
+        self,
+        pool: ThreadPoolExecutor,
+        *,
+        max_bytes: Optional[int] = None,
+        max_items: Optional[int] = None,
+        size_of: Callable[[Any], int] = lambda _: 0,
+    ):
+        self.pool, self.size_of = pool, size_of
+        self.max_bytes, self.max_items = max_bytes, max_items
+        self.loads = 0  # values loaded (misses)
+        self._values: OrderedDict[Any, Any] = OrderedDict()
+        self._sizes: dict[Any, int] = {}
+        self._pending: dict[Any, Future] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, load: Callable[[], Any]) -> Future:
+        with self._lock:
+            if key in self._values:
+                self._values.move_to_end(key)
+                done: Future = Future()
+                done.set_result(self._values[key])
+                return done
+            if key not in self._pending:
+                self._pending[key] = self.pool.submit(self._load, key, load)
+            return self._pending[key]
+
+    def _load(self, key: Any, load: Callable[[], Any]) -> Any:
+        try:
+            value = load()
+            with self._lock:
+                self.loads += 1
+                self._put(key, value)
+            return value
+        finally:
+            with self._lock:
+                self._pending.pop(key, None)
+
+    def _put(self, key: Any, value: Any) -> None:
+        size = self.size_of(value)
+        self._values[key], self._sizes[key] = value, size
+        self._bytes += size
+        while len(self._values) > 1 and (
+            (self.max_bytes is not None and self._bytes > self.max_bytes)
+            or (self.max_items is not None and len(self._values) > self.max_items)
+        ):
+            old, _ = self._values.popitem(last=False)
+            self._bytes -= self._sizes.pop(old)
+
+    def keys(self) -> list[Any]:
+        with self._lock:
+            return list(self._values)
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+
+class TokenShards:
+    """Random access to the samples (rows of seq_len + 1 int32 tokens) of one split, read row
+    group by row group (see the module docstring).
+
+    data_dir: any storage URI. Local paths are read in place, object stores by ranged reads;
+    passing `cache` (a ShardCache) stages whole files through it instead. cache_bytes bounds the
+    decoded row groups kept in memory; cache_shards, if given, also bounds their number (the
+    shards of datasets prepared before row groups were written have one row group each).
+    read_threads: row-group reads in flight."""
 
     def __init__(
         self,
         data_dir: str,
         split: str,
         *,
-        cache_shards: int = 8,
+        cache_bytes: int = DEFAULT_READ_CACHE_BYTES,
+        cache_shards: Optional[int] = None,
         cache: Optional[ShardCache] = None,
+        read_threads: int = DEFAULT_READ_THREADS,
     ):
+        if cache_bytes < 1 or read_threads < 1:
+            raise ValueError(
+                f"cache_bytes and read_threads must be >= 1, got {cache_bytes}, {read_threads}"
+            )
         self.data_dir = storage.absolute(str(data_dir))
         self.manifest = Manifest.load(self.data_dir)
         if split not in self.manifest.splits:
@@ -205,18 +300,22 @@ class TokenShards:
         self.split = split
         self.seq_len = self.manifest.seq_len
         self.row_len = self.seq_len + 1
-        if cache is None and storage.is_remote(self.data_dir):
-            cache = default_cache()
-        self.file_cache = cache
+        self.remote = storage.is_remote(self.data_dir)
+        self.file_cache = cache  # None: in place (local) or ranged reads (object stores)
         m = self.manifest
-        self._version = f"{m.fingerprint}|{m.created}"
+        self._version = getattr(m, "cache_key", None) or f"{m.fingerprint}|{m.created}"
         shards = m.splits[split].shards
         self._files = [storage.join(self.data_dir, s.file) for s in shards]
-        self._rows = np.array([s.rows for s in shards], dtype=np.int64)
+        self._rows = np.fromiter((s.rows for s in shards), dtype=np.int64, count=len(shards))
         self._starts = np.concatenate([[0], np.cumsum(self._rows)]).astype(np.int64)
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._cache_size = max(1, cache_shards)
-        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(read_threads, thread_name_prefix="row-groups")
+        self._planner = ThreadPoolExecutor(1, thread_name_prefix="row-group-plan")
+        self._footers = LoadCache(self._pool, max_items=FOOTERS_KEPT)
+        self._handles: OrderedDict[int, Any] = OrderedDict()
+        self._handles_lock = threading.Lock()
+        self._groups = LoadCache(
+            self._pool, max_bytes=cache_bytes, max_items=cache_shards, size_of=lambda a: a.nbytes
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -229,49 +328,128 @@ class TokenShards:
     def __len__(self) -> int:
         return int(self._starts[-1])
 
-    def _shard(self, index: int) -> np.ndarray:
-        with self._lock:
-            if index in self._cache:
-                self._cache.move_to_end(index)
-                return self._cache[index]
-        column = self._read(index).column("tokens")
-        rows = _to_rows(column.combine_chunks(), self.row_len, self._files[index])
-        if len(rows) != self._rows[index]:
+    # -- files and footers -----------------------------------------------------------------
+    def _source(self, index: int) -> Any:
+        """What pq.ParquetFile opens for shard `index`: a local path, a ShardCache copy, or a
+        kept handle of the remote file."""
+        uri = self._files[index]
+        if self.file_cache is not None:
+            path = self.file_cache.fetch(uri, f"{self._version}|{uri}")
+            if path is not None:
+                return str(path)
+        if not storage.is_remote(uri):
+            return uri
+        with self._handles_lock:
+            if index in self._handles:
+                self._handles.move_to_end(index)
+                return self._handles[index]
+        fs, path = storage.filesystem(uri)
+        handle = storage._call("read", uri, fs.open_input_file, path)
+        with self._handles_lock:
+            self._handles[index] = handle
+            while len(self._handles) > HANDLES_KEPT:
+                self._handles.popitem(last=False)
+        return handle
+
+    def _read_footer(self, index: int) -> tuple[pq.FileMetaData, np.ndarray]:
+        """Shard `index`'s footer and its row groups' first rows (+ the end)."""
+        uri = self._files[index]
+        try:
+            meta = pq.read_metadata(self._source(index))
+        except (FileNotFoundError, storage.StorageError):
+            raise
+        except (OSError, pa.ArrowException) as e:
             raise DataError(
-                f"shard {str(self._files[index])!r} has {len(rows)} rows, manifest says "
-                f"{self._rows[index]}"
+                f"shard {uri!r}: not a readable Parquet file ({storage.one_line(e)})"
+            ) from None
+        if meta.num_rows != self._rows[index]:
+            raise DataError(
+                f"shard {uri!r} has {meta.num_rows} rows, manifest says {self._rows[index]}"
             )
-        with self._lock:
-            self._cache[index] = rows
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+        sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        return meta, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def _footer(self, index: int) -> Future:
+        return self._footers.get(index, lambda: self._read_footer(index))
+
+    # -- row groups -------------------------------------------------------------------------
+    def _read_group(self, index: int, group: int, meta: pq.FileMetaData) -> np.ndarray:
+        uri = self._files[index]
+        try:
+            table = pq.ParquetFile(self._source(index), metadata=meta).read_row_group(
+                group, columns=["tokens"]
+            )
+        except (FileNotFoundError, storage.StorageError):
+            raise
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(
+                f"shard {uri!r}: row group {group} unreadable ({storage.one_line(e)})"
+            ) from None
+        rows = _to_rows(table.column("tokens").combine_chunks(), self.row_len, uri)
+        if len(rows) != meta.row_group(group).num_rows:
+            raise DataError(f"shard {uri!r}: row group {group} decodes to {len(rows)} rows")
+        rows.flags.writeable = False
         return rows
 
-    def _read(self, index: int) -> pa.Table:
-        uri = self._files[index]
-        if self.file_cache is None:
-            return pq.read_table(uri, columns=["tokens"])  # a local path, read in place
-        return self.file_cache.read_table(uri, f"{self._version}|{uri}", ["tokens"])
+    def _group(self, index: int, group: int, meta: pq.FileMetaData) -> Future:
+        return self._groups.get((index, group), lambda: self._read_group(index, group, meta))
+
+    def _plan(self, ids: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """shard -> (positions in ids, rows in the shard) for the shards `ids` touch."""
+        shard_of = np.searchsorted(self._starts, ids, side="right") - 1
+        order = np.argsort(shard_of, kind="stable")
+        shards, first = np.unique(shard_of[order], return_index=True)
+        plan = {}
+        for shard, where in zip(shards.tolist(), np.split(order, first[1:])):
+            plan[shard] = (where, ids[where] - self._starts[shard])
+        return plan
+
+    def _request(self, ids: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, Future]]:
+        """Start every read `ids` need: (positions, rows in the group, ..., future rows) per
+        row group; waits for footers only (footer loads never wait on this pool)."""
+        plan = self._plan(ids)
+        footers = {shard: self._footer(shard) for shard in plan}
+        requests = []
+        for shard, (where, rows) in plan.items():
+            meta, starts = footers[shard].result()
+            group_of = np.searchsorted(starts, rows, side="right") - 1
+            for group in np.unique(group_of).tolist():
+                pick = group_of == group
+                fut = self._group(shard, group, meta)
+                requests.append((where[pick], rows[pick] - starts[group], pick, fut))
+        return requests
+
+    def prefetch(self, ids: Iterable[int]) -> None:
+        """Start reading the row groups of `ids` in the background (returns at once)."""
+        ids = self._checked(ids)
+        if ids.size:
+            self._planner.submit(self._request, ids)
+
+    def _checked(self, ids: Iterable[int]) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self)):
+            raise IndexError(f"sample ids out of range [0, {len(self)})")
+        return ids
 
     def __getitem__(self, sample_id: int) -> np.ndarray:
         sample_id = int(sample_id)
         if not 0 <= sample_id < len(self):
             raise IndexError(f"sample {sample_id} out of range [0, {len(self)})")
-        shard = int(np.searchsorted(self._starts, sample_id, side="right")) - 1
-        return self._shard(shard)[sample_id - self._starts[shard]]
+        return self.get_batch(np.array([sample_id]))[0]
 
     def get_batch(self, ids: np.ndarray) -> np.ndarray:
         """Rows for `ids` (in that order) as an int32 array (len(ids), seq_len + 1); reads each
-        needed shard once."""
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= len(self)):
-            raise IndexError(f"sample ids out of range [0, {len(self)})")
+        needed row group once, all of them in parallel."""
+        ids = self._checked(ids)
         out = np.empty((len(ids), self.row_len), dtype=np.int32)
-        shard_of = np.searchsorted(self._starts, ids, side="right") - 1
-        for shard in np.unique(shard_of):
-            where = np.nonzero(shard_of == shard)[0]
-            out[where] = self._shard(int(shard))[ids[where] - self._starts[shard]]
+        for where, rows, _, fut in self._request(ids):
+            out[where] = fut.result()[rows]
         return out
+
+    def close(self) -> None:
+        """Stop the read threads (pending reads finish first)."""
+        self._planner.shutdown(wait=True)
+        self._pool.shutdown(wait=True)
 
 
 def _to_rows(array: pa.Array, row_len: int, path: str) -> np.ndarray:
@@ -284,29 +462,16 @@ def _to_rows(array: pa.Array, row_len: int, path: str) -> np.ndarray:
     return values.astype(np.int32, copy=False).reshape(-1, row_len)
 
 
-@functools.lru_cache(maxsize=4)
-def _epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
-    perm = np.random.default_rng([seed, epoch]).permutation(num_samples)
-    perm.flags.writeable = False
-    return perm
-
-
 def sample_ids_at(
-    positions: np.ndarray, num_samples: int, seed: int, shuffle: bool = True
+    positions: np.ndarray,
+    num_samples: int,
+    seed: int,
+    shuffle: bool = True,
+    order: Order = DEFAULT_ORDER,
 ) -> np.ndarray:
-    """Vectorised `sample_id_at` (identity order modulo num_samples when shuffle=False)."""
-    if num_samples <= 0:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    positions = np.asarray(positions, dtype=np.int64)
-    offsets = positions % num_samples
-    if not shuffle:
-        return offsets
-    epochs = positions // num_samples
-    out = np.empty_like(positions)
-    for epoch in np.unique(epochs):
-        where = epochs == epoch
-        out[where] = _epoch_permutation(num_samples, seed, int(epoch))[offsets[where]]
-    return out
+    """Sample ids at global positions in `order` (default blocks-v1, data_pipeline/order.py;
+    identity modulo num_samples when shuffle=False)."""
+    return order.sample_ids(positions, num_samples, seed, shuffle)
 
 
 def window_shift(seed: int, epoch: int, row_len: int) -> int:
@@ -314,10 +479,10 @@ def window_shift(seed: int, epoch: int, row_len: int) -> int:
     return int(np.random.default_rng([seed, epoch, 0x57F7]).integers(row_len))
 
 
-def sample_id_at(position: int, num_samples: int, seed: int) -> int:
-    """The sample id at a global position: epoch = position // num_samples, then the seeded
-    permutation of that epoch. Independent of the world size."""
-    return int(sample_ids_at(np.array([position]), num_samples, seed)[0])
+def sample_id_at(position: int, num_samples: int, seed: int, order: Order = DEFAULT_ORDER) -> int:
+    """The sample id at a global position (epoch = position // num_samples). Independent of
+    the world size."""
+    return int(sample_ids_at(np.array([position]), num_samples, seed, order=order)[0])
 
 
 class DistributedLoader:
@@ -325,8 +490,11 @@ class DistributedLoader:
 
     global_batch = micro_batch * grad_accum * dp_size (grad_accum is derived). next_step()
     returns grad_accum pairs (inputs, targets) of int64 tensors (micro_batch, seq_len) and
-    advances consumed_samples by global_batch. With prefetch, a background thread reads the
-    next step's rows while the caller trains; results are identical either way.
+    advances consumed_samples by global_batch. With prefetch, a background thread assembles the
+    next step while the caller trains and the row groups of the next prefetch_steps steps are
+    read ahead; results are identical either way.
+    order: the data order of a new run (data_pipeline/order.py; a checkpointed state's order
+    wins on load_state_dict).
     window_offset: "packed" (the stored rows) or "random" (per-epoch shifted windows, see the
     module docstring; needs at least 2 rows).
     """
@@ -344,6 +512,8 @@ class DistributedLoader:
         shuffle: bool = True,
         prefetch: bool = True,
         window_offset: str = "packed",
+        order: Order = DEFAULT_ORDER,
+        prefetch_steps: int = 2,
     ):
         if micro_batch < 1 or dp_size < 1 or global_batch < 1:
             raise ValueError(
@@ -361,14 +531,11 @@ class DistributedLoader:
             raise ValueError(f"split {shards.split!r} of {shards.data_dir!r} has no samples")
         if consumed_samples < 0:
             raise ValueError(f"consumed_samples must be >= 0, got {consumed_samples}")
-        if window_offset not in ("packed", "random"):
-            raise ValueError(f"window_offset must be 'packed' or 'random', got {window_offset!r}")
-        if window_offset == "random" and len(shards) < 2:
-            raise ValueError(
-                f"window_offset 'random' needs at least 2 rows; split {shards.split!r} of "
-                f"{shards.data_dir!r} has {len(shards)}"
-            )
+        if prefetch_steps < 0:
+            raise ValueError(f"prefetch_steps must be >= 0, got {prefetch_steps}")
+        _check_window_offset(window_offset, shards)
         self.window_offset = window_offset
+        self.order = order
         self.shards = shards
         self.global_batch = global_batch
         self.micro_batch = micro_batch
@@ -377,6 +544,7 @@ class DistributedLoader:
         self.grad_accum = global_batch // (micro_batch * dp_size)
         self.seed = seed
         self.shuffle = shuffle
+        self.prefetch_steps = prefetch_steps if prefetch else 0
         self._consumed = consumed_samples
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="data-prefetch") if prefetch else None
         self._next: tuple[int, Future[Step]] | None = None
@@ -401,12 +569,20 @@ class DistributedLoader:
     def sample_ids_for_step(self, consumed: int) -> np.ndarray:
         """This rank's sample ids (window ids with random offsets), in micro-batch order, for
         the step starting at `consumed`."""
-        return sample_ids_at(self._positions(consumed), self.num_samples, self.seed, self.shuffle)
+        return sample_ids_at(
+            self._positions(consumed), self.num_samples, self.seed, self.shuffle, self.order
+        )
+
+    def _rows_for_step(self, consumed: int) -> np.ndarray:
+        """The stored rows the step starting at `consumed` reads (ids and ids + 1 for random
+        window offsets)."""
+        ids = self.sample_ids_for_step(consumed)
+        return np.concatenate([ids, ids + 1]) if self.window_offset == "random" else ids
 
     def _read_windows(self, consumed: int) -> np.ndarray:
         """Window k of epoch e: rows k and k + 1 joined, from offset window_shift(e) on."""
         positions = self._positions(consumed)
-        ids = sample_ids_at(positions, self.num_samples, self.seed, self.shuffle)
+        ids = self.sample_ids_for_step(consumed)
         row_len = self.shards.row_len
         shifts = np.array(
             [window_shift(self.seed, int(e), row_len) for e in positions // self.num_samples],
@@ -437,6 +613,8 @@ class DistributedLoader:
         self._consumed = consumed + self.global_batch
         if self._pool is not None:
             following = self._consumed
+            for k in range(1, self.prefetch_steps + 1):  # row groups of the steps after it
+                self.shards.prefetch(self._rows_for_step(following + k * self.global_batch))
             self._next = (following, self._pool.submit(self._load_step, following))
         return step
 
@@ -448,17 +626,16 @@ class DistributedLoader:
         state: dict[str, int | str] = {"consumed_samples": self._consumed, "seed": self.seed}
         if self.window_offset != "packed":
             state["window_offset"] = self.window_offset
+        state.update(self.order.state())
         return state
 
     def load_state_dict(self, state: dict[str, int | str]) -> None:
-        """Restore consumed_samples, seed and window_offset (the checkpoint's order wins; a
-        state without them keeps this loader's seed and means packed rows, the only order
-        before window_offset existed)."""
+        """Restore consumed_samples, seed, window_offset and the order (the checkpoint's order
+        wins; a state without them keeps this loader's seed and means packed rows in the
+        "permutation" order, the only order before window_offset and blocks-v1 existed)."""
         window_offset = str(state.get("window_offset", "packed"))
-        if window_offset == "random" and len(self.shards) < 2:
-            raise ValueError(
-                f"window_offset 'random' needs at least 2 rows, got {len(self.shards)}"
-            )
+        _check_window_offset(window_offset, self.shards)
+        self.order = Order.from_state(state)
         self.seed = int(state.get("seed", self.seed))
         self.window_offset = window_offset
         self._consumed = int(state["consumed_samples"])
@@ -469,3 +646,25 @@ class DistributedLoader:
             self._pool.shutdown(wait=True)
             self._pool = None
             self._next = None
+
+
+def _check_window_offset(window_offset: str, shards: TokenShards) -> None:
+    if window_offset not in ("packed", "random"):
+        raise ValueError(f"window_offset must be 'packed' or 'random', got {window_offset!r}")
+    if window_offset == "random" and len(shards) < 2:
+        raise ValueError(
+            f"window_offset 'random' needs at least 2 rows; split {shards.split!r} of "
+            f"{shards.data_dir!r} has {len(shards)}"
+        )
+
+
+def shard_settings(data: Any) -> dict[str, int]:
+    """TokenShards' read settings from a DataConfig (read_cache_mb, read_threads)."""
+    return {"cache_bytes": data.read_cache_mb << 20, "read_threads": data.read_threads}
+
+
+def order_settings(data: Any) -> dict[str, Any]:
+    """DistributedLoader's order settings of a new run from a DataConfig (order_chunk,
+    order_window, prefetch_steps)."""
+    order = Order(BLOCKS, chunk=data.order_chunk, window=data.order_window)
+    return {"order": order, "prefetch_steps": data.prefetch_steps}

@@ -6,6 +6,7 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +29,7 @@ from data_pipeline.manifest import (
     SplitInfo,
     TokenizerInfo,
 )
+from data_pipeline.order import BLOCKS, PERMUTATION, Order
 
 SEQ_LEN = 8
 ROW = SEQ_LEN + 1
@@ -40,7 +42,10 @@ def expected_row(sample_id: int) -> np.ndarray:
     return sample_id * 100 + np.arange(ROW, dtype=np.int32)
 
 
-def write_dataset(root: Path, shard_rows: list[int], *, fixed_size: bool = True) -> Path:
+def write_dataset(
+    root: Path, shard_rows: list[int], *, fixed_size: bool = True, row_group: Optional[int] = None
+) -> Path:
+    """Shards of shard_rows rows (one row group each, or row groups of `row_group` rows)."""
     root.mkdir(parents=True, exist_ok=True)
     shards, first = [], 0
     for k, rows in enumerate(shard_rows):
@@ -51,7 +56,8 @@ def write_dataset(root: Path, shard_rows: list[int], *, fixed_size: bool = True)
         else:
             column = pa.ListArray.from_arrays(pa.array(np.arange(rows + 1) * ROW, pa.int32()), flat)
         name = f"train-00000-{k:03d}.parquet"
-        pq.write_table(pa.table({"tokens": column}), root / name, compression="zstd")
+        table = pa.table({"tokens": column})
+        pq.write_table(table, root / name, compression="zstd", row_group_size=row_group)
         shards.append(ShardInfo(file=name, rows=rows))
         first += rows
     Manifest(
@@ -74,7 +80,8 @@ def write_dataset(root: Path, shard_rows: list[int], *, fixed_size: bool = True)
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> TokenShards:
-    return TokenShards(str(write_dataset(tmp_path_factory.mktemp("ds"), SHARD_ROWS)), "train")
+    root = write_dataset(tmp_path_factory.mktemp("ds"), SHARD_ROWS, row_group=3)
+    return TokenShards(str(root), "train")
 
 
 def make_loader(shards: TokenShards, **kwargs: object) -> DistributedLoader:
@@ -107,18 +114,135 @@ def test_token_shards_random_access(tmp_path: Path, fixed_size: bool) -> None:
         ds.get_batch(np.array([0, -1]))
 
 
-def test_token_shards_lru_cache_and_errors(tmp_path: Path) -> None:
+def test_token_shards_errors(tmp_path: Path) -> None:
     root = write_dataset(tmp_path / "ds", SHARD_ROWS)
-    ds = TokenShards(str(root), "train", cache_shards=2)
-    for i in range(N):
-        ds[i]
-    assert len(ds._cache) == 2
-    np.testing.assert_array_equal(ds[0], expected_row(0))  # evicted shard is read again
     assert len(TokenShards(str(root), "val")) == 0
     with pytest.raises(DataError, match="split 'test'"):
         TokenShards(str(root), "test")
     with pytest.raises(DataError, match="no manifest.json in"):
         TokenShards(str(tmp_path / "nothing"), "train")
+
+
+# ---------------------------------------------------------------------------- row groups
+# Shards of SHARD_ROWS rows in row groups of 3: sample i sits in shard k = the shard whose
+# first row is <= i, at row r = i - first(k), in row group r // 3.
+
+FIRST = np.concatenate([[0], np.cumsum(SHARD_ROWS)])
+
+
+def group_of(sample_id: int, rows_per_group: int = 3) -> tuple[int, int]:
+    shard = int(np.searchsorted(FIRST, sample_id, side="right")) - 1
+    return shard, (sample_id - int(FIRST[shard])) // rows_per_group
+
+
+def test_only_the_row_groups_needed_are_read_and_each_footer_once(tmp_path: Path) -> None:
+    ds = TokenShards(str(write_dataset(tmp_path, SHARD_ROWS, row_group=3)), "train")
+    ids = np.array([8, 9, 10, 30, 31, 9])  # shard 1 rows 1-3 (groups 0, 1), shard 4 rows 6-7
+    np.testing.assert_array_equal(ds.get_batch(ids), np.stack([expected_row(i) for i in ids]))
+    assert sorted(ds._groups.keys()) == sorted({group_of(i) for i in ids}) == [
+        (1, 0), (1, 1), (4, 2)
+    ]  # fmt: skip
+    assert ds._groups.loads == 3 and ds._footers.loads == 2
+    every = np.random.default_rng(0).permutation(N)
+    for part in np.array_split(every, 5):
+        np.testing.assert_array_equal(ds.get_batch(part), np.stack([expected_row(i) for i in part]))
+    assert ds._footers.loads == len(SHARD_ROWS)  # one footer read per file
+    assert ds._groups.loads == len({group_of(i) for i in range(N)})  # each group read once
+    ds.close()
+
+
+def test_decoded_row_groups_stay_under_their_byte_bound(tmp_path: Path) -> None:
+    group_bytes = 3 * ROW * 4  # int32 rows
+    bound = 2 * group_bytes
+    ds = TokenShards(
+        str(write_dataset(tmp_path, SHARD_ROWS, row_group=3)), "train", cache_bytes=bound
+    )
+    for i in range(N):
+        np.testing.assert_array_equal(ds[i], expected_row(i))
+        assert ds._groups.bytes <= bound
+    loads = ds._groups.loads
+    ds[N - 1]  # the most recent group: still held
+    assert ds._groups.loads == loads
+    ds[0]  # evicted long ago: read again
+    assert ds._groups.loads == loads + 1
+    small = TokenShards(str(tmp_path), "train", cache_shards=1)  # a count bound as well
+    for i in (0, 3, 0):
+        small[i]
+    assert len(small._groups.keys()) == 1 and small._groups.loads == 3
+
+
+def test_a_damaged_row_group_is_one_line_naming_the_shard_and_group(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path, [30], row_group=10)
+    path = root / "train-00000-000.parquet"
+    column = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    start = column.data_page_offset
+    data = bytearray(path.read_bytes())
+    for i in range(start + 20, start + column.total_compressed_size - 4, 3):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+    ds = TokenShards(str(root), "train")
+    np.testing.assert_array_equal(ds.get_batch(np.arange(10)), np.stack(
+        [expected_row(i) for i in range(10)]
+    ))  # fmt: skip
+    with pytest.raises(DataError) as err:
+        ds[15]
+    assert "\n" not in str(err.value) and f"shard {str(path)!r}: row group 1 unreadable" in str(
+        err.value
+    )
+
+
+def test_a_shard_with_other_rows_than_the_manifest_says(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path, [4, 6])
+    manifest = Manifest.load(root)
+    manifest.splits["train"].shards[1].rows = 5
+    manifest.save(root)
+    ds = TokenShards(str(root), "train")
+    np.testing.assert_array_equal(ds[3], expected_row(3))
+    with pytest.raises(DataError, match=r"train-00000-001.parquet' has 6 rows, manifest says 5"):
+        ds[4]
+
+
+def test_prefetch_reads_the_row_groups_of_the_next_steps(tmp_path: Path) -> None:
+    ds = TokenShards(str(write_dataset(tmp_path, SHARD_ROWS, row_group=3)), "train")
+    order = Order(BLOCKS, chunk=4, window=2)
+    loader = make_loader(ds, global_batch=4, micro_batch=2, order=order, prefetch_steps=2)
+    loader.next_step()
+    wanted = {group_of(int(i)) for k in (1, 2, 3) for i in loader.sample_ids_for_step(4 * k)}
+    deadline = time.time() + 30
+    while not wanted <= set(ds._groups.keys()) and time.time() < deadline:
+        time.sleep(0.01)
+    assert wanted <= set(ds._groups.keys())  # read before they were asked for
+    loads = ds._groups.loads
+    for k in (1, 2):
+        assert ids_of_step(loader.next_step()) == loader.sample_ids_for_step(4 * k).tolist()
+    assert (
+        all(group_of(int(i)) in ds._groups.keys() for i in loader.sample_ids_for_step(12))
+        and ds._groups.loads >= loads
+    )
+    loader.close()
+    ds.close()
+
+
+def test_object_store_reads_are_ranged_row_group_reads(s3, tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "ds", SHARD_ROWS, row_group=3)
+    uri = s3.unique_uri("rowgroups")
+    for f in root.iterdir():
+        s3.client().upload_file(str(f), s3.bucket, f"{uri.split('/', 3)[3]}/{f.name}")
+    remote = TokenShards(uri, "train", read_threads=3)
+    assert remote.file_cache is None  # no whole-file copies
+    ids = np.array([8, 30, 9])
+    np.testing.assert_array_equal(remote.get_batch(ids), np.stack([expected_row(i) for i in ids]))
+    assert remote._groups.loads == 2 and remote._footers.loads == 2
+    local = TokenShards(str(root), "train")
+    for consumed in (0, 24):  # and across the epoch boundary
+        a = make_loader(remote, consumed_samples=consumed)
+        b = make_loader(local, consumed_samples=consumed)
+        for _ in range(3):
+            assert ids_of_step(a.next_step()) == ids_of_step(b.next_step())
+        a.close()
+        b.close()
+    assert remote._footers.loads == len(SHARD_ROWS)
+    remote.close()
 
 
 # ---------------------------------------------------------------------------- the shard cache
@@ -212,20 +336,40 @@ def test_shard_cache_file_larger_than_the_bound_is_read_directly(tmp_path: Path)
 # ---------------------------------------------------------------------------- sample order
 
 
-def test_sample_id_at_is_a_seeded_permutation_per_epoch() -> None:
-    epoch0 = [sample_id_at(p, N, seed=3) for p in range(N)]
-    epoch1 = [sample_id_at(p, N, seed=3) for p in range(N, 2 * N)]
+def test_the_legacy_order_is_the_seeded_permutation_per_epoch() -> None:
+    legacy = Order(PERMUTATION)
+    epoch0 = [sample_id_at(p, N, seed=3, order=legacy) for p in range(N)]
+    epoch1 = [sample_id_at(p, N, seed=3, order=legacy) for p in range(N, 2 * N)]
     assert sorted(epoch0) == list(range(N)) and sorted(epoch1) == list(range(N))
     assert epoch0 != epoch1 and epoch0 != list(range(N))
     np.testing.assert_array_equal(np.random.default_rng([3, 1]).permutation(N), epoch1)
     positions = np.arange(5, 3 * N, 7)
-    assert sample_ids_at(positions, N, 3).tolist() == [sample_id_at(p, N, 3) for p in positions]
+    assert sample_ids_at(positions, N, 3, order=legacy).tolist() == [
+        sample_id_at(p, N, 3, order=legacy) for p in positions
+    ]
     assert sample_ids_at(positions, N, 3, shuffle=False).tolist() == (positions % N).tolist()
 
 
+def test_new_loaders_use_the_blocks_order(shards: TokenShards) -> None:
+    order = Order(BLOCKS, chunk=4, window=2)
+    loader = make_loader(shards, order=order)
+    epoch = [i for k in range(N // 8) for i in loader.sample_ids_for_step(8 * k)]
+    assert sorted(epoch) == list(range(N)) and epoch != list(range(N))
+    # windows of 2 chunks of 4: positions 8k..8k+7 hold the samples of 2 chunks only
+    for k in range(N // 8):
+        assert len({i // 4 for i in epoch[8 * k : 8 * k + 8]}) == 2
+    assert make_loader(shards).order == Order()  # blocks-v1, chunk 1024, window 16
+    assert epoch != [sample_id_at(p, N, 7, order=Order(PERMUTATION)) for p in range(N)]
+
+
+ORDERS = [Order(), Order(BLOCKS, chunk=4, window=2), Order(BLOCKS, chunk=3, window=1),
+          Order(PERMUTATION)]  # fmt: skip
+
+
+@pytest.mark.parametrize("order", ORDERS, ids=str)
 @pytest.mark.parametrize("dp_size", [1, 2, 4])
-def test_epoch_reads_every_sample_once(shards: TokenShards, dp_size: int) -> None:
-    loaders = [make_loader(shards, dp_rank=r, dp_size=dp_size) for r in range(dp_size)]
+def test_epoch_reads_every_sample_once(shards: TokenShards, dp_size: int, order: Order) -> None:
+    loaders = [make_loader(shards, dp_rank=r, dp_size=dp_size, order=order) for r in range(dp_size)]
     seen: Counter[int] = Counter()
     for _ in range(N // 8):
         for loader in loaders:
@@ -236,11 +380,11 @@ def test_epoch_reads_every_sample_once(shards: TokenShards, dp_size: int) -> Non
     assert all(loader.consumed_samples == N for loader in loaders)
 
 
-def test_union_of_ranks_equals_single_rank_order(shards: TokenShards) -> None:
-    single = make_loader(shards, global_batch=12, micro_batch=3)
-    pair = [
-        make_loader(shards, global_batch=12, micro_batch=3, dp_rank=r, dp_size=2) for r in (0, 1)
-    ]
+@pytest.mark.parametrize("order", ORDERS, ids=str)
+def test_union_of_ranks_equals_single_rank_order(shards: TokenShards, order: Order) -> None:
+    args = dict(global_batch=12, micro_batch=3, order=order)
+    single = make_loader(shards, **args)
+    pair = [make_loader(shards, dp_rank=r, dp_size=2, **args) for r in (0, 1)]
     for step in range(6):  # crosses epoch boundaries (N = 32 is not a multiple of 12)
         consumed = step * 12
         ids = single.sample_ids_for_step(consumed).tolist()
@@ -286,6 +430,7 @@ def test_resume_from_consumed_samples(shards: TokenShards, prefetch: bool) -> No
     steps = [full.next_step() for _ in range(7)]
     for k in (0, 3, 5):
         resumed = make_loader(shards, dp_rank=1, dp_size=2, consumed_samples=k * 8)
+        assert resumed.order == full.order == Order()
         for expected in steps[k:]:
             got = resumed.next_step()
             for (x, y), (ex, ey) in zip(got, expected):
@@ -293,7 +438,10 @@ def test_resume_from_consumed_samples(shards: TokenShards, prefetch: bool) -> No
     # state_dict round trip restores position and seed
     other = make_loader(shards, dp_rank=1, dp_size=2, seed=99)
     state = make_loader(shards, dp_rank=1, dp_size=2, consumed_samples=16).state_dict()
-    assert state == {"consumed_samples": 16, "seed": 7}
+    assert state == {
+        "consumed_samples": 16, "seed": 7, "order": "blocks-v1", "order_chunk": 1024,
+        "order_window": 16,
+    }  # fmt: skip
     other.next_step()  # leaves a prefetched step behind that must be discarded
     other.load_state_dict(state)
     assert ids_of_step(other.next_step()) == ids_of_step(steps[2])
@@ -314,3 +462,39 @@ def test_invalid_batch_settings(shards: TokenShards) -> None:
             dp_size=1,
             seed=0,
         )
+
+
+@pytest.mark.parametrize("saved_dp,resumed_dp", [(1, 2), (2, 4), (4, 1)])
+def test_resume_at_another_dp_size_keeps_the_checkpoint_order(
+    shards: TokenShards, saved_dp: int, resumed_dp: int
+) -> None:
+    """A state with an order resumes in it whatever the new loader was built with; a state
+    without one (every checkpoint before blocks-v1) resumes in the permutation order."""
+    recorded = Order(BLOCKS, chunk=4, window=3)
+    for order, state_keys in ((recorded, recorded.state()), (Order(PERMUTATION), {})):
+        whole = [
+            sample_id_at(p, N, 7, order=order) for p in range(40)
+        ]  # 5 steps of 8: crosses the epoch boundary at 32
+        saved = make_loader(shards, dp_size=saved_dp, order=order, consumed_samples=16)
+        state = saved.state_dict()
+        assert {k: state[k] for k in state_keys} == state_keys and ("order" in state) == bool(
+            state_keys
+        )
+        ranks = [make_loader(shards, dp_rank=r, dp_size=resumed_dp) for r in range(resumed_dp)]
+        for loader in ranks:
+            loader.load_state_dict(state)
+            assert loader.order == order
+        for step in range(2, 5):
+            got = [i for loader in ranks for i in ids_of_step(loader.next_step())]
+            assert got == whole[8 * step : 8 * step + 8]
+        for loader in ranks:
+            loader.close()
+    legacy = make_loader(shards)
+    legacy.load_state_dict({"consumed_samples": 8})  # a pre-parts checkpoint's loader state
+    assert legacy.order == Order(PERMUTATION) and legacy.state_dict() == {
+        "consumed_samples": 8, "seed": 7
+    }  # fmt: skip
+    assert (
+        ids_of_step(legacy.next_step())
+        == np.random.default_rng([7, 0]).permutation(N)[8:16].tolist()
+    )
