@@ -54,6 +54,16 @@ class DataConfig:
     # rows as stored; "random" shifts every window of an epoch by one keyed offset in
     # [0, seq_len] (see data_pipeline/loader.py), still exactly once per position.
     window_offset: str = "packed"
+    # The order and the reads (training only; data_pipeline/order.py, loader.py): new runs put
+    # chunks of order_chunk consecutive samples (best: the shards' row-group size) in a keyed
+    # order and shuffle samples within windows of order_window chunks; a checkpoint keeps the
+    # order it was written with. Decoded row groups are kept in memory up to read_cache_mb per
+    # split and rank, read by read_threads threads, prefetch_steps steps ahead.
+    order_chunk: int = 1024
+    order_window: int = 16
+    read_cache_mb: int = 1024
+    read_threads: int = 8
+    prefetch_steps: int = 2
     # Weighted mixture of already prepared datasets (data_pipeline/mixture.py); no sources =
     # no mixture. With one, training reads the mixture's datasets and nothing of the
     # prepare settings above (sources, out_dir, tokenizer, ...) is used.
@@ -103,6 +113,9 @@ class DataConfig:
         _check_int("samples_per_shard", self.samples_per_shard, 1)
         _check_int("num_tasks", self.num_tasks, 0)
         _check_int("seed", self.seed, 0)
+        for name in ("order_chunk", "order_window", "read_cache_mb", "read_threads"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("prefetch_steps", self.prefetch_steps, 0)
         if self.max_documents is not None:
             _check_int("max_documents", self.max_documents, 1)
         if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)):
