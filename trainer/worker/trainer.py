@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline import storage
-from data_pipeline.loader import DistributedLoader, TokenShards
+from data_pipeline.loader import DistributedLoader, TokenShards, order_settings, shard_settings
 from data_pipeline.manifest import Manifest
 from models.gpt import estimate_flops_per_token, estimate_num_params
 from trainer.checkpoint import format as checkpoint
@@ -173,13 +173,14 @@ class Trainer:
             micro_batch=t.micro_batch_size, dp_rank=self.dp_rank, dp_size=cfg.dp_size, seed=t.seed
         )
         self.train_loader = DistributedLoader(
-            TokenShards(data_dir, "train"),
+            TokenShards(data_dir, "train", **shard_settings(cfg.data)),
             global_batch=t.global_batch_size,
             window_offset=cfg.data.window_offset,
+            **order_settings(cfg.data),
             **loader_args,
         )
         self.val_loader = DistributedLoader(
-            TokenShards(data_dir, "val"),
+            TokenShards(data_dir, "val", **shard_settings(cfg.data)),
             global_batch=t.micro_batch_size * t.eval_batches * cfg.dp_size,
             shuffle=False,
             **loader_args,
