@@ -49,6 +49,12 @@ class DataConfig:
     # Cap on documents (of data.sources, and separately of data.val_sources), for tests.
     max_documents: Optional[int] = None  # noqa: UP045
     num_tasks: int = 0  # Ray tasks for tokenization; 0 -> from the corpus size
+    # prepare at scale (data_pipeline/prepare.py): the BPE trains on a seeded sample of at most
+    # this many bytes of train text (the whole train split, in order, when the sources fit);
+    # each task holds at most about this much (a text document, a compressed file, a Parquet
+    # row group or a JSONL line larger than it is refused) and the listing cuts units by it.
+    tokenizer_sample_bytes: int = 1 << 30
+    task_memory_bytes: int = 2 << 30
     seed: int = 1234
     # Training windows (the data order; not a prepare setting): "packed" trains on the packed
     # rows as stored; "random" shifts every window of an epoch by one keyed offset in
@@ -112,6 +118,8 @@ class DataConfig:
         _check_int("vocab_size", self.vocab_size, 1 if self.tokenizer else MIN_BPE_VOCAB)
         _check_int("samples_per_shard", self.samples_per_shard, 1)
         _check_int("num_tasks", self.num_tasks, 0)
+        _check_int("tokenizer_sample_bytes", self.tokenizer_sample_bytes, 1)
+        _check_int("task_memory_bytes", self.task_memory_bytes, 1 << 16)
         _check_int("seed", self.seed, 0)
         for name in ("order_chunk", "order_window", "read_cache_mb", "read_threads"):
             _check_int(name, getattr(self, name), 1)

@@ -4,10 +4,16 @@ The dataset directory (`out_dir`) is a storage URI: a local path, a shared mount
 gs://. `read_manifest` is the one reader of it (None when there is none); `Manifest.load` is the
 same but requires one. File names in the manifest are relative to out_dir (on object stores
 they sit under a version prefix, see data_pipeline/prepare.py).
+
+Version 2 is deterministic: the same settings and sources give the same bytes, whether the
+prepare ran straight through or was killed and resumed (no wall-clock time in it; each shard's
+sha256 pins its content). Version 1 manifests (with `created`, without shard digests) are
+still read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,13 +23,15 @@ from data_pipeline import storage
 from data_pipeline.config import DataError
 
 MANIFEST_FILE = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass
 class ShardInfo:
     file: str  # relative to the dataset directory
     rows: int  # samples of seq_len + 1 tokens
+    sha256: Optional[str] = None  # of the file's bytes (version 2; None in version 1)
 
 
 @dataclass
@@ -53,11 +61,26 @@ class Manifest:
     num_documents: dict[str, int]
     settings: dict[str, Any]  # the settings fingerprint compared by prepare()
     fingerprint: str  # sha256 of the canonical settings JSON
-    created: str  # ISO 8601, UTC
-    stats: dict[str, Any] = field(default_factory=dict)  # seconds, num_tasks, split, ...
+    created: Optional[str] = None  # version 1 only (ISO 8601, UTC); never written by version 2
+    stats: dict[str, Any] = field(default_factory=dict)  # num_tasks, chars, split
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["created"] is None:
+            del d["created"]
+        for split in d["splits"].values():
+            for shard in split["shards"]:
+                if shard["sha256"] is None:
+                    del shard["sha256"]
+        return d
+
+    @property
+    def cache_key(self) -> str:
+        """Changes whenever the dataset's files change (a digest of the manifest's content,
+        which holds every shard's sha256; version 1: its creation time): what a reader keys
+        cached shards on."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
@@ -115,7 +138,7 @@ def read_manifest(out_dir: str | Path) -> Optional[Manifest]:
         d = json.loads(text)
     except ValueError as exc:
         raise DataError(f"{uri!r} is not valid JSON ({exc})") from None
-    if not isinstance(d, dict) or d.get("version") != MANIFEST_VERSION:
+    if not isinstance(d, dict) or d.get("version") not in READABLE_VERSIONS:
         version = d.get("version") if isinstance(d, dict) else None
         raise DataError(
             f"{uri!r} has version {version!r}, expected {MANIFEST_VERSION} (prepare the data again)"

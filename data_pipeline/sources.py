@@ -1,9 +1,20 @@
 """Where documents come from: the built-in stdlib corpus or user paths / globs / fsspec URLs.
 
-Listing is cheap and gives *work units* (a file, its format and a row range) that a Ray task can
-read on its own; `read_documents` turns one unit into documents. Every document has a stable id
-(`<name>` for a text file, `<name>#<row>` for a JSONL line or Parquet row, where `<name>` is the
-file's path relative to its source root).
+Listing (`plan_units`, on the driver) reads metadata only: file sizes, and the footers of
+Parquet files (row groups, row counts, schema). It gives *work units* that a Ray task reads on
+its own, with bounded memory (`read_documents` streams one unit):
+- a text file (one document) is one unit;
+- a JSONL file is cut into byte ranges: the unit [start, stop) owns the lines that START in
+  [start, stop) (a task seeks to start, skips the rest of a line begun before it, and reads
+  until a line starts at or after stop);
+- a Parquet file is cut at row-group boundaries into row ranges [start, stop);
+- a compressed file (.gz, .bz2, .xz, .zst) cannot be cut: it is one unit.
+A unit that a task would have to hold whole (a text document, a compressed file, a Parquet row
+group) and that is larger than data.task_memory_bytes is refused in one line.
+
+Every document has a stable id that does not depend on how files are cut: `<name>` for a text
+file, `<name>@<byte offset of its line>` for a JSONL line, `<name>#<row>` for a Parquet row,
+where `<name>` is the file's path relative to its source root.
 
 The train/val split (`split_for`), in this order:
 - a document of data.val_sources is "val";
@@ -13,13 +24,18 @@ The train/val split (`split_for`), in this order:
   "train": the validation set is exactly what the user gave, nothing is held out by hash;
 - otherwise a seeded hash of the document id holds out about data.val_fraction of documents
   (so `x_train.txt` and `x_val.txt` land wherever the hash puts them: name them instead).
+
+data.max_documents (a cap for tests and smoke runs) is applied from metadata, in listing
+order, separately to data.sources and data.val_sources: a text file counts as one document, a
+Parquet row as one (rows with empty text included), and a JSONL file, whose line count the
+listing does not know, takes what is left of the cap (its task stops after that many
+documents) and ends the listing of its kind.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import posixpath
 import re
@@ -43,9 +59,8 @@ TEXT_EXTENSIONS = frozenset(
 JSONL_EXTENSIONS = frozenset({".jsonl", ".ndjson"})
 PARQUET_EXTENSIONS = frozenset({".parquet", ".pq"})
 KNOWN_EXTENSIONS = TEXT_EXTENSIONS | JSONL_EXTENSIONS | PARQUET_EXTENSIONS
-# JSONL / Parquet files are cut into units of about this much text so that one big file can
-# still be tokenized by several tasks.
-UNIT_CHARS = 4 << 20
+# Compressed files: read through fsspec's decompression, never cut (no random access).
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
@@ -53,34 +68,34 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 class Document:
     id: str  # stable: used for the train/val split hash
     text: str
-    row: int = 0  # line (JSONL) or row (Parquet) index within its file; 0 for text files
+    row: int = 0  # byte offset of its line (JSONL) or row index (Parquet); 0 for text files
     split: str | None = None  # from data.split_column, when read
 
 
 @dataclass(frozen=True)
 class WorkUnit:
-    """A file (or a row range of one) that one task reads; plain fields so it pickles/JSONs."""
+    """A file, or a range of one, that one task reads; plain fields so it pickles/JSONs."""
 
     path: str  # absolute local path or fsspec URL
     format: str  # text | jsonl | parquet
     name: str  # path relative to its source root; the base of document ids
-    start: int = 0  # first row (JSONL line / Parquet row) to read
-    stop: int | None = None  # one past the last row to read; None -> to the end
+    # JSONL: byte range [start, stop) (lines that start in it); Parquet: row range; text: unused.
+    start: int = 0
+    stop: int | None = None  # None -> to the end
     # "val": a file of data.val_sources; "train": of data.sources when the split is given
     # (DataConfig.split_given); None: split by hash.
     split: str | None = None
+    size: int = 0  # bytes of the file (listing) or of the range (planned units): balancing
+    limit: int | None = None  # at most this many documents (data.max_documents on a JSONL file)
+    compression: str | None = None  # gzip | bz2 | xz | zstd (never cut)
 
 
 @dataclass
-class Plan:
-    """Result of one listing pass over all documents (see `plan_documents`)."""
+class Listing:
+    """The driver's plan: work units from metadata only (see `plan_units`)."""
 
-    units: list[WorkUnit]  # non-empty units, cut at max_documents, big files split by rows
-    unit_chars: list[int]  # characters of text in each unit, for balancing tasks
-    split_overrides: dict[str, str] = field(default_factory=dict)  # doc id -> split (fallback)
-    num_documents: dict[str, int] = field(default_factory=dict)
-    num_chars: dict[str, int] = field(default_factory=dict)
-    sources: list[str] = field(default_factory=list)  # what was read, for the manifest
+    units: list[WorkUnit]
+    sources: list[str] = field(default_factory=list)  # what was listed, for the manifest
 
 
 # ---------------------------------------------------------------------------- the stdlib corpus
@@ -136,11 +151,24 @@ def list_stdlib_files(root: str | None = None) -> list[str]:
 # ---------------------------------------------------------------------------- listing
 
 
+def compression_of(path: str) -> str | None:
+    """gzip / bz2 / xz / zstd by the file's last extension, else None."""
+    return COMPRESSIONS.get(posixpath.splitext(path)[1].lower())
+
+
+def _inner_ext(path: str) -> str:
+    """The extension that names the format (before a compression extension)."""
+    stem, ext = posixpath.splitext(path)
+    if ext.lower() in COMPRESSIONS:
+        ext = posixpath.splitext(stem)[1]
+    return ext.lower()
+
+
 def format_of(path: str, configured: str = "auto") -> str:
     """The format a file is read as: the configured one, or by extension (default text)."""
     if configured != "auto":
         return configured
-    ext = posixpath.splitext(path)[1].lower()
+    ext = _inner_ext(path)
     if ext in JSONL_EXTENSIONS:
         return "jsonl"
     if ext in PARQUET_EXTENSIONS:
@@ -166,17 +194,21 @@ def _expand_source(
     root = root.rstrip("/") or "/"
     if _GLOB_CHARS.search(root):
         base = _glob_base(root)
-        paths = sorted(p for p in fs.glob(root) if fs.isfile(p))
+        found = fs.glob(root, detail=True)
+        paths = sorted(p for p, i in found.items() if i.get("type") == "file")
+        sizes = {p: int(found[p].get("size") or 0) for p in paths}
         if not paths:
             raise DataError(f"{key}: pattern {source!r} matched no files")
     elif fs.isdir(root):
         base = root
+        found = fs.find(root, detail=True)
         paths = sorted(
             p
-            for p in fs.find(root)
-            if posixpath.splitext(p)[1].lower() in KNOWN_EXTENSIONS
+            for p in found
+            if _inner_ext(p) in KNOWN_EXTENSIONS
             and not any(part.startswith(".") for part in posixpath.relpath(p, root).split("/"))
         )
+        sizes = {p: int(found[p].get("size") or 0) for p in paths}
         if not paths:
             raise DataError(
                 f"{key}: directory {source!r} holds no files with a known extension "
@@ -185,6 +217,7 @@ def _expand_source(
     elif fs.isfile(root):
         base = posixpath.dirname(root)
         paths = [root]
+        sizes = {root: int(fs.size(root) or 0)}
     else:
         raise DataError(f"{key}: path {source!r} does not exist")
     local = isinstance(fs, LocalFileSystem)
@@ -193,6 +226,8 @@ def _expand_source(
             path=fs.unstrip_protocol(p) if is_url or not local else p,
             format=format_of(p, configured_format),
             name=posixpath.relpath(p, base),
+            size=sizes[p],
+            compression=compression_of(p),
         )
         for p in paths
     ]
@@ -217,7 +252,7 @@ def _expand_all(sources: list[str], configured_format: str, key: str) -> list[Wo
 
 
 def list_work_units(cfg: DataConfig) -> list[WorkUnit]:
-    """All files of cfg.sources (or the stdlib corpus when empty), then those of
+    """All files of cfg.sources (or the stdlib corpus when empty), with their sizes, then those of
     cfg.val_sources (split "val"), in a stable order: source by source, sorted within a
     source, a file matched twice kept once. DataError if a validation file is also a
     training file."""
@@ -226,7 +261,11 @@ def list_work_units(cfg: DataConfig) -> list[WorkUnit]:
         root = stdlib_root()
         units = [
             WorkUnit(
-                path=p, format="text", name=Path(p).relative_to(root).as_posix(), split=train_split
+                path=p,
+                format="text",
+                name=Path(p).relative_to(root).as_posix(),
+                split=train_split,
+                size=os.path.getsize(p),
             )
             for p in list_stdlib_files(root)
         ]
@@ -251,6 +290,138 @@ def list_work_units(cfg: DataConfig) -> list[WorkUnit]:
     return units + val_units
 
 
+# ---------------------------------------------------------------------------- planning
+
+
+def _gib(n: int) -> str:
+    """A byte count for messages."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _too_big(what: str, size: int, memory: int, why: str, remedy: str) -> DataError:
+    return DataError(
+        f"{what} is {_gib(size)}, more than data.task_memory_bytes={memory} ({_gib(memory)}): "
+        f"{why}; {remedy} or raise data.task_memory_bytes"
+    )
+
+
+def plan_units(cfg: DataConfig, unit_bytes: int) -> Listing:
+    """The work units of cfg from metadata only (sizes, Parquet footers; no document is read):
+    JSONL files cut into byte ranges and Parquet files into row-group ranges of about
+    unit_bytes, max_documents applied as the module docstring says. DataError when nothing is
+    left, or when a unit that a task must hold whole is larger than cfg.task_memory_bytes."""
+    remaining = {"train": cfg.max_documents, "val": cfg.max_documents}  # per kind of source
+    units: list[WorkUnit] = []
+    for unit in list_work_units(cfg):
+        kind = "val" if unit.split == "val" else "train"
+        if remaining[kind] == 0 or unit.size == 0:
+            continue
+        pieces, taken = _cut(unit, cfg, unit_bytes, remaining[kind])
+        units += pieces
+        if remaining[kind] is not None:
+            remaining[kind] = max(0, remaining[kind] - taken)
+    sources = list(cfg.sources) or [stdlib_root()]
+    if not units:
+        raise DataError(f"data.sources matched no documents (after dropping empty ones): {sources}")
+    return Listing(units=units, sources=sources)
+
+
+def _cut(unit: WorkUnit, cfg: DataConfig, unit_bytes: int, cap: int | None):
+    """(units of one file, documents they count against max_documents)."""
+    memory = cfg.task_memory_bytes
+    if unit.compression:
+        if unit.format == "parquet":
+            raise DataError(
+                f"parquet file {unit.path!r} is {unit.compression}-compressed as a whole: "
+                "Parquet compresses its pages itself; give the .parquet file"
+            )
+        if unit.size > memory:
+            raise _too_big(
+                f"{unit.compression} file {unit.path!r}", unit.size, memory,
+                "a compressed file cannot be cut into ranges, one task would read it whole",
+                "decompress it or split it into smaller files",
+            )  # fmt: skip
+        if unit.format == "jsonl":
+            return [replace(unit, limit=cap)], (cap or 0)
+        return [unit], 1
+    if unit.format == "text":
+        if unit.size > memory:
+            raise _too_big(
+                f"text file {unit.path!r}", unit.size, memory,
+                "a text file is one document, which one task holds whole",
+                "split it into smaller files",
+            )  # fmt: skip
+        return [unit], 1
+    if unit.format == "jsonl":
+        if cap is not None:  # its line count is unknown: it takes the rest of the cap
+            return [replace(unit, limit=cap)], cap
+        return byte_ranges(unit, unit_bytes), 0
+    if unit.format == "parquet":
+        return _parquet_units(unit, cfg, unit_bytes, cap)
+    raise DataError(f"work unit {unit.path!r}: unknown format {unit.format!r}")
+
+
+def byte_ranges(unit: WorkUnit, unit_bytes: int) -> list[WorkUnit]:
+    """A JSONL file cut into byte ranges of unit_bytes (the last one to the end)."""
+    cuts = list(range(0, unit.size, max(1, unit_bytes)))
+    return [
+        replace(
+            unit,
+            start=a,
+            stop=cuts[k + 1] if k + 1 < len(cuts) else None,
+            size=(cuts[k + 1] if k + 1 < len(cuts) else unit.size) - a,
+        )
+        for k, a in enumerate(cuts)
+    ]
+
+
+def _parquet_units(unit: WorkUnit, cfg: DataConfig, unit_bytes: int, cap: int | None):
+    """Row-group ranges of one Parquet file from its footer; rows count against the cap."""
+    with fsspec.open(unit.path, "rb") as f:
+        pf = open_parquet(unit.path, f)
+        parquet_columns(pf, unit, cfg.text_column, cfg.split_column)
+        meta = pf.metadata
+    units: list[WorkUnit] = []
+    start, row, size = 0, 0, 0
+    for i in range(meta.num_row_groups):
+        group = meta.row_group(i)
+        if group.total_byte_size > cfg.task_memory_bytes:
+            raise _too_big(
+                f"parquet file {unit.path!r} row group {i}", group.total_byte_size,
+                cfg.task_memory_bytes, "a task decodes a row group whole",
+                "rewrite the file with smaller row groups (pyarrow: row_group_size=...)",
+            )  # fmt: skip
+        rows = group.num_rows
+        if cap is not None and row + rows >= cap:
+            rows = cap - row
+        row += rows
+        size += sum(group.column(c).total_compressed_size for c in range(group.num_columns))
+        if size >= unit_bytes or (cap is not None and row >= cap):
+            units.append(replace(unit, start=start, stop=row, size=size))
+            start, size = row, 0
+        if cap is not None and row >= cap:
+            break
+    if row > start:
+        units.append(replace(unit, start=start, stop=row, size=size))
+    return units, row
+
+
+def group_units(sizes: list[int], num_groups: int) -> list[list[int]]:
+    """Cut unit indices into at most num_groups contiguous, non-empty groups of about equal
+    size (deterministic: depends only on the sizes and num_groups)."""
+    total = sum(sizes) or 1
+    groups: dict[int, list[int]] = {}
+    before = 0
+    for i, size in enumerate(sizes):
+        middle = before + size / 2
+        groups.setdefault(min(num_groups - 1, int(middle / total * num_groups)), []).append(i)
+        before += size
+    return [groups[k] for k in sorted(groups)]
+
+
 # ---------------------------------------------------------------------------- reading
 
 
@@ -258,10 +429,16 @@ def _is_empty(text: str | None) -> bool:
     return text is None or not text.strip()
 
 
+def _open(unit: WorkUnit):
+    """The unit's file, binary, decompressed when it is compressed."""
+    try:
+        return fsspec.open(unit.path, "rb", compression=unit.compression)
+    except ValueError as exc:  # a codec fsspec has no module for (zstd needs `zstandard`)
+        raise DataError(f"{unit.compression} file {unit.path!r} cannot be read: {exc}") from None
+
+
 def _read_text(unit: WorkUnit) -> Iterator[Document]:
-    if unit.start > 0 or (unit.stop is not None and unit.stop < 1):
-        return
-    with fsspec.open(unit.path, "rb") as f:
+    with _open(unit) as f:
         data = f.read()
     try:
         text = data.decode("utf-8")
@@ -285,49 +462,75 @@ def _split_value(value: object, split_column: str, where: str) -> str:
 _MISSING = object()
 
 
+def jsonl_lines(f, start: int, stop: int | None, max_line: int | None = None):
+    """(byte offset, line) of the lines of an open binary file that start in [start, stop):
+    a line begun before `start` belongs to the range before. CRLF and a last line without a
+    newline are lines like any other. max_line: the most one line may hold; a longer line is
+    yielded as None at its offset (the caller names it) and ends the reading."""
+    if start > 0:
+        f.seek(start - 1)
+        if f.read(1) != b"\n":
+            f.readline()  # the rest of a line that starts before this range
+    pos = f.tell()
+    while stop is None or pos < stop:
+        line = f.readline() if max_line is None else f.readline(max_line + 1)
+        if not line:
+            return
+        if max_line is not None and len(line) > max_line and not line.endswith(b"\n"):
+            yield pos, None
+            return
+        yield pos, line
+        pos += len(line)
+
+
 def _read_jsonl(
-    unit: WorkUnit, text_column: str, split_column: str | None = None
+    unit: WorkUnit, text_column: str, split_column: str | None = None, max_line: int | None = None
 ) -> Iterator[Document]:
-    with fsspec.open(unit.path, "rb") as f:
-        for row, line in enumerate(f):
-            if row < unit.start:
-                continue
-            if unit.stop is not None and row >= unit.stop:
-                break
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as exc:
-                msg = getattr(exc, "msg", str(exc))
+    count = 0
+    with _open(unit) as f:
+        for number, (pos, line) in enumerate(jsonl_lines(f, unit.start, unit.stop, max_line)):
+            where = f"jsonl file {unit.path!r} " + (
+                f"line {number + 1}" if unit.start == 0 else f"line at byte {pos}"
+            )
+            if line is None:
                 raise DataError(
-                    f"jsonl file {unit.path!r} line {row + 1}: invalid JSON ({msg})"
-                ) from None
-            if not isinstance(obj, dict):
-                raise DataError(
-                    f"jsonl file {unit.path!r} line {row + 1}: is a JSON {_json_kind(obj)}, "
-                    f"not an object (each line must be one object with a {text_column!r} field)"
+                    f"{where} is longer than data.task_memory_bytes={max_line}: a task holds a "
+                    "line whole; split the document or raise data.task_memory_bytes"
                 )
-            if text_column not in obj:
-                raise DataError(
-                    f"jsonl file {unit.path!r} line {row + 1} has no field {text_column!r} "
-                    f"(fields: {', '.join(obj)})"
-                )
-            text = obj[text_column]
-            if text is not None and not isinstance(text, str):
-                raise DataError(
-                    f"jsonl file {unit.path!r} line {row + 1}: field {text_column!r} is "
-                    f"{type(text).__name__}, not a string"
-                )
-            if not _is_empty(text):
-                split = None
-                if split_column is not None:
-                    split = _split_value(
-                        obj.get(split_column, _MISSING),
-                        split_column,
-                        f"jsonl file {unit.path!r} line {row + 1}",
-                    )
-                yield Document(id=f"{unit.name}#{row}", text=text, row=row, split=split)
+            if unit.limit is not None and count >= unit.limit:
+                return
+            doc = _jsonl_document(line, where, unit, pos, text_column, split_column)
+            if doc is not None:
+                count += 1
+                yield doc
+
+
+def _jsonl_document(
+    line: bytes, where: str, unit: WorkUnit, pos: int, text_column: str, split_column: str | None
+) -> Document | None:
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except ValueError as exc:
+        msg = getattr(exc, "msg", str(exc))
+        raise DataError(f"{where}: invalid JSON ({msg})") from None
+    if not isinstance(obj, dict):
+        raise DataError(
+            f"{where}: is a JSON {_json_kind(obj)}, not an object (each line must be one "
+            f"object with a {text_column!r} field)"
+        )
+    if text_column not in obj:
+        raise DataError(f"{where} has no field {text_column!r} (fields: {', '.join(obj)})")
+    text = obj[text_column]
+    if text is not None and not isinstance(text, str):
+        raise DataError(f"{where}: field {text_column!r} is {type(text).__name__}, not a string")
+    if _is_empty(text):
+        return None
+    split = None
+    if split_column is not None:
+        split = _split_value(obj.get(split_column, _MISSING), split_column, where)
+    return Document(id=f"{unit.name}@{pos}", text=text, row=pos, split=split)
 
 
 def _json_kind(value: object) -> str:
@@ -343,11 +546,11 @@ def _json_kind(value: object) -> str:
     return "number"
 
 
-def _parquet_error(path: str, exc: BaseException) -> DataError:
+def _parquet_error(path: str, exc: BaseException, where: str = "") -> DataError:
     """A file that pyarrow cannot read as Parquet (not Parquet at all, truncated, damaged
-    pages) as one line naming the file and what is wrong."""
+    pages) as one line naming the file (and row group) and what is wrong."""
     reason = " ".join(str(exc).split()) or type(exc).__name__
-    return DataError(f"parquet file {path!r} cannot be read as Parquet: {reason}")
+    return DataError(f"parquet file {path!r}{where} cannot be read as Parquet: {reason}")
 
 
 def open_parquet(path: str, f) -> pq.ParquetFile:
@@ -375,53 +578,85 @@ def _is_string(col_type: pa.DataType) -> bool:
     return pa.types.is_string(col_type) or pa.types.is_large_string(col_type)
 
 
+def parquet_columns(
+    pf: pq.ParquetFile, unit: WorkUnit, text_column: str, split_column: str | None
+) -> list[str]:
+    """The columns prepare reads, checked against the file's schema (DataError otherwise)."""
+    names = pf.schema_arrow.names
+    if text_column not in names:
+        raise DataError(
+            f"parquet file {unit.path!r} has no column {text_column!r} "
+            f"(columns: {', '.join(names)})"
+        )
+    columns = [text_column]
+    if split_column is not None and unit.split != "val":
+        if split_column not in names:
+            raise DataError(
+                f"parquet file {unit.path!r} has no column {split_column!r} "
+                f"(data.split_column; columns: {', '.join(names)})"
+            )
+        columns.append(split_column)
+    for name in columns:
+        col_type = pf.schema_arrow.field(name).type
+        if not _is_string(col_type):
+            raise DataError(
+                f"parquet file {unit.path!r}: column {name!r} has type {col_type}, not string"
+            )
+    return columns
+
+
+PARQUET_BATCH = 1024  # rows per record batch read from a row group
+
+
 def _read_parquet(
     unit: WorkUnit, text_column: str, split_column: str | None = None
 ) -> Iterator[Document]:
+    """The rows [start, stop) of one Parquet file, row group by row group, in record batches."""
     with fsspec.open(unit.path, "rb") as f:
         pf = open_parquet(unit.path, f)
-        names = pf.schema_arrow.names
-        if text_column not in names:
-            raise DataError(
-                f"parquet file {unit.path!r} has no column {text_column!r} "
-                f"(columns: {', '.join(names)})"
-            )
-        columns = [text_column]
-        if split_column is not None:
-            if split_column not in names:
-                raise DataError(
-                    f"parquet file {unit.path!r} has no column {split_column!r} "
-                    f"(data.split_column; columns: {', '.join(names)})"
-                )
-            columns.append(split_column)
-        for name in columns:
-            col_type = pf.schema_arrow.field(name).type
-            if not _is_string(col_type):
-                raise DataError(
-                    f"parquet file {unit.path!r}: column {name!r} has type {col_type}, not string"
-                )
-        try:
-            yield from _parquet_rows(pf, unit, columns, split_column)
-        except (pa.ArrowException, OSError) as exc:  # damaged pages behind a valid footer
-            raise _parquet_error(unit.path, exc) from None
+        columns = parquet_columns(pf, unit, text_column, split_column)
+        meta = pf.metadata
+        first = 0
+        for i in range(meta.num_row_groups):
+            rows = meta.row_group(i).num_rows
+            lo, hi = max(first, unit.start), first + rows
+            if unit.stop is not None:
+                hi = min(hi, unit.stop)
+            if lo < hi:
+                where = f" row group {i} (rows {first}-{first + rows - 1})"
+                try:
+                    yield from _row_group(pf, i, first, lo, hi, unit, columns, split_column)
+                except (pa.ArrowException, OSError) as exc:  # damaged pages, valid footer
+                    raise _parquet_error(unit.path, exc, where) from None
+            first += rows
+            if unit.stop is not None and first >= unit.stop:
+                return
 
 
-def _parquet_rows(
-    pf: pq.ParquetFile, unit: WorkUnit, columns: list[str], split_column: str | None
+def _row_group(
+    pf: pq.ParquetFile,
+    index: int,
+    first: int,
+    lo: int,
+    hi: int,
+    unit: WorkUnit,
+    columns: list[str],
+    split_column: str | None,
 ) -> Iterator[Document]:
-    row = 0
-    for batch in pf.iter_batches(columns=columns, batch_size=4096):
+    row = first
+    for batch in pf.iter_batches(batch_size=PARQUET_BATCH, row_groups=[index], columns=columns):
         n = batch.num_rows
-        if row + n <= unit.start:
+        if row + n <= lo:
             row += n
             continue
-        splits = batch.column(1).to_pylist() if split_column is not None else [None] * n
+        given = len(columns) > 1
+        splits = batch.column(1).to_pylist() if given else [None] * n
         for text, value in zip(batch.column(0).to_pylist(), splits):
-            if unit.stop is not None and row >= unit.stop:
+            if row >= hi:
                 return
-            if row >= unit.start and not _is_empty(text):
+            if row >= lo and not _is_empty(text):
                 split = None
-                if split_column is not None:
+                if given:
                     split = _split_value(
                         value, split_column, f"parquet file {unit.path!r} row {row}"
                     )
@@ -430,32 +665,33 @@ def _parquet_rows(
 
 
 def read_documents(
-    unit: WorkUnit, text_column: str = "text", split_column: str | None = None
+    unit: WorkUnit,
+    text_column: str = "text",
+    split_column: str | None = None,
+    max_line: int | None = None,
 ) -> Iterator[Document]:
-    """The non-empty documents of one work unit, in file order. With split_column, each JSONL /
-    Parquet document of a training source carries its split (DataError on any value other than
-    "train" / "val"); files of val_sources (unit.split "val") do not read it."""
+    """The non-empty documents of one work unit, in file order, streamed (a Parquet record
+    batch, a JSONL line at a time; a text file whole). With split_column, each JSONL /
+    Parquet document of a training source carries its split (DataError on any value other
+    than "train" / "val"); files of val_sources (unit.split "val") do not read it.
+    max_line: the longest JSONL line a task may hold (data.task_memory_bytes)."""
     if unit.split == "val":
         split_column = None
     if unit.format == "text":
         yield from _read_text(unit)
     elif unit.format == "jsonl":
-        yield from _read_jsonl(unit, text_column, split_column)
+        yield from _read_jsonl(unit, text_column, split_column, max_line)
     elif unit.format == "parquet":
         yield from _read_parquet(unit, text_column, split_column)
     else:
         raise DataError(f"work unit {unit.path!r}: unknown format {unit.format!r}")
 
 
-def iter_documents(cfg: DataConfig) -> Iterator[Document]:
-    """All non-empty documents of cfg, in listing order, at most cfg.max_documents."""
-    count = 0
-    for unit in list_work_units(cfg):
-        for doc in read_documents(unit, cfg.text_column, cfg.split_column):
-            if cfg.max_documents is not None and count >= cfg.max_documents:
-                return
-            count += 1
-            yield doc
+def iter_documents(cfg: DataConfig, unit_bytes: int = 64 << 20) -> Iterator[Document]:
+    """All non-empty documents of cfg's planned units (max_documents applied as planned), in
+    listing order. Reads everything: for benchmarks and tests, never prepare's driver."""
+    for unit in plan_units(cfg, unit_bytes).units:
+        yield from read_documents(unit, cfg.text_column, cfg.split_column)
 
 
 # ---------------------------------------------------------------------------- train/val split
@@ -472,101 +708,15 @@ def split_of(doc_id: str, val_fraction: float, seed: int) -> str:
     return "val" if split_score(doc_id, seed) < val_fraction else "train"
 
 
-def split_for(
-    doc: Document,
-    unit: WorkUnit,
-    val_fraction: float,
-    seed: int,
-    overrides: dict[str, str] | None = None,
-) -> str:
+def split_for(doc: Document, unit: WorkUnit, val_fraction: float, seed: int) -> str:
     """The split of a document read from `unit` (see the module docstring for the order)."""
     given = doc.split or unit.split
     if given:
         return given
-    return (overrides or {}).get(doc.id) or split_of(doc.id, val_fraction, seed)
+    return split_of(doc.id, val_fraction, seed)
 
 
-def plan_documents(cfg: DataConfig) -> Plan:
-    """Read every document once (no tokenizing): validate the input (split column values
-    included), apply max_documents (to data.sources and, separately, to data.val_sources),
-    count documents per split and cut big files into row ranges.
-
-    Split fallback (hashed split only): with val_fraction > 0 and at least two documents, if
-    the hash puts no document in val, the train document with the lowest hash score is held
-    out (and likewise one goes back to train if all landed in val). Raises DataError when
-    there is no document, or when a split the user gave (val_sources, split_column) leaves
-    train or val without documents.
-    """
-    units: list[WorkUnit] = []
-    unit_chars: list[int] = []
-    counts = dict.fromkeys(SPLITS, 0)
-    chars = dict.fromkeys(SPLITS, 0)
-    lowest_train: tuple[float, str, int] = (math.inf, "", 0)  # (score, id, chars)
-    highest_val: tuple[float, str, int] = (-math.inf, "", 0)
-    remaining = {"train": cfg.max_documents, "val": cfg.max_documents}  # per kind of source
-    for unit in list_work_units(cfg):
-        kind = "val" if unit.split == "val" else "train"
-        if remaining[kind] == 0:
-            continue
-        start, docs_in_chunk, chars_in_chunk, last_row = unit.start, 0, 0, -1
-        for doc in read_documents(unit, cfg.text_column, cfg.split_column):
-            given = doc.split or unit.split
-            score = split_score(doc.id, cfg.seed)
-            split = given or ("val" if score < cfg.val_fraction else "train")
-            counts[split] += 1
-            chars[split] += len(doc.text)
-            if not given and split == "train" and score < lowest_train[0]:
-                lowest_train = (score, doc.id, len(doc.text))
-            if not given and split == "val" and score > highest_val[0]:
-                highest_val = (score, doc.id, len(doc.text))
-            docs_in_chunk += 1
-            chars_in_chunk += len(doc.text)
-            last_row = doc.row
-            if remaining[kind] is not None:
-                remaining[kind] -= 1
-                if remaining[kind] == 0:
-                    break
-            if unit.format != "text" and chars_in_chunk >= UNIT_CHARS:
-                units.append(replace(unit, start=start, stop=doc.row + 1))
-                unit_chars.append(chars_in_chunk)
-                start, docs_in_chunk, chars_in_chunk = doc.row + 1, 0, 0
-        if docs_in_chunk:
-            stop = last_row + 1 if remaining[kind] == 0 and unit.format != "text" else unit.stop
-            units.append(replace(unit, start=start, stop=stop))
-            unit_chars.append(chars_in_chunk)
-
-    sources = list(cfg.sources) or [stdlib_root()]
-    total = sum(counts.values())
-    if total == 0:
-        raise DataError(f"data.sources matched no documents (after dropping empty ones): {sources}")
-    overrides: dict[str, str] = {}
-    if cfg.split_given:
-        for split in SPLITS:
-            if counts[split] == 0:
-                raise DataError(f"{split} split has 0 documents: {_given_split(cfg)}")
-    elif cfg.val_fraction > 0 and total >= 2:
-        if counts["val"] == 0:
-            overrides[lowest_train[1]] = "val"
-            moved, src, dst = lowest_train[2], "train", "val"
-        elif counts["train"] == 0:
-            overrides[highest_val[1]] = "train"
-            moved, src, dst = highest_val[2], "val", "train"
-        if overrides:
-            counts[src] -= 1
-            counts[dst] += 1
-            chars[src] -= moved
-            chars[dst] += moved
-    return Plan(
-        units=units,
-        unit_chars=unit_chars,
-        split_overrides=overrides,
-        num_documents=counts,
-        num_chars=chars,
-        sources=sources,
-    )
-
-
-def _given_split(cfg: DataConfig) -> str:
+def given_split(cfg: DataConfig) -> str:
     """How the user gave the split, for messages."""
     parts = []
     if cfg.val_sources:
@@ -580,18 +730,5 @@ def _given_split(cfg: DataConfig) -> str:
 def split_description(cfg: DataConfig) -> str:
     """How documents were split, for the manifest and messages."""
     if cfg.split_given:
-        return _given_split(cfg)
+        return given_split(cfg)
     return f"hashed hold-out of document ids, data.val_fraction={cfg.val_fraction}"
-
-
-def group_units(unit_chars: list[int], num_groups: int) -> list[list[int]]:
-    """Cut unit indices into at most num_groups contiguous, non-empty groups of about equal
-    text size (deterministic: depends only on the sizes and num_groups)."""
-    total = sum(unit_chars) or 1
-    groups: dict[int, list[int]] = {}
-    before = 0
-    for i, size in enumerate(unit_chars):
-        middle = before + size / 2
-        groups.setdefault(min(num_groups - 1, int(middle / total * num_groups)), []).append(i)
-        before += size
-    return [groups[k] for k in sorted(groups)]

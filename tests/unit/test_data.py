@@ -1,5 +1,6 @@
 """Sources, tokenizer, manifest and prepare()'s checks: tiny corpora in tmp_path, in-process (the
-prepare runs, which start Ray tasks, are in tests/e2e/test_data_e2e.py)."""
+prepare runs, which start Ray tasks, are in tests/e2e/test_data_e2e.py; here the `inline`
+fixture runs prepare's tasks in this process)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
+import data_pipeline.prepare as prepare_mod
 import data_pipeline.sources as sources
 from data_pipeline import storage
 from data_pipeline.config import EOS_TOKEN, DataConfig, DataError
@@ -26,7 +28,7 @@ from data_pipeline.manifest import (
 from data_pipeline.prepare import prepare
 from data_pipeline.sources import (
     list_work_units,
-    plan_documents,
+    plan_units,
     read_documents,
     split_of,
     stdlib_root,
@@ -61,12 +63,13 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], list[tu
     (texts / "data.bin").write_bytes(b"\x00\xff")  # ignored: unknown extension
     (texts / ".hidden.txt").write_text("hidden")  # ignored: hidden
     docs.sort()
-    lines = []
+    lines, offset = [], 0  # a JSONL document's id: the byte offset of its line
     for row in range(14):
         text = "" if row == 5 else words(rng, rng.randint(10, 120))
         lines.append("" if row == 9 else json.dumps({"id": row, "text": text}))
         if row not in (5, 9):
-            docs.append((f"docs.jsonl#{row}", text))
+            docs.append((f"docs.jsonl@{offset}", text))
+        offset += len(lines[-1].encode()) + 1
     (root / "docs.jsonl").write_text("\n".join(lines) + "\n")
     column = [None if row == 3 else words(rng, rng.randint(10, 120)) for row in range(10)]
     pq.write_table(pa.table({"text": column, "n": list(range(10))}), root / "rows.parquet")
@@ -114,36 +117,62 @@ def test_user_sources_listing_and_documents(corpus: tuple[list[str], list]) -> N
     assert units[-2].path.startswith("file://")
     got = [(d.id, d.text) for u in units for d in read_documents(u, cfg.text_column)]
     assert got == docs
+    # max_documents from metadata: the 9 text files count (empty.txt too: only reading tells
+    # that it is blank), the JSONL file takes the 1 left, the Parquet file is not reached
     capped = DataConfig(sources=srcs, max_documents=10)
-    assert [d.id for d in sources.iter_documents(capped)] == [d[0] for d in docs[:10]]
-    plan = plan_documents(capped)
-    assert sum(plan.num_documents.values()) == 10
-    assert [(d.id) for u in plan.units for d in read_documents(u)] == [d[0] for d in docs[:10]]
+    assert [d.id for d in sources.iter_documents(capped)] == [d[0] for d in docs[:9]]
+    listing = plan_units(capped, 1 << 20)
+    assert [u.format for u in listing.units] == ["text"] * 9 + ["jsonl"]
+    assert listing.units[-1].limit == 1
+    capped = DataConfig(sources=[srcs[2], srcs[0]], max_documents=10)  # Parquet rows count
+    assert [u.stop for u in plan_units(capped, 1 << 20).units] == [10]
+    assert len(list(sources.iter_documents(DataConfig(sources=srcs[2:], max_documents=5)))) == 4
 
 
-def test_big_files_are_cut_into_row_ranges(
-    corpus: tuple[list[str], list], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_big_files_are_cut_into_ranges(corpus: tuple[list[str], list]) -> None:
     srcs, docs = corpus
-    monkeypatch.setattr(sources, "UNIT_CHARS", 1500)
-    plan = plan_documents(DataConfig(sources=srcs[1:]))
-    assert len(plan.units) > 4 and len({u.path for u in plan.units}) == 2
-    assert [d.id for u in plan.units for d in read_documents(u)] == [d[0] for d in docs[8:]]
-    assert sum(plan.unit_chars) == sum(len(t) for _, t in docs[8:])
+    listing = plan_units(DataConfig(sources=srcs[1:]), 1500)
+    jsonl = [u for u in listing.units if u.format == "jsonl"]
+    assert len(jsonl) > 3 and len({u.path for u in listing.units}) == 2
+    assert [u.start for u in jsonl] == list(range(0, 1500 * len(jsonl), 1500))
+    assert [d.id for u in listing.units for d in read_documents(u)] == [d[0] for d in docs[8:]]
 
 
-def test_val_fallback_holds_out_one_document(tmp_path: Path) -> None:
+@pytest.fixture
+def inline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """prepare() without Ray: its tasks run here, one after another (same function, same
+    results: the tasks are independent)."""
+    import ray
+
+    def run_inline(tasks, fn_kwargs, env=None):
+        return {k: prepare_mod.tokenize_task(k, units, **fn_kwargs) for k, units in tasks.items()}
+
+    monkeypatch.setattr(prepare_mod, "_run_tasks", run_inline)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # "running": prepare starts none
+
+
+def test_an_empty_hashed_val_split_is_refused_with_the_remedy(tmp_path: Path, inline) -> None:
+    """The listing reads no document, so the hold-out cannot be corrected afterwards (the old
+    fallback moved one document to val): an empty split is one line naming the remedies."""
     for i in range(3):
-        (tmp_path / f"f{i}.txt").write_text(f"file {i}")
+        (tmp_path / f"f{i}.txt").write_text(f"file {i} " * 50)
     assert all(split_of(f"f{i}.txt", 0.01, 1234) == "train" for i in range(3))
-    plan = plan_documents(DataConfig(sources=[str(tmp_path)], val_fraction=0.01))
-    assert plan.num_documents == {"train": 2, "val": 1}
-    assert list(plan.split_overrides.values()) == ["val"]
-    plan = plan_documents(DataConfig(sources=[str(tmp_path)], val_fraction=0.0))
-    assert plan.num_documents == {"train": 3, "val": 0} and not plan.split_overrides
+    out = tmp_path / "out"
+    with pytest.raises(DataError) as err:
+        prepare(DataConfig(sources=[str(tmp_path)], val_fraction=0.01, seq_len=8,
+                           vocab_size=300, out_dir=str(out)))  # fmt: skip
+    assert str(err.value).startswith(
+        "val split has 0 documents: the hashed hold-out of data.val_fraction=0.01 "
+        "(data.seed=1234) put 0 of the 3 documents in val; name a validation set with "
+        "data.val_sources=[...] or data.split_column"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f0.txt", "f1.txt", "f2.txt"]
+    manifest = prepare(DataConfig(sources=[str(tmp_path)], val_fraction=0.0, seq_len=8,
+                                  vocab_size=300, out_dir=str(out)))  # fmt: skip
+    assert manifest.num_documents == {"train": 3, "val": 0}
 
 
-def test_bad_inputs_raise_data_error(tmp_path: Path) -> None:
+def test_bad_inputs_raise_data_error(tmp_path: Path, inline) -> None:
     out = str(tmp_path / "out")
     missing = str(tmp_path / "nope")
     with pytest.raises(DataError, match=f"data.sources: path '{missing}' does not exist"):
@@ -218,7 +247,7 @@ def test_one_manifest_reader(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="manifest.json' is not valid JSON"):
         read_manifest(out)
     (out / "manifest.json").write_text('{"version": 99}')
-    with pytest.raises(DataError, match="has version 99, expected 1"):
+    with pytest.raises(DataError, match=f"has version 99, expected {MANIFEST_VERSION}"):
         Manifest.load(out)
     (out / "manifest.json").write_text('{"version": 1, "name": "x"}')
     with pytest.raises(DataError, match="is malformed"):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import string
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ from data_pipeline.manifest import (
 )
 from data_pipeline.prepare import held_out_warning, load_data_config, main, prepare
 from data_pipeline.prompt import default_prompt
-from data_pipeline.sources import plan_documents, split_score
+from data_pipeline.sources import split_of, split_score
 
 CHARS = string.ascii_lowercase + string.ascii_uppercase + string.digits + " \n"  # 64
 
@@ -62,14 +61,8 @@ def inline(monkeypatch: pytest.MonkeyPatch) -> None:
     results: the tasks are independent)."""
     import ray
 
-    def run_inline(groups, fn_kwargs, env=None):
-        rows = [
-            prepare_mod.tokenize_task(
-                {"task": i, "units": json.dumps([asdict(u) for u in group])}, **fn_kwargs
-            )
-            for i, group in enumerate(groups)
-        ]
-        return sorted((json.loads(r["result"]) for r in rows), key=lambda r: r["task"])
+    def run_inline(tasks, fn_kwargs, env=None):
+        return {k: prepare_mod.tokenize_task(k, units, **fn_kwargs) for k, units in tasks.items()}
 
     monkeypatch.setattr(prepare_mod, "_run_tasks", run_inline)
     monkeypatch.setattr(ray, "is_initialized", lambda: True)  # "running": prepare starts none
@@ -91,11 +84,11 @@ def named_files(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def inverting_seed() -> int:
-    """A seed with which the hashed hold-out (val_fraction 0.05, falling back to the train
-    document with the lowest score) puts x_train.txt in val."""
-    for seed in range(1000):
+    """A seed with which the hashed hold-out (val_fraction 0.05) puts x_train.txt in val and
+    x_val.txt in train."""
+    for seed in range(10000):
         a, b = split_score("x_train.txt", seed), split_score("x_val.txt", seed)
-        if 0.05 <= a < b:
+        if a < 0.05 <= b:
             return seed
     raise AssertionError("no inverting seed")
 
@@ -112,8 +105,7 @@ def test_hashed_split_inverts_named_files_and_says_so(
         sources=[str(train.parent)], seed=seed, seq_len=16, vocab_size=300,
         out_dir=str(tmp_path / "hashed"),
     )  # fmt: skip
-    plan = plan_documents(cfg)
-    assert plan.split_overrides == {"x_train.txt": "val"}  # the trap: 90% of the text in val
+    assert split_of("x_train.txt", 0.05, seed) == "val"  # the trap: 90% of the text in val
     with caplog.at_level(logging.WARNING, logger="data_pipeline.prepare"):
         manifest = prepare(cfg)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -135,11 +127,10 @@ def test_val_sources_land_where_named(
         sources=[str(train)], val_sources=[str(val)], seed=inverting_seed(), seq_len=16,
         tokenizer=str(tok66), out_dir=str(tmp_path / "named"),
     )  # fmt: skip
-    plan = plan_documents(cfg)
-    assert plan.num_documents == {"train": 1, "val": 1} and not plan.split_overrides
-    assert plan.num_chars == {"train": len(train.read_text()), "val": len(val.read_text())}
     with caplog.at_level(logging.WARNING, logger="data_pipeline.prepare"):
         manifest = prepare(cfg)
+    assert manifest.num_documents == {"train": 1, "val": 1}
+    assert manifest.stats["chars"] == {"train": len(train.read_text()), "val": len(val.read_text())}
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     for split, path in (("train", train), ("val", val)):
         info = manifest.splits[split]  # one character per token, + EOS
@@ -162,10 +153,9 @@ def test_split_column_routes_rows(tmp_path: Path, tok66: Path, inline: None) -> 
             sources=[str(tmp_path / name)], split_column="split", seq_len=16,
             tokenizer=str(tok66), out_dir=str(tmp_path / f"out-{name}"),
         )  # fmt: skip
-        plan = plan_documents(cfg)
-        assert plan.num_documents == {"train": 4, "val": 2}
-        assert plan.num_chars["val"] == len(texts[1]) + len(texts[4])
         manifest = prepare(cfg)
+        assert manifest.num_documents == {"train": 4, "val": 2}
+        assert manifest.stats["chars"]["val"] == len(texts[1]) + len(texts[4])
         info = manifest.splits["val"]
         assert info.num_tokens + info.dropped_tokens == len(texts[1]) + len(texts[4]) + 2
 
