@@ -11,10 +11,15 @@ difference from this loop:
   GPT.init_module_weights from its own CPU generator seeded with crc32(f"{seed}:{name}")
   (modules in named_modules() order, so the tied head re-draws the shared matrix last);
 - data order: global step k (1-based) trains on positions [(k-1) G, k G) of the keyed order,
-  G = global batch; position p is sample perm_e[p mod N] of epoch e = p // N, with
-  perm_e = numpy.random.default_rng([seed, e]).permutation(N) and N = rows of the train split
-  (shards concatenated in manifest order); a row of seq_len + 1 tokens gives inputs row[:-1]
-  and targets row[1:]; the positions of a step are cut into consecutive micro batches;
+  G = global batch; N = rows of the train split (shards concatenated in manifest order).
+  The order is "blocks-v1" with chunk C = 1024 and window W = 16 (data.order_chunk,
+  data.order_window), written here from data_pipeline/order.py's docstring: position p is in
+  epoch e = p // N at q = p mod N; q's window is q // (W C); inside it q's slot is the window's
+  start plus a keyed Feistel permutation (cycle walking, 6 rounds of a splitmix64 mixer) of the
+  window's length at q mod (W C); the slot's chunk (slot // C), when a full one, is moved by the
+  epoch's Feistel permutation of the full chunks, keeping the in-chunk row. A row of
+  seq_len + 1 tokens gives inputs row[:-1] and targets row[1:]; the positions of a step are cut
+  into consecutive micro batches;
 - loss: mean token cross-entropy (in fp32) of each micro batch; the step's loss is the mean
   over its micro batches; the gradient is that mean's gradient (gradient accumulation);
 - gradient clipping: all gradients scaled by min(1, max_norm / (||g||_2 + 1e-6)), the global
@@ -80,13 +85,56 @@ def train_rows(data_dir: str | Path) -> np.ndarray:
     return np.concatenate(parts)
 
 
+_U64 = (1 << 64) - 1
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+
+
+def _splitmix(z: int) -> int:
+    """splitmix64's output function, on Python ints kept to 64 bits."""
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _U64
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _U64
+    return z ^ (z >> 31)
+
+
+def _key(*parts: int) -> int:
+    k = 0
+    for part in parts:
+        k = _splitmix(k ^ _splitmix((part + _GOLDEN_GAMMA) & _U64))
+    return k
+
+
+def _permute(x: int, size: int, k: int) -> int:
+    """Keyed permutation of range(size) at x: a balanced 6-round Feistel network on 2 * half
+    bits (4 ** half >= size), applied again until the result falls inside range(size)."""
+    half = max(1, -(-(size - 1).bit_length() // 2))
+    low = (1 << half) - 1
+    while True:
+        a, b = x >> half, x & low
+        for r in range(6):
+            f = _splitmix(_splitmix(k ^ _splitmix(r + _GOLDEN_GAMMA)) ^ b) & low
+            a, b = b, a ^ f
+        x = a << half | b
+        if x < size:
+            return x
+
+
+def sample_id(position: int, n: int, seed: int, chunk: int = 1024, window: int = 16) -> int:
+    epoch, q = divmod(position, n)
+    span = chunk * window
+    w = q // span
+    start = w * span
+    slot = start + _permute(q - start, min(span, n - start), _key(seed, epoch, 1, w))
+    full_chunks = n // chunk
+    if slot // chunk >= full_chunks:  # the partial last chunk keeps its place
+        return slot
+    moved = _permute(slot // chunk, full_chunks, _key(seed, epoch, 0))
+    return moved * chunk + slot % chunk
+
+
 def step_sample_ids(step: int, global_batch: int, n: int, seed: int) -> list[int]:
     """The sample ids of global step `step` (1-based), in training order."""
-    ids = []
-    for position in range((step - 1) * global_batch, step * global_batch):
-        epoch, offset = divmod(position, n)
-        ids.append(int(np.random.default_rng([seed, epoch]).permutation(n)[offset]))
-    return ids
+    first = (step - 1) * global_batch
+    return [sample_id(p, n, seed) for p in range(first, first + global_batch)]
 
 
 # ------------------------------------------------------------------------- initial weights
