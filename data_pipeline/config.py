@@ -69,7 +69,7 @@ class DataConfig:
     order_window: int = 16
     read_cache_mb: int = 1024
     read_threads: int = 8
-    prefetch_steps: int = 2
+    prefetch_steps: int = 16
     # Weighted mixture of already prepared datasets (data_pipeline/mixture.py); no sources =
     # no mixture. With one, training reads the mixture's datasets and nothing of the
     # prepare settings above (sources, out_dir, tokenizer, ...) is used.

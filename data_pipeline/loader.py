@@ -302,10 +302,8 @@ class TokenShards:
         self.row_len = self.seq_len + 1
         self.remote = storage.is_remote(self.data_dir)
         self.file_cache = cache  # None: in place (local) or ranged reads (object stores)
-        m = self.manifest
-        self._version = getattr(m, "cache_key", None) or f"{m.fingerprint}|{m.created}"
-        shards = m.splits[split].shards
-        self._files = [storage.join(self.data_dir, s.file) for s in shards]
+        shards = self.manifest.splits[split].shards
+        self._names = [s.file for s in shards]  # URIs joined on use: a corpus has 1e5+ shards
         self._rows = np.fromiter((s.rows for s in shards), dtype=np.int64, count=len(shards))
         self._starts = np.concatenate([[0], np.cumsum(self._rows)]).astype(np.int64)
         self._pool = ThreadPoolExecutor(read_threads, thread_name_prefix="row-groups")
@@ -316,6 +314,13 @@ class TokenShards:
         self._groups = LoadCache(
             self._pool, max_bytes=cache_bytes, max_items=cache_shards, size_of=lambda a: a.nbytes
         )
+
+    @functools.cached_property
+    def _version(self) -> str:
+        """What names this version of the dataset in a ShardCache (computed on first use: a
+        digest of a large manifest takes a while)."""
+        m = self.manifest
+        return getattr(m, "cache_key", None) or f"{m.fingerprint}|{m.created}"
 
     @property
     def vocab_size(self) -> int:
@@ -329,10 +334,13 @@ class TokenShards:
         return int(self._starts[-1])
 
     # -- files and footers -----------------------------------------------------------------
+    def _uri(self, index: int) -> str:
+        return storage.join(self.data_dir, self._names[index])
+
     def _source(self, index: int) -> Any:
         """What pq.ParquetFile opens for shard `index`: a local path, a ShardCache copy, or a
         kept handle of the remote file."""
-        uri = self._files[index]
+        uri = self._uri(index)
         if self.file_cache is not None:
             path = self.file_cache.fetch(uri, f"{self._version}|{uri}")
             if path is not None:
@@ -353,7 +361,7 @@ class TokenShards:
 
     def _read_footer(self, index: int) -> tuple[pq.FileMetaData, np.ndarray]:
         """Shard `index`'s footer and its row groups' first rows (+ the end)."""
-        uri = self._files[index]
+        uri = self._uri(index)
         try:
             meta = pq.read_metadata(self._source(index))
         except (FileNotFoundError, storage.StorageError):
@@ -374,7 +382,7 @@ class TokenShards:
 
     # -- row groups -------------------------------------------------------------------------
     def _read_group(self, index: int, group: int, meta: pq.FileMetaData) -> np.ndarray:
-        uri = self._files[index]
+        uri = self._uri(index)
         try:
             table = pq.ParquetFile(self._source(index), metadata=meta).read_row_group(
                 group, columns=["tokens"]
@@ -513,7 +521,7 @@ class DistributedLoader:
         prefetch: bool = True,
         window_offset: str = "packed",
         order: Order = DEFAULT_ORDER,
-        prefetch_steps: int = 2,
+        prefetch_steps: int = 16,
     ):
         if micro_batch < 1 or dp_size < 1 or global_batch < 1:
             raise ValueError(
@@ -548,6 +556,7 @@ class DistributedLoader:
         self._consumed = consumed_samples
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="data-prefetch") if prefetch else None
         self._next: tuple[int, Future[Step]] | None = None
+        self._ahead = consumed_samples  # row groups asked for up to the step starting here
 
     @property
     def consumed_samples(self) -> int:
@@ -613,10 +622,20 @@ class DistributedLoader:
         self._consumed = consumed + self.global_batch
         if self._pool is not None:
             following = self._consumed
-            for k in range(1, self.prefetch_steps + 1):  # row groups of the steps after it
-                self.shards.prefetch(self._rows_for_step(following + k * self.global_batch))
+            self._read_ahead(following)
             self._next = (following, self._pool.submit(self._load_step, following))
         return step
+
+    def _read_ahead(self, following: int) -> None:
+        """Ask for the row groups of the prefetch_steps steps after the one at `following`
+        (each step once: only those not asked for by an earlier call)."""
+        last = following + self.prefetch_steps * self.global_batch
+        start = max(self._ahead, following) + self.global_batch
+        if not following <= self._ahead <= last:  # a jump (load_state_dict): start afresh
+            start = following + self.global_batch
+        for consumed in range(start, last + 1, self.global_batch):
+            self.shards.prefetch(self._rows_for_step(consumed))
+        self._ahead = max(last, following)
 
     def __iter__(self) -> Iterator[Step]:
         while True:
@@ -639,6 +658,7 @@ class DistributedLoader:
         self.seed = int(state.get("seed", self.seed))
         self.window_offset = window_offset
         self._consumed = int(state["consumed_samples"])
+        self._ahead = self._consumed
         self._next = None
 
     def close(self) -> None:
