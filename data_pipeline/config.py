@@ -193,7 +193,8 @@ class MixtureSource:
 
 @dataclass(frozen=True, kw_only=True)
 class MixtureStage:
-    """From optimizer step `step` on, the mixture's weights are `weights` (every source named)."""
+    """After `step` optimizer steps (from global sample step x trainer.global_batch_size on),
+    the mixture's weights are `weights` (every source named)."""
 
     step: int
     weights: dict[str, float] = field(default_factory=dict)

@@ -43,7 +43,11 @@ import numpy as np
 import torch
 
 from data_pipeline.config import DataError, MixtureConfig, block_shares
-from data_pipeline.loader import TokenShards, sample_ids_at  # the one import of the order
+from data_pipeline.loader import (
+    DistributedLoader,
+    TokenShards,
+    sample_ids_at,  # the one import of the data order
+)
 from data_pipeline.manifest import Manifest
 
 MIX_KEY = 0x313C  # separates the block-layout stream from other uses of the seed
@@ -346,6 +350,10 @@ class MixtureLoader:
         """Each source's epochs read so far (> 1: upsampled, it has wrapped)."""
         return {n: k / len(self.datasets[n]) for n, k in self.source_positions().items()}
 
+    def metrics(self) -> dict[str, float]:
+        """For metrics.jsonl: passes/<source>, the epochs of each source read so far."""
+        return {f"passes/{n}": p for n, p in self.passes().items()}
+
     def _segment_index(self) -> int:
         return int(np.searchsorted(self.plan.starts, self._consumed, side="right")) - 1
 
@@ -421,3 +429,27 @@ class MixtureLoader:
             self._pool.shutdown(wait=True)
             self._pool = None
             self._next = None
+
+
+def build_loaders(
+    mixture: MixtureConfig, *, global_batch: int, val_batch: int, **loader_args: Any
+) -> tuple[MixtureLoader, dict[str, DistributedLoader]]:
+    """A worker's training MixtureLoader and each source's validation loader (val_batch
+    leading samples of the source's val split, in stored order, at every eval).
+    loader_args: micro_batch, dp_rank, dp_size, seed."""
+    train = MixtureLoader(
+        {n: TokenShards(mixture.sources[n].dir, "train") for n in mixture.names},
+        mixture,
+        global_batch=global_batch,
+        **loader_args,
+    )
+    val = {
+        n: DistributedLoader(
+            TokenShards(mixture.sources[n].dir, "val"),
+            global_batch=val_batch,
+            shuffle=False,
+            **loader_args,
+        )
+        for n in mixture.names
+    }
+    return train, val

@@ -4,7 +4,9 @@ and the bad inputs of data.mixture (one line each)."""
 
 from __future__ import annotations
 
+import json
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -26,7 +28,13 @@ TAGS = {"a": 1, "b": 2, "c": 3}
 
 
 def write_source(
-    root: Path, tag: int, rows: int, *, seq_len: int = SEQ_LEN, sha: str = "ab" * 32
+    root: Path,
+    tag: int,
+    rows: int,
+    *,
+    seq_len: int = SEQ_LEN,
+    sha: str = "ab" * 32,
+    vocab: int = TAG * 4,
 ) -> str:
     """A prepared dataset: train and val splits (val: 5 rows) in shards of at most 10 rows."""
     root.mkdir(parents=True, exist_ok=True)
@@ -45,7 +53,7 @@ def write_source(
     Manifest(
         version=MANIFEST_VERSION,
         name=root.name,
-        tokenizer=TokenizerInfo(file="tokenizer.json", sha256=sha, vocab_size=TAG * 4, eos_id=0),
+        tokenizer=TokenizerInfo(file="tokenizer.json", sha256=sha, vocab_size=vocab, eos_id=0),
         seq_len=seq_len,
         splits=splits,
         sources=[root.name],
@@ -396,3 +404,108 @@ def test_datasets_checked_in_one_line(dirs, tmp_path) -> None:
         assert "\n" not in str(e.value)
     with pytest.raises(DataError, match=r"data.seq_len \(8\) differs from the mixture's"):
         check_datasets(MixtureConfig(sources=ok), 8)
+
+
+# ---------------------------------------------------------------------------- the command line
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """A bad input that got past the edge would start Ray (or train): fail instead."""
+    import ray
+
+    import cluster.launch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training would start: the bad input was not stopped at the edge")
+
+    monkeypatch.setattr(cluster.launch, "connected", refuse)
+    monkeypatch.setattr(ray, "init", refuse)
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def sources_arg(entries: dict[str, tuple[str, float]]) -> str:
+    inner = ", ".join(f"{n}: {{dir: {d}, weight: {w}}}" for n, (d, w) in entries.items())
+    return f"data.mixture.sources={{{inner}}}"
+
+
+def test_train_refuses_bad_mixtures_in_one_line(tmp_path, capsys, no_ray) -> None:
+    """python -m trainer.train: exit 2, one error line naming the value and the rule, nothing
+    written (run.root unchanged, no data prepared), Ray never started."""
+    from trainer.train import main
+
+    a = write_source(tmp_path / "a", 1, 12, vocab=512)
+    b = write_source(tmp_path / "b", 2, 12, vocab=512)
+    other_tok = write_source(tmp_path / "tok", 3, 12, vocab=512, sha="cd" * 32)
+    other_len = write_source(tmp_path / "len", 3, 12, vocab=512, seq_len=6)
+    unprepared = tmp_path / "unprepared"
+    unprepared.mkdir()
+    (unprepared / "train-000.parquet").write_bytes(b"PAR1")
+    runs = tmp_path / "runs"
+    (runs / "old").mkdir(parents=True)
+    (runs / "old" / "metrics.jsonl").write_text('{"step": 1}\n')
+    base = ["+experiment=smoke", "precision=fp32", f"run.root={runs}", "run.name=old",
+            "data.seq_len=4", "trainer.eval_batches=1", f"data.out_dir={tmp_path / 'out'}",
+            "cluster.num_workers=1"]  # fmt: skip
+    stage = (
+        "data.mixture.stages=[{step: 4, weights: {a: 1, b: 1}}, {step: 2, weights: {a: 1, b: 0}}]"
+    )
+    cases = [
+        ([sources_arg({"a": (a, 1), "t": (other_tok, 1)})], "different tokenizers"),
+        ([sources_arg({"a": (a, 1), "s": (other_len, 1)})], r"different seq_len \(4 vs 6\)"),
+        ([sources_arg({"a": (a, 1), "m": (tmp_path / "missing", 1)})],
+         r"sources\.m\.dir: no manifest\.json in .*missing.* \(prepare it first"),
+        ([sources_arg({"a": (a, 1), "u": (unprepared, 1)})],
+         r"sources\.u\.dir: no manifest\.json in .*unprepared"),
+        ([sources_arg({"a": (a, 1), "b": (b, -0.5)})], r"weight of 'b' is -0\.5; weights must be >= 0"),
+        ([sources_arg({"a": (a, 0), "b": (b, 0)})], r"weights sum to 0"),
+        ([sources_arg({"a": (a, 1), "b": (b, 1)}), stage], r"stages\[1\]\.step: 2 is not after 4"),
+        ([sources_arg({"a": (a, 1), "b": (b, 1)}),
+          "data.mixture.stages=[{step: 4, weights: {a: 1, b: 1, web: 2}}]"],
+         r"stages\[0\]\.weights: unknown source 'web' \(sources: a, b\)"),
+    ]  # fmt: skip
+    before = tree(tmp_path)
+    for extra, message in cases:
+        capsys.readouterr()
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in err, err
+        assert re.search(message, errors[0]), (message, errors[0])
+        assert tree(tmp_path) == before, "something was written"
+    # and a good mixture passes every check before Ray
+    from trainer.config import load_config
+    from trainer.driver import preflight
+
+    cfg = load_config([*base, sources_arg({"a": (a, 2), "b": (b, 1)})])
+    assert sorted(preflight.check_mixture(cfg)) == ["a", "b"]
+
+
+class FakeRun:
+    def __init__(self) -> None:
+        self.logged: list[tuple[dict, int]] = []
+
+    def log(self, values: dict, step: int) -> None:
+        self.logged.append((values, step))
+
+
+def test_eval_rows_and_wandb_carry_val_loss_per_source(tmp_path, capsys) -> None:
+    from trainer.config import LoggingConfig
+    from trainer.worker.observability.logger import RunLogger
+
+    logger = RunLogger(tmp_path, LoggingConfig(mode="disabled"), run_name="m", group=None,
+                       wandb_id="x", config={}, max_steps=3, start_step=0)  # fmt: skip
+    logger.wandb = FakeRun()  # W&B itself is not under test: what raygpt hands it is
+    logger.log_eval(3, 2.5, {"web": 2.0, "code": 3.0})
+    logger.log_eval(4, 2.0)
+    rows = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert rows[0]["val_loss/web"] == 2.0 and rows[0]["val_loss/code"] == 3.0
+    assert rows[0]["val_loss"] == 2.5 and not any("/" in k for k in rows[1])
+    values, step = logger.wandb.logged[0]
+    assert step == 3 and values["val/loss/web"] == 2.0 and values["val/loss/code"] == 3.0
+    assert "val_loss/web 2.0000" in capsys.readouterr().out
+    logger.wandb = None
+    logger.close()

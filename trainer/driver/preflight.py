@@ -28,8 +28,11 @@ def check_before_ray(cfg: RootConfig) -> None:
         faults.from_env()  # a drill's spec is checked here, not in a worker
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    check_storage(cfg)
-    check_sources(cfg)
+    if cfg.data.mixture:  # prepared datasets: data.sources and data.out_dir are not used
+        check_mixture(cfg)
+    else:
+        check_storage(cfg)
+        check_sources(cfg)
     check_offload(cfg)
     warn_slow_cpu_bf16(cfg)
     try:
@@ -100,6 +103,35 @@ def check_storage(cfg: RootConfig) -> None:
         check_eval_fits(cfg, manifest.splits["val"].num_samples, out)
 
 
+def check_mixture(cfg: RootConfig) -> dict:
+    """data.mixture: run.root writable; every source a readable prepared dataset, all of one
+    tokenizer and seq_len (= data.seq_len); the vocab within model.vocab_size; each source's
+    validation split holds an eval. Returns name -> Manifest."""
+    from data_pipeline.config import DataError
+    from data_pipeline.mixture import check_datasets
+
+    mixture = cfg.data.mixture
+    try:
+        storage.check_credentials(cfg.run.root, "run.root")
+        storage.check_writable(cfg.run.root, "run.root")
+        for name in mixture.names:
+            storage.check_credentials(mixture.sources[name].dir, f"data.mixture.sources.{name}.dir")
+        manifests = check_datasets(mixture, cfg.data.seq_len)
+    except (storage.StorageError, OSError, DataError) as e:
+        raise ConfigError(str(e)) from None
+    first = mixture.names[0]
+    vocab = manifests[first].tokenizer.vocab_size
+    if cfg.model.vocab_size < vocab:
+        raise ConfigError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocab "
+            f"({vocab}) of the mixture (source {first!r})"
+        )
+    for name, manifest in manifests.items():
+        where = f"data.mixture.sources.{name} ({mixture.sources[name].dir})"
+        check_eval_fits(cfg, manifest.splits["val"].num_samples, where)
+    return manifests
+
+
 def check_sources(cfg: RootConfig) -> None:
     """Cheap checks of data.sources when the data is not prepared: paths exist, globs match,
     local Parquet files have a readable footer (a damaged one is named here, not by prepare
@@ -168,7 +200,9 @@ def check_shared_paths(cfg: RootConfig) -> None:
     a probe file written here is looked for by a task on each node, then removed."""
     from cluster.launch import run_on_every_node
 
-    for what, uri in (("run.root", cfg.run.root), ("data.out_dir", cfg.data.out_dir)):
+    mixture = cfg.data.mixture
+    data = [(f"data.mixture.sources.{n}.dir", mixture.sources[n].dir) for n in mixture.names]
+    for what, uri in [("run.root", cfg.run.root), *(data or [("data.out_dir", cfg.data.out_dir)])]:
         if storage.is_remote(uri):
             continue
         where = Path(storage.nearest_existing(uri))

@@ -85,7 +85,12 @@ def local_cpu_peak(cfg: RootConfig) -> float | None:
 
 
 def prepare_data(cfg: RootConfig) -> str:
-    """Runs data preparation (idempotent, as Ray tasks) and checks it against the model."""
+    """Runs data preparation (idempotent, as Ray tasks) and checks it against the model. A
+    mixture's datasets are prepared already: they are checked instead, and the workers get
+    the first source's directory for what needs one dataset (tokenizer, sample prompt)."""
+    if cfg.data.mixture:
+        preflight.check_mixture(cfg)
+        return cfg.data.mixture.sources[cfg.data.mixture.names[0]].dir
     from data_pipeline.prepare import prepare
 
     manifest = prepare(cfg.data, hint=preflight.TRAIN_OVERWRITE_HINT)

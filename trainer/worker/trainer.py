@@ -25,6 +25,7 @@ import torch.distributed as dist
 from data_pipeline import storage
 from data_pipeline.loader import DistributedLoader, TokenShards, order_settings, shard_settings
 from data_pipeline.manifest import Manifest
+from data_pipeline.mixture import MixtureLoader, build_loaders
 from models.gpt import estimate_flops_per_token, estimate_num_params
 from trainer.checkpoint import format as checkpoint
 from trainer.config import RootConfig
@@ -172,19 +173,28 @@ class Trainer:
         loader_args = dict(
             micro_batch=t.micro_batch_size, dp_rank=self.dp_rank, dp_size=cfg.dp_size, seed=t.seed
         )
-        self.train_loader = DistributedLoader(
-            TokenShards(data_dir, "train", **shard_settings(cfg.data)),
-            global_batch=t.global_batch_size,
-            window_offset=cfg.data.window_offset,
-            **order_settings(cfg.data),
-            **loader_args,
-        )
-        self.val_loader = DistributedLoader(
-            TokenShards(data_dir, "val", **shard_settings(cfg.data)),
-            global_batch=t.micro_batch_size * t.eval_batches * cfg.dp_size,
-            shuffle=False,
-            **loader_args,
-        )
+        self.val_loaders: dict[str, DistributedLoader] = {}  # a mixture's, per source
+        if cfg.data.mixture:  # its own datasets (data_dir is its first source's)
+            self.train_loader, self.val_loaders = build_loaders(
+                cfg.data.mixture,
+                global_batch=t.global_batch_size,
+                val_batch=t.micro_batch_size * t.eval_batches * cfg.dp_size,
+                **loader_args,
+            )
+        else:
+            self.train_loader = DistributedLoader(
+                TokenShards(data_dir, "train", **shard_settings(cfg.data)),
+                global_batch=t.global_batch_size,
+                window_offset=cfg.data.window_offset,
+                **order_settings(cfg.data),
+                **loader_args,
+            )
+            self.val_loader = DistributedLoader(
+                TokenShards(data_dir, "val", **shard_settings(cfg.data)),
+                global_batch=t.micro_batch_size * t.eval_batches * cfg.dp_size,
+                shuffle=False,
+                **loader_args,
+            )
         self.guard = LossGuard(cfg.guard)
         self.judge = StepJudge(self.guard, mean_across_ranks)
         self.policy = CheckpointPolicy(t)
@@ -283,7 +293,11 @@ class Trainer:
         t_data = time.perf_counter()
         if self.sample_log:
             consumed = self.train_loader.consumed_samples
-            self.sample_log.write(step, self.train_loader.sample_ids_for_step(consumed))
+            if isinstance(self.train_loader, MixtureLoader):
+                sources, ids = self.train_loader.step_samples(consumed)
+                self.sample_log.write(step, ids, sources)
+            else:
+                self.sample_log.write(step, self.train_loader.sample_ids_for_step(consumed))
         micro_batches = self.train_loader.next_step()
         self.step_times.add("data", time.perf_counter() - t_data)
         faults.maybe_pause(self.fault, "step", step, self.rank, self.files.local)
@@ -323,6 +337,9 @@ class Trainer:
             **self.meter.lap(),
             **self.step_times.lap(),  # data_time_s, forward_time_s, ... per step
             "consumed_samples": consumed,
+            **(
+                self.train_loader.metrics() if isinstance(self.train_loader, MixtureLoader) else {}
+            ),  # passes/<source>
             "tokens": consumed * self.cfg.data.seq_len,
             "skipped_steps": self.guard.skipped,
             **memory_stats(self.engine.device),
@@ -363,12 +380,20 @@ class Trainer:
         return last or bool(interval and self.state.step % interval == 0)
 
     def evaluate(self) -> None:
-        """Mean loss over the same leading validation samples every time."""
+        """Mean loss over the same leading validation samples every time; with a mixture, each
+        source's (its own val split) and their mean as val_loss."""
         with self.meter.paused():
-            self.val_loader.load_state_dict({**self.val_loader.state_dict(), "consumed_samples": 0})
-            self.val_loss = mean_across_ranks(eval_losses(self.engine, self.val_loader.next_step()))
+            loaders = self.val_loaders or {"": self.val_loader}
+            losses = {name: self._val_loss(loader) for name, loader in loaders.items()}
+            self.val_loss = float(np.mean(list(losses.values())))
         if self.logger:
-            self.logger.log_eval(self.state.step, self.val_loss)
+            self.logger.log_eval(
+                self.state.step, self.val_loss, losses if self.val_loaders else None
+            )
+
+    def _val_loss(self, loader: DistributedLoader) -> float:
+        loader.load_state_dict({**loader.state_dict(), "consumed_samples": 0})
+        return mean_across_ranks(eval_losses(self.engine, loader.next_step()))
 
     def save(self, why: Optional[str]) -> None:
         t, step = self.cfg.trainer, self.state.step
@@ -493,8 +518,11 @@ class SampleLog:
         self.dp_rank = dp_rank
         self._f = open(path, "a")  # noqa: SIM115 - kept open for the run, flushed per row
 
-    def write(self, step: int, ids) -> None:
+    def write(self, step: int, ids, sources=None) -> None:
+        """sources (a mixture): the source name of each id, as "sources" (ids are per source)."""
         row = {"step": step, "dp_rank": self.dp_rank, "ids": [int(i) for i in ids]}
+        if sources is not None:
+            row["sources"] = list(sources)
         self._f.write(json.dumps(row) + "\n")
         self._f.flush()
 

@@ -86,12 +86,22 @@ class RunLogger:
             self.wandb.log({wandb_key(k): v for k, v in row.items() if k != "step"}, step=step)
         self._console(step, {"step": step, **metrics})
 
-    def log_eval(self, step: int, val_loss: float) -> None:
+    def log_eval(
+        self, step: int, val_loss: float, by_source: Optional[dict[str, float]] = None
+    ) -> None:
+        """One eval.jsonl row; with a mixture (by_source: each source's val loss, val_loss
+        their mean) also val_loss/<source> (W&B: val/loss/<source>)."""
         row = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        sources = {f"val_loss/{name}": loss for name, loss in (by_source or {}).items()}
+        row.update(sources)
         self._eval.write(json.dumps(row) + "\n")
         if self.wandb is not None:
-            self.wandb.log({"val/loss": row["val_loss"], "val/ppl": row["val_ppl"]}, step=step)
-        print(f"[eval] step {step:>6}  val_loss {val_loss:.4f}  val_ppl {row['val_ppl']:.2f}")
+            named = {f"val/loss/{k.split('/', 1)[1]}": v for k, v in sources.items()}
+            self.wandb.log(
+                {"val/loss": row["val_loss"], "val/ppl": row["val_ppl"], **named}, step=step
+            )
+        each = "".join(f"  {k} {v:.4f}" for k, v in sources.items())
+        print(f"[eval] step {step:>6}  val_loss {val_loss:.4f}  val_ppl {row['val_ppl']:.2f}{each}")
         sys.stdout.flush()
 
     def _console(self, step: int, row: dict[str, Any]) -> None:
