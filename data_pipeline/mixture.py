@@ -42,13 +42,17 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from data_pipeline.config import DataError, MixtureConfig, block_shares
+from data_pipeline.config import DataConfig, DataError, MixtureConfig, block_shares
 from data_pipeline.loader import (
+    DEFAULT_ORDER,
     DistributedLoader,
     TokenShards,
+    order_settings,
     sample_ids_at,  # the one import of the data order
+    shard_settings,
 )
 from data_pipeline.manifest import Manifest
+from data_pipeline.order import Order
 
 MIX_KEY = 0x313C  # separates the block-layout stream from other uses of the seed
 Step = list[tuple[torch.Tensor, torch.Tensor]]
@@ -261,8 +265,11 @@ class MixtureLoader:
     """DistributedLoader's interface over a mixture: this rank's micro batches of the next
     global step, each sample from the source and at the source position the plan says.
 
-    datasets: name -> TokenShards of the split (every source of the mixture). The state
-    (state_dict) is the consumed position, the seed and the segments entered so far."""
+    datasets: name -> TokenShards of the split (every source of the mixture). order: each
+    source's data order (data_pipeline/order.py) for a new run; a checkpoint's order wins.
+    The state (state_dict) is the consumed position, the seed, the order and the segments
+    entered so far. With prefetch, the next step is assembled in the background and the row
+    groups of the prefetch_steps steps after it are asked for."""
 
     def __init__(
         self,
@@ -276,6 +283,8 @@ class MixtureLoader:
         seed: int,
         consumed_samples: int = 0,
         prefetch: bool = True,
+        order: Order = DEFAULT_ORDER,
+        prefetch_steps: int = 16,
     ):
         if micro_batch < 1 or dp_size < 1 or global_batch < 1:
             raise ValueError(
@@ -303,6 +312,9 @@ class MixtureLoader:
         self.dp_size = dp_size
         self.grad_accum = global_batch // (micro_batch * dp_size)
         self.seed = seed
+        self.order = order
+        self.prefetch_steps = prefetch_steps if prefetch else 0
+        self._ahead = -1  # the last step start whose row groups were asked for
         self.row_len = next(iter(datasets.values())).row_len
         self._consumed = consumed_samples
         self.plan = MixturePlan(plan_stages(mixture, global_batch), seed, resume_at=0)
@@ -327,7 +339,9 @@ class MixtureLoader:
                 raise DataError(f"mixture source {name!r} is mixed here but was not given")
             where = src == i
             n = len(self.datasets[name])
-            ids[where] = sample_ids_at(pos[where], n, source_seed(self.seed, name))
+            ids[where] = sample_ids_at(
+                pos[where], n, source_seed(self.seed, name), order=self.order
+            )
         return [names[int(i)] for i in src], ids
 
     def step_samples(self, consumed: int) -> tuple[list[str], np.ndarray]:
@@ -380,8 +394,23 @@ class MixtureLoader:
         self._consumed = consumed + self.global_batch
         if self._pool is not None:
             following = self._consumed
+            self._read_ahead(following)
             self._next = (following, self._pool.submit(self._load_step, following))
         return step
+
+    def _read_ahead(self, following: int) -> None:
+        """Ask each source for the row groups of the prefetch_steps steps after the one at
+        `following` (each step once; afresh after a jump)."""
+        last = following + self.prefetch_steps * self.global_batch
+        start = max(self._ahead, following) + self.global_batch
+        if not following <= self._ahead <= last:
+            start = following + self.global_batch
+        for consumed in range(start, last + 1, self.global_batch):
+            names, ids = self.step_samples(consumed)
+            by_source = np.array(names)
+            for name in sorted(set(names)):
+                self.datasets[name].prefetch(ids[by_source == name])
+        self._ahead = max(last, following)
 
     def __iter__(self) -> Iterator[Step]:
         while True:
@@ -391,6 +420,7 @@ class MixtureLoader:
         return {
             "consumed_samples": self._consumed,
             "seed": self.seed,
+            **self.order.state(),
             "mixture": {
                 "segments": [s.to_dict() for s in self.plan.history(self._consumed)],
                 "sizes": {n: len(d) for n, d in self.datasets.items()},
@@ -399,14 +429,16 @@ class MixtureLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue at the state's position: its segments, then this config's mix from there
-        on (a new segment where it differs). A state without "mixture" (a single-dataset
-        checkpoint) starts every source at its position 0 there."""
+        on (a new segment where it differs), in the state's order. A state without "mixture"
+        (a single-dataset checkpoint) starts every source at its position 0 there, in this
+        loader's order."""
         consumed = int(state["consumed_samples"])
         seed = int(state.get("seed", self.seed))
         saved = state.get("mixture")
         history = [] if saved is None else [Segment.from_dict(s) for s in saved["segments"]]
         if saved is not None:
             self._check_sizes(saved.get("sizes", {}))
+            self.order = Order.from_state(state)
         self.plan = MixturePlan(
             plan_stages(self.mixture, self.global_batch), seed, history=history, resume_at=consumed
         )
@@ -432,20 +464,22 @@ class MixtureLoader:
 
 
 def build_loaders(
-    mixture: MixtureConfig, *, global_batch: int, val_batch: int, **loader_args: Any
+    data: DataConfig, *, global_batch: int, val_batch: int, **loader_args: Any
 ) -> tuple[MixtureLoader, dict[str, DistributedLoader]]:
-    """A worker's training MixtureLoader and each source's validation loader (val_batch
-    leading samples of the source's val split, in stored order, at every eval).
-    loader_args: micro_batch, dp_rank, dp_size, seed."""
+    """A worker's training MixtureLoader over data.mixture (the order and read settings of
+    data) and each source's validation loader (val_batch leading samples of the source's val
+    split, in stored order, at every eval). loader_args: micro_batch, dp_rank, dp_size, seed."""
+    mixture, reads = data.mixture, shard_settings(data)
     train = MixtureLoader(
-        {n: TokenShards(mixture.sources[n].dir, "train") for n in mixture.names},
+        {n: TokenShards(mixture.sources[n].dir, "train", **reads) for n in mixture.names},
         mixture,
         global_batch=global_batch,
+        **order_settings(data),
         **loader_args,
     )
     val = {
         n: DistributedLoader(
-            TokenShards(mixture.sources[n].dir, "val"),
+            TokenShards(mixture.sources[n].dir, "val", **reads),
             global_batch=val_batch,
             shuffle=False,
             **loader_args,

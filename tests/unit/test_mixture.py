@@ -19,6 +19,7 @@ from data_pipeline.config import DataConfig, DataError, MixtureConfig, block_sha
 from data_pipeline.loader import TokenShards
 from data_pipeline.manifest import MANIFEST_VERSION, Manifest, ShardInfo, SplitInfo, TokenizerInfo
 from data_pipeline.mixture import MixtureLoader, check_datasets
+from data_pipeline.order import BLOCKS, Order
 
 SEQ_LEN = 4
 ROW = SEQ_LEN + 1
@@ -95,11 +96,18 @@ GB, MB = 8, 2  # global batch 8: dp 1 -> 4 micro batches, dp 2 -> 2 each; blocks
 STEPS = 24
 
 
-def loaders(train, mix, dp_size: int, state=None) -> list[MixtureLoader]:
+def loaders(train, mix, dp_size: int, state=None, **kwargs) -> list[MixtureLoader]:
     out = []
     for rank in range(dp_size):
         loader = MixtureLoader(
-            train, mix, global_batch=GB, micro_batch=MB, dp_rank=rank, dp_size=dp_size, seed=7
+            train,
+            mix,
+            global_batch=GB,
+            micro_batch=MB,
+            dp_rank=rank,
+            dp_size=dp_size,
+            seed=7,
+            **kwargs,
         )
         if state is not None:
             loader.load_state_dict(state)
@@ -314,6 +322,20 @@ def test_single_dataset_checkpoint_starts_every_source_at_zero(train, dirs, refe
     streams = per_source(run_steps(group, 6))
     assert_prefixes(streams, per_source(reference))
     assert all(s for s in streams.values())
+
+
+def test_resume_keeps_the_checkpoints_data_order(train, dirs) -> None:
+    """Each source's order is the loader's (data_pipeline/order.py); the state records it and
+    a resume keeps it, whatever order the resuming loader was built with."""
+    small = Order(BLOCKS, chunk=4, window=2)
+    mix = mixture(dirs)
+    whole = run_steps(loaders(train, mix, 1, order=small), 12)
+    assert whole != run_steps(loaders(train, mix, 1), 12), "the order is not in effect"
+    first = loaders(train, mix, 2, order=small)
+    before = run_steps(first, 5)
+    state = first[0].state_dict()
+    assert (state["order"], state["order_chunk"], state["order_window"]) == (BLOCKS, 4, 2)
+    assert before + run_steps(loaders(train, mix, 1, state), 7) == whole
 
 
 def test_a_source_resumed_with_another_dataset_is_refused(train, dirs, tmp_path) -> None:

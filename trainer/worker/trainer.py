@@ -176,7 +176,7 @@ class Trainer:
         self.val_loaders: dict[str, DistributedLoader] = {}  # a mixture's, per source
         if cfg.data.mixture:  # its own datasets (data_dir is its first source's)
             self.train_loader, self.val_loaders = build_loaders(
-                cfg.data.mixture,
+                cfg.data,
                 global_batch=t.global_batch_size,
                 val_batch=t.micro_batch_size * t.eval_batches * cfg.dp_size,
                 **loader_args,
