@@ -55,6 +55,7 @@ def stall_worker(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
+    from cluster import worker_context
     from cluster.ray_private import quiet_train_logs
     from models.gpt import GPT
     from trainer.checkpoint import format as checkpoint
@@ -87,7 +88,9 @@ def stall_worker(config: dict[str, Any]) -> None:
             local = checkpoint.save_local(engine, rank, state)
             t1 = time.perf_counter()
             nbytes = dir_bytes(local)
-            done = checkpoint.report({"step": n}, local, n, asynchronous=mode == "ASYNC")
+            done = checkpoint.report(
+                worker_context.current(), {"step": n}, local, n, asynchronous=mode == "ASYNC"
+            )
             t2 = time.perf_counter()
             finished: list[float] = []
             watcher = threading.Thread(

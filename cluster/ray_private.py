@@ -34,15 +34,16 @@ def snapshot_checkpoints(text: str) -> tuple[Optional[list[str]], Optional[str]]
 
 
 def rebuild_snapshot(checkpoints: list[tuple[str, int]]) -> str:
-    """A snapshot registering `checkpoints` ((dir name, step), oldest first), as Ray writes it."""
-    import ray
+    """A snapshot registering `checkpoints` ((dir name, step), oldest first), as Ray writes it.
+    (Ray's version from the package metadata: an in-process run does not import Ray.)"""
+    from importlib.metadata import version
 
     entries = [
         {"version": 0, "checkpoint_dir_name": name, "metrics": {"step": step}}
         for name, step in checkpoints
     ]
     state = {
-        "ray_version": ray.__version__,
+        "ray_version": version("ray"),
         "checkpoint_results": entries,
         "checkpoint_report_indices": list(range(len(entries))),
         "latest_checkpoint_result": entries[-1] if entries else None,

@@ -23,6 +23,9 @@ FLAGS = ("-m", "--multirun", "--check")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from trainer.startup_trace import mark
+
+    mark("driver: imports done")
     argv = list(sys.argv[1:] if argv is None else argv)
     multirun = any(a in ("-m", "--multirun") for a in argv)
     check = "--check" in argv
@@ -70,6 +73,9 @@ def train(cfg: RootConfig) -> int:
         )
         return 1
     print_summary(summary)
+    from trainer.startup_trace import mark
+
+    mark("driver: summary printed")
     if summary.get("stopped_by"):
         print(
             f"stopped at step {summary.get('final_step')} ({summary['stopped_by']}); "
@@ -80,5 +86,18 @@ def train(cfg: RootConfig) -> int:
     return 0 if summary else 1
 
 
+def exit_now(code: int) -> None:
+    """Ends the process with `code` once the exit handlers have run and the output is flushed,
+    skipping the interpreter's teardown of torch, DeepSpeed and gloo objects (3-4 s on 2 cores
+    after a run that already wrote and closed everything)."""
+    import atexit
+    import os
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

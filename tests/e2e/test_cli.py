@@ -156,8 +156,9 @@ def test_a_logged_run_has_plain_text_and_names_both_throughputs(tmp_path, smoke_
     tokens/s apart."""
     proc = cli(
         "trainer.train", *SMOKE, "trainer.max_steps=2", "trainer.eval_interval=0",
-        "trainer.checkpoint_interval=0", "cluster.num_workers=1", "trainer.global_batch_size=4",
-        f"data.out_dir={smoke_data}", f"run.root={tmp_path}", "run.name=plain", timeout=600,
+        "trainer.checkpoint_interval=0", "cluster.num_workers=1", "cluster.launch=ray",
+        "trainer.global_batch_size=4", f"data.out_dir={smoke_data}", f"run.root={tmp_path}",
+        "run.name=plain", timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(RayTrainWorker pid=" in proc.stdout + proc.stderr  # worker lines did come through

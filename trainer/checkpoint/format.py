@@ -235,6 +235,7 @@ def _read_state_checked(ckpt: str) -> dict[str, Any]:
 
 
 def report(
+    context: Any,
     metrics: dict[str, Any],
     local_dir: Path,
     step: int,
@@ -249,11 +250,10 @@ def report(
     background (object storage: the step loop does not wait for it) and the local directory is
     removed after it. Returns an Event set once this worker's files are persisted.
     `before_upload` runs on this worker just before its upload (fault drills use it).
+    context: the worker's (cluster/worker_context.py): Ray Train's, or this process's.
     """
-    from cluster.ray_private import report_checkpoint
-
     try:
-        return report_checkpoint(
+        return context.report_checkpoint(
             metrics,
             str(local_dir),
             f"checkpoint_{step:08d}",

@@ -14,39 +14,37 @@ from cluster.config import ClusterError
 from data_pipeline import storage
 from trainer.config import ConfigError, RootConfig, check_eval_fits, config_warnings
 from trainer.driver import plan, preflight
+from trainer.startup_trace import mark
 
 
 def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, Any]:
-    """Trains on Ray; returns the run's summary. The caller has validated `cfg`.
+    """Trains on Ray, or in this process (cluster.launch); returns the run's summary. The
+    caller has validated `cfg`.
 
     progress_bar: draw a live bar on this (driver) terminal; otherwise rank 0 prints lines.
     """
     import sys
 
-    from cluster.launch import connected, fit, make_stop_signal
-    from trainer.worker.entry import train_worker
+    mark("driver: config valid")
+    if cfg.cluster.in_process:
+        from cluster.inprocess import reexec_for_allocator
 
+        reexec_for_allocator(cfg.cluster)  # before any work: the command restarts with it
     for line in config_warnings(cfg):
         print(line, file=sys.stderr, flush=True)
     preflight.check_before_ray(cfg)
     run_plan = plan.plan_run(cfg)
+    if cfg.cluster.in_process:
+        return _train_here(cfg, run_plan, progress_bar)
+    from cluster.launch import connected, fit, make_stop_signal
+    from trainer.worker.entry import train_worker
+
     try:
         with connected(cfg.cluster, job_env=storage.remote_env(other_machines=True)):
+            mark("driver: ray up")
             preflight.check_cluster(cfg)
-            data_dir = prepare_data(cfg)
-            # Validated, data included: from here on the run directory may change.
-            universal = plan.apply(cfg, run_plan)
-            write_run_config(cfg)
-            invocation = uuid.uuid4().hex
-            config = {
-                "cfg": cfg,
-                "data_dir": data_dir,
-                "console_lines": not progress_bar,
-                "universal": universal,
-                "peak_flops": local_cpu_peak(cfg),
-                "stop_signal": make_stop_signal(),
-                "invocation": invocation,
-            }
+            config = _worker_config(cfg, run_plan, progress_bar, make_stop_signal())
+            mark("driver: fit")
             with _progress(cfg, progress_bar):
                 result = fit(
                     train_worker,
@@ -57,9 +55,54 @@ def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, An
                     keep_last=cfg.trainer.keep_last,
                     stop_signal=config["stop_signal"],
                 )
+        mark("driver: fit returned")
     except ClusterError as e:
         raise ConfigError(str(e)) from None
-    return read_summary(cfg, result, invocation)
+    mark("driver: ray down")
+    return read_summary(cfg, result, config["invocation"])
+
+
+def _train_here(cfg: RootConfig, run_plan: plan.RunPlan, progress_bar: bool) -> dict[str, Any]:
+    """The one worker of a private local cluster, in this process: no Ray is started (a
+    dataset that must be prepared first starts its own for the tokenizing tasks)."""
+    from cluster.inprocess import fit_here
+    from trainer.checkpoint.latest import resume_point
+    from trainer.worker.entry import train_worker
+
+    config = _worker_config(cfg, run_plan, progress_bar, None)
+    mark("driver: fit (in this process)")
+    with _progress(cfg, progress_bar):
+        result = fit_here(
+            train_worker,
+            config,
+            cluster=cfg.cluster,
+            run_uri=cfg.run_uri,
+            keep_last=cfg.trainer.keep_last,
+            resume_point=lambda: resume_point(cfg.run_uri),
+        )
+    mark("driver: fit returned")
+    return read_summary(cfg, result, config["invocation"])
+
+
+def _worker_config(
+    cfg: RootConfig, run_plan: plan.RunPlan, progress_bar: bool, stop_signal: Any
+) -> dict[str, Any]:
+    """Prepares (or checks) the data, readies the run directory and returns what every
+    worker gets (trainer/worker/entry.py)."""
+    data_dir = prepare_data(cfg)
+    mark("driver: data checked")
+    # Validated, data included: from here on the run directory may change.
+    universal = plan.apply(cfg, run_plan)
+    write_run_config(cfg)
+    return {
+        "cfg": cfg,
+        "data_dir": data_dir,
+        "console_lines": not progress_bar,
+        "universal": universal,
+        "peak_flops": local_cpu_peak(cfg),
+        "stop_signal": stop_signal,
+        "invocation": uuid.uuid4().hex,
+    }
 
 
 def _progress(cfg: RootConfig, on: bool):

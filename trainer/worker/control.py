@@ -68,9 +68,16 @@ def comm_device() -> torch.device:
 class StepControl:
     """Per step, every rank learns (stop requested, time-based checkpoint due) from rank 0."""
 
-    def __init__(self, policy: CheckpointPolicy, stop_signal: Any, rank: int):
+    def __init__(
+        self,
+        policy: CheckpointPolicy,
+        stop_signal: Any,
+        rank: int,
+        read_signal: Callable[[Any], Optional[str]],
+    ):
         self.policy = policy
         self.signal = stop_signal
+        self.read_signal = read_signal  # the worker context's stop_requested
         self.rank = rank
         self.stop_reason: Optional[str] = None
         self._polled = 0.0
@@ -83,9 +90,7 @@ class StepControl:
             return
         self._polled = time.monotonic()
         try:
-            import ray
-
-            self.stop_reason = ray.get(self.signal.get.remote(), timeout=10)
+            self.stop_reason = self.read_signal(self.signal)
         except Exception:  # noqa: BLE001 - a lost driver ends the run anyway; keep training
             pass
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from cluster import worker_context
 from data_pipeline import storage
 from data_pipeline.loader import DistributedLoader, TokenShards, order_settings, shard_settings
 from data_pipeline.manifest import Manifest
@@ -29,6 +30,7 @@ from data_pipeline.mixture import MixtureLoader, build_loaders
 from models.gpt import estimate_flops_per_token, estimate_num_params
 from trainer.checkpoint import format as checkpoint
 from trainer.config import RootConfig
+from trainer.startup_trace import mark
 from trainer.worker import faults
 from trainer.worker.control import CheckpointPolicy, StepControl, comm_device
 from trainer.worker.engine import (
@@ -88,15 +90,11 @@ class TrainState:
 
 class Trainer:
     def __init__(self, config: dict[str, Any]):
-        import ray.train
-
-        from cluster.ray_private import quiet_train_logs
-
-        quiet_train_logs()
+        self.context = worker_context.current()  # Ray Train's, or this process's
+        self.rank, self.world = self.context.rank, self.context.world_size
+        mark(f"worker {self.rank}: up")
         self.cfg: RootConfig = config["cfg"]
         self.config = config
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.layout = self.cfg.layout
         self.dp_rank = self.layout.dp_rank(self.rank)  # TP/PP peers read the same batch
         self.universal = config.get("universal") or {}
@@ -109,8 +107,10 @@ class Trainer:
     # -- the sequence -------------------------------------------------------------------------
     def train(self) -> None:
         self.build()
+        mark("worker: built")
         self.resume()
         self.start_logging()
+        mark("worker: logging started")
         try:
             while self.state.step < self.last_step:
                 rollback = self.step()
@@ -132,7 +132,9 @@ class Trainer:
                 if stop:
                     self.stop()
                     break
+            mark("worker: last step done")
             self.summary()
+            mark("worker: summary done")
         finally:
             self.close()
 
@@ -150,6 +152,7 @@ class Trainer:
         seed_everything(t.seed)
         sizes = dict(layout=self.layout, micro_batch=t.micro_batch_size, grad_accum=cfg.grad_accum)
         # Same seed on every rank -> identical initial weights (ZeRO-3: built partitioned).
+        mark("worker: peak known")
         model = build_model(cfg.model, cfg.parallel, cfg.precision, cfg.optim, seed=t.seed, **sizes)
         self.engine = build_engine(
             model,
@@ -160,11 +163,10 @@ class Trainer:
             contiguous_weight_grad=t.contiguous_weight_grad,
             **sizes,
         )
-        import ray
-
+        mark("worker: engine built")
         self.memory = {
             "rank": self.rank,
-            "node_id": ray.get_runtime_context().get_node_id(),  # where this rank ran
+            "node_id": self.context.node_id(),  # where this rank ran
             "layout": str(self.layout),
             **model_state_bytes(self.engine),
             "rss_after_build_mib": memory_stats(self.engine.device)["rss_mib"],
@@ -198,7 +200,9 @@ class Trainer:
         self.guard = LossGuard(cfg.guard)
         self.judge = StepJudge(self.guard, mean_across_ranks)
         self.policy = CheckpointPolicy(t)
-        self.control = StepControl(self.policy, self.config.get("stop_signal"), self.rank)
+        self.control = StepControl(
+            self.policy, self.config.get("stop_signal"), self.rank, self.context.stop_requested
+        )
         self.fault = faults.from_env()
         self.files = RunFiles(cfg.run_uri, self.rank)
         self.last_step = min(t.max_steps, t.stop_at_step or t.max_steps)
@@ -210,17 +214,15 @@ class Trainer:
 
     def resume(self) -> None:
         """Loads the checkpoint Ray hands this run (the latest registered one), if any."""
-        import ray.train
-
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return
-        with ckpt.as_directory() as d:
-            saved = self.load_checkpoint(Path(d))
-        self.newest = Path(ckpt.path).name
+        with self.context.resume_checkpoint() as found:
+            if found is None:
+                return
+            path, local = found
+            saved = self.load_checkpoint(local)
+        self.newest = Path(path).name
         if self.rank == 0:
             how = " (universal checkpoint)" if saved["universal"] else ""
-            print(f"resumed from {ckpt.path}{how} at step {self.state.step}")
+            print(f"resumed from {path}{how} at step {self.state.step}")
 
     def load_checkpoint(self, local_dir: Path) -> dict[str, Any]:
         """Engine, RNG and every state part from a local checkpoint directory."""
@@ -413,6 +415,7 @@ class Trainer:
             faults.maybe_pause(fault, "save", step, rank, files.local)
             self.newest = f"checkpoint_{step:08d}"
             self.uploads[self.newest] = checkpoint.report(
+                self.context,
                 {"step": step, "loss": self.last_metrics.get("loss")},
                 local,
                 step,
@@ -475,6 +478,7 @@ class Trainer:
         self.files.path(f"memory/rank_{self.rank}.json").write_text(
             json.dumps(report, indent=1) + "\n"
         )
+        mark("worker: summary written")
         sample = None
         if not is_pipeline(self.engine):  # stages hold parts of the model: no single forward
             sample = generate_sample(

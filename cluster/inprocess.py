@@ -1,0 +1,168 @@
+"""cluster.launch=process: the one worker of a private local cluster runs in this process.
+
+A one-worker run on this machine needs nothing Ray does: no scheduling, no placement, no
+second process. Starting Ray (GCS, raylet, dashboard), Ray Train's controller and a worker
+actor that imports torch and DeepSpeed again took ~30 s of a 2-step run on 2 cores; here the
+worker starts as soon as the driver has checked the config. Everything a Ray Train worker gets
+is given here too (cluster/worker_context.py's ProcessContext): rank 0 of 1 with a gloo/NCCL
+process group, the checkpoint to resume (the same snapshot file Ray reads), checkpoints
+persisted and registered as Ray does (keep_last), SIGTERM -> checkpoint and stop, and
+cluster.max_failures restarts from the latest checkpoint. The workers' environment is
+cluster.launch.worker_env's; an allocator that must be preloaded (LD_PRELOAD tcmalloc) cannot
+be loaded into a running process, so `reexec_for_allocator` restarts the command with it
+first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from cluster.config import ClusterConfig
+from cluster.launch import worker_env
+from cluster.worker_context import ProcessContext, StopFlag, set_process_context
+
+
+@dataclass
+class Checkpoint:
+    path: str  # URI of the run's latest registered checkpoint
+
+
+@dataclass
+class Result:
+    """What read_summary needs of a run, as ray.train.Result carries it."""
+
+    checkpoint: Optional[Checkpoint]
+
+
+def preload_missing(cluster: ClusterConfig, env: Optional[dict[str, str]] = None) -> Optional[str]:
+    """The LD_PRELOAD this process would need for cluster.allocator and lacks, or None."""
+    want = worker_env(cluster).get("LD_PRELOAD")
+    have = (os.environ if env is None else env).get("LD_PRELOAD", "")
+    if not want or all(lib in have.split() for lib in want.split()):
+        return None
+    return want
+
+
+def reexec_for_allocator(cluster: ClusterConfig) -> None:
+    """Restarts this command with the allocator preloaded when it is not (once: the new
+    process has it). Returns only when nothing needs to change."""
+    want = preload_missing(cluster)
+    if want is None:
+        return
+    print(f"restarting with LD_PRELOAD={want} (cluster.allocator={cluster.allocator})", flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, {**os.environ, "LD_PRELOAD": want})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _worker_environment(cluster: ClusterConfig) -> Iterator[None]:
+    """The worker's environment variables (worker_env, a world of one) for the block."""
+    env = {k: v for k, v in worker_env(cluster).items() if k != "LD_PRELOAD"}
+    env.update(
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+    )
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _sigterm_stops(flag: StopFlag) -> Iterator[None]:
+    """SIGTERM asks the worker to checkpoint at the next step boundary and stop; a second one
+    ends the process at once (as cluster.launch.stop_on_sigterm does for Ray workers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        print(
+            "SIGTERM: checkpointing at the next step boundary, then stopping "
+            "(a second SIGTERM stops at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+        flag.request("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def fit_here(
+    fn: Callable[[dict[str, Any]], None],
+    config: dict[str, Any],
+    *,
+    cluster: ClusterConfig,
+    run_uri: str,
+    keep_last: int,
+    resume_point: Callable[[], Optional[str]],
+) -> Result:
+    """Runs fn(config) here as rank 0 of 1; config["stop_signal"] is set to this run's
+    StopFlag. A failure restarts fn from the latest checkpoint up to cluster.max_failures
+    times (-1: forever), then raises the failure."""
+    flag = StopFlag()
+    config = {**config, "stop_signal": flag}
+    failures = 0
+    with _worker_environment(cluster), _sigterm_stops(flag):
+        while True:
+            ctx = ProcessContext(run_uri, keep_last, resume_point)
+            set_process_context(ctx)
+            try:
+                fn(config)
+                ctx.close()
+                break
+            except Exception as e:
+                with contextlib.suppress(Exception):
+                    ctx.close()  # what was reported before the failure is persisted
+                failures += 1
+                if cluster.max_failures != -1 and failures > cluster.max_failures:
+                    raise
+                print(
+                    f"worker failed ({type(e).__name__}: {e}); restarting from the latest "
+                    f"checkpoint (failure {failures} of cluster.max_failures="
+                    f"{cluster.max_failures})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            finally:
+                set_process_context(None)
+                _destroy_process_group()
+    latest = resume_point()
+    return Result(checkpoint=Checkpoint(latest) if latest else None)

@@ -1,0 +1,96 @@
+"""cluster.launch: one local worker trains in the driver's process, without Ray, and its run
+moves to Ray Train and back.
+
+A run in this process is stopped by SIGTERM (checkpoint, exit 143), resumed by Ray Train
+(cluster.launch=ray) from the checkpoint it wrote, and finished in this process again; its
+losses and the samples it trained on equal those of an uninterrupted run in this process.
+Real subprocesses of `python -m trainer.train`, real Ray for the middle leg.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+from procs import wait_for
+from test_interruptions import Run, losses, marker_pid, read_jsonl, samples
+
+STEPS = 6
+pytestmark = pytest.mark.timeout(900)
+
+
+def args(root: Path, data: str, name: str, *more: str) -> list[str]:
+    return [
+        "+experiment=smoke",
+        "logging.mode=disabled",
+        "precision=fp32",
+        "parallel=zero2",
+        "cluster.num_workers=1",
+        "trainer.global_batch_size=4",
+        f"trainer.max_steps={STEPS}",
+        "trainer.checkpoint_interval=1",
+        "trainer.keep_last=2",
+        "trainer.eval_interval=0",
+        "trainer.sample_tokens=0",
+        "trainer.log_sample_ids=true",
+        f"data.out_dir={data}",
+        f"run.root={root}",
+        f"run.name={name}",
+        *more,
+    ]
+
+
+def registered(run_dir: Path) -> list[str]:
+    snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    return [r["checkpoint_dir_name"] for r in snap["checkpoint_results"]]
+
+
+def test_a_run_moves_between_this_process_and_ray(tmp_path, smoke_data):
+    ref = Run(args(tmp_path, smoke_data, "ref"), tmp_path / "ref.log")
+    assert ref.wait() == 0, ref.output[-3000:]
+    assert "(RayTrainWorker" not in ref.output  # no Ray worker: the driver trained
+    node = json.loads((tmp_path / "ref" / "memory" / "rank_0.json").read_text())["node_id"]
+    assert node.startswith("local:")
+    # keep_last=2, as Ray Train keeps them: the others were deleted, the snapshot lists two.
+    assert registered(tmp_path / "ref") == ["checkpoint_00000005", "checkpoint_00000006"]
+    assert sorted(p.name for p in (tmp_path / "ref").glob("checkpoint_0*")) == registered(
+        tmp_path / "ref"
+    )
+
+    run_dir = tmp_path / "moved"
+    # 1. In this process; held at step 4 and sent SIGTERM: checkpoint at the boundary, exit 143.
+    first = Run(
+        args(tmp_path, smoke_data, "moved"), tmp_path / "1.log", fault="pause@step:4:hold=4"
+    )
+    wait_for(lambda: marker_pid(run_dir, "step", 4, 0), 300, "step 4", first)
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.wait() == 143, first.output[-3000:]
+    assert "stopped at step 4 (SIGTERM)" in first.output
+    assert registered(run_dir)[-1] == "checkpoint_00000004"
+
+    # 2. Ray Train resumes the checkpoint this process registered, and stops at step 5.
+    second = Run(
+        args(tmp_path, smoke_data, "moved", "cluster.launch=ray", "trainer.stop_at_step=5"),
+        tmp_path / "2.log",
+    )
+    assert second.wait() == 0, second.output[-3000:]
+    assert "(RayTrainWorker" in second.output
+    assert "resumed from" in second.output and "checkpoint_00000004 at step 4" in second.output
+
+    # 3. This process resumes what Ray registered and finishes.
+    third = Run(args(tmp_path, smoke_data, "moved"), tmp_path / "3.log")
+    assert third.wait() == 0, third.output[-3000:]
+    assert "checkpoint_00000005 at step 5" in third.output
+
+    got, want = losses(run_dir), losses(tmp_path / "ref")
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-6), step
+    assert samples(run_dir) == samples(tmp_path / "ref")
+    every = [i for ids in samples(run_dir).values() for i in ids]
+    assert len(every) == len(set(every)) == STEPS * 4
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["finished"] and summary["consumed_samples"] == STEPS * 4
+    assert read_jsonl(run_dir / "metrics.jsonl")[-1]["step"] == STEPS
