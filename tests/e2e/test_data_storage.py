@@ -194,8 +194,8 @@ def test_loader_with_a_cache_smaller_than_the_data(s3_data, local_data: str, tmp
         assert same_steps([got], [expected])
         assert cache.total_bytes() <= bound
     assert len(cache.cached()) == 1 and cache.downloads > len(sizes) // 2  # one at a time
-    # the default cache (no cache given) is used for object-store URIs only
-    assert TokenShards(uri, "val").file_cache is not None
+    # no cache given: object stores are read by ranged row-group requests, no local copies
+    assert TokenShards(uri, "val").file_cache is None
     assert TokenShards(local_data, "val").file_cache is None
 
 

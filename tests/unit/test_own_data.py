@@ -31,6 +31,7 @@ from data_pipeline.manifest import (
     SplitInfo,
     TokenizerInfo,
 )
+from data_pipeline.order import Order
 from data_pipeline.prepare import held_out_warning, load_data_config, main, prepare
 from data_pipeline.prompt import default_prompt
 from data_pipeline.sources import split_of, split_score
@@ -342,12 +343,14 @@ def test_random_window_offsets_keep_exactly_once(tmp_path: Path) -> None:
     state = DistributedLoader(
         shards, dp_rank=0, dp_size=1, consumed_samples=32, **args
     ).state_dict()
-    assert state == {"consumed_samples": 32, "seed": 3, "window_offset": "random"}
+    assert state == {
+        "consumed_samples": 32, "seed": 3, "window_offset": "random", **Order().state()
+    }  # fmt: skip
     resumed = DistributedLoader(shards, dp_rank=0, dp_size=1, global_batch=8, micro_batch=2, seed=9)
     resumed.load_state_dict(state)  # the checkpoint's order wins
     assert [int(w[0]) for w in windows_of(resumed, 2)] == [int(w[0]) for w in windows[32:48]]
     packed = DistributedLoader(shards, dp_rank=0, dp_size=1, global_batch=8, micro_batch=2, seed=3)
-    assert packed.state_dict() == {"consumed_samples": 0, "seed": 3}
+    assert packed.state_dict() == {"consumed_samples": 0, "seed": 3, **Order().state()}
     assert all(int(w[0]) % ROW == 0 for w in windows_of(packed, 3))
     with pytest.raises(ValueError, match="window_offset 'random' needs at least 2 rows"):
         DistributedLoader(stream_dataset(tmp_path / "one", [1]), dp_rank=0, dp_size=1,
