@@ -61,7 +61,9 @@ class Ledger:
         return results
 
     def remove(self) -> None:
-        storage.delete(self.root)
+        """Deletes the ledger (nothing to do when there is none)."""
+        if storage.is_dir(self.root):
+            storage.delete(self.root)
 
 
 def plan_settings(build: str) -> Optional[dict[str, Any]]:

@@ -405,10 +405,27 @@ def _run_tasks(
     Data's streaming executor added only start-up time. The arguments are put into the object
     store once and shared by every task. `env`: extra environment of the tasks (the driver's
     object-store settings when writing to one)."""
+    if not tasks:
+        return {}  # all done (a rerun): no Ray needed
     import ray
 
-    if not tasks:
-        return {}
+    started = not ray.is_initialized()
+    if started:
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        return _run_on_ray(tasks, fn_kwargs, env)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _run_on_ray(
+    tasks: dict[int, list[dict[str, Any]]],
+    fn_kwargs: dict[str, Any],
+    env: Optional[dict[str, str]],
+) -> dict[int, dict[str, Any]]:
+    import ray
+
     shared = ray.put(fn_kwargs)
     remote = ray.remote(num_cpus=1, max_retries=3)(_remote_task)
     if env:
@@ -683,7 +700,8 @@ def prepare(cfg: DataConfig, *, overwrite: bool = False, hint: str = OVERWRITE_H
     unfinished prepare with other settings) it raises DataError unless overwrite=True; so does
     an out_dir that cannot be reached or written (unknown scheme, missing bucket or
     credentials, unreachable endpoint, read-only location), before anything is written. Uses
-    the running Ray instance, or starts (and then stops) a local one. A split that comes out
+    the running Ray instance, or starts (and then stops) a local one while tasks are to run
+    (none are on a rerun whose tasks are all done). A split that comes out
     without documents, or with 0 samples (too few tokens for one row of seq_len + 1 in any
     task), raises DataError.
     """
@@ -702,17 +720,8 @@ def prepare(cfg: DataConfig, *, overwrite: bool = False, hint: str = OVERWRITE_H
     except storage.StorageError as e:
         raise _storage_error(out, e) from None
 
-    import ray
-
-    ray_started = not ray.is_initialized()
-    if ray_started:
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
-    try:
-        build = _build_remote if storage.is_remote(out) else _build_local
-        manifest = build(cfg, settings, plan, out, overwrite)
-    finally:
-        if ray_started:
-            ray.shutdown()
+    build = _build_remote if storage.is_remote(out) else _build_local
+    manifest = build(cfg, settings, plan, out, overwrite)
     warning = held_out_warning(cfg, manifest)
     if warning:
         log.warning("%s", warning)
