@@ -95,6 +95,22 @@ def test_measured_peak_is_cached(tmp_path, monkeypatch):
     assert metrics.peak_flops_per_worker("bf16", 1, configured=123.0) == 123.0
 
 
+def test_a_peak_measured_on_a_busy_machine_is_raised_to_fewer_threads_peak(tmp_path, monkeypatch):
+    import json
+    import os
+    import platform
+
+    from trainer.worker.observability import metrics
+
+    monkeypatch.setenv("RAYGPT_CACHE", str(tmp_path))
+    node = f"{platform.node()}|{platform.processor()}|{os.cpu_count()}"
+    (tmp_path / "peak.json").write_text(
+        json.dumps({f"{node}|1|fp32|n2048x3": 26e9, f"{node}|2|fp32|n2048x3": 11e9})
+    )
+    assert metrics.measure_matmul_flops("fp32", 2) == 26e9  # not the busy 11e9
+    assert metrics.measure_matmul_flops("fp32", 1) == 26e9
+
+
 def test_throughput_excludes_paused_time():
     import time
 
