@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from cluster.config import ClusterConfig
-from cluster.launch import worker_env
+from cluster.launch import stop_on_sigterm, worker_env
 from cluster.worker_context import ProcessContext, StopFlag, set_process_context
 
 
@@ -93,31 +91,6 @@ def _worker_environment(cluster: ClusterConfig) -> Iterator[None]:
                 os.environ[k] = v
 
 
-@contextlib.contextmanager
-def _sigterm_stops(flag: StopFlag) -> Iterator[None]:
-    """SIGTERM asks the worker to checkpoint at the next step boundary and stop; a second one
-    ends the process at once (as cluster.launch.stop_on_sigterm does for Ray workers)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        print(
-            "SIGTERM: checkpointing at the next step boundary, then stopping "
-            "(a second SIGTERM stops at once)",
-            file=sys.stderr,
-            flush=True,
-        )
-        flag.request("SIGTERM")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _destroy_process_group() -> None:
     import torch.distributed as dist
 
@@ -140,7 +113,7 @@ def fit_here(
     flag = StopFlag()
     config = {**config, "stop_signal": flag}
     failures = 0
-    with _worker_environment(cluster), _sigterm_stops(flag):
+    with _worker_environment(cluster), stop_on_sigterm(flag.request):
         while True:
             ctx = ProcessContext(run_uri, keep_last, resume_point)
             set_process_context(ctx)

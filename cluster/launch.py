@@ -172,24 +172,16 @@ def make_stop_signal() -> Any:
     """A driver-owned actor holding the stop request; workers poll it (trainer/worker/control)."""
     import ray
 
-    @ray.remote(num_cpus=0)
-    class StopSignal:
-        def __init__(self) -> None:
-            self.reason: Optional[str] = None
+    from cluster.worker_context import StopFlag
 
-        def request(self, reason: str) -> None:
-            self.reason = self.reason or reason
-
-        def get(self) -> Optional[str]:
-            return self.reason
-
-    return StopSignal.remote()
+    return ray.remote(num_cpus=0)(StopFlag).remote()
 
 
 @contextlib.contextmanager
-def stop_on_sigterm(stop_signal: Any) -> Iterator[None]:
+def stop_on_sigterm(request: Callable[[str], Any]) -> Iterator[None]:
     """While training: SIGTERM (a preemption notice, `ray job stop`) asks the workers to
-    checkpoint at the next step boundary and stop; a second SIGTERM ends the driver at once."""
+    checkpoint at the next step boundary and stop, through request("SIGTERM"); a second
+    SIGTERM ends the driver at once."""
     import signal
     import threading
 
@@ -205,7 +197,7 @@ def stop_on_sigterm(stop_signal: Any) -> Iterator[None]:
             file=sys.stderr,
             flush=True,
         )
-        stop_signal.request.remote("SIGTERM")
+        request("SIGTERM")
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
@@ -255,5 +247,10 @@ def fit(
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
-    with stop_on_sigterm(stop_signal) if stop_signal is not None else contextlib.nullcontext():
+    stopping = (
+        stop_on_sigterm(lambda reason: stop_signal.request.remote(reason))
+        if stop_signal is not None
+        else contextlib.nullcontext()
+    )
+    with stopping:
         return trainer.fit()
