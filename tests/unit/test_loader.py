@@ -498,3 +498,24 @@ def test_resume_at_another_dp_size_keeps_the_checkpoint_order(
         ids_of_step(legacy.next_step())
         == np.random.default_rng([7, 0]).permutation(N)[8:16].tolist()
     )
+
+
+@pytest.mark.parametrize("order", ORDERS[1:], ids=str)
+def test_random_window_offsets_in_every_order(shards: TokenShards, order: Order) -> None:
+    """window_offset="random" reads rows ids and ids + 1: each window once per epoch (N - 1
+    windows), the same windows at any DP size."""
+    args = dict(global_batch=4, micro_batch=1, window_offset="random", order=order)
+    single = make_loader(shards, **args)
+    assert single.num_samples == N - 1
+    steps = [single.next_step() for _ in range(2 * 31 // 4)]
+    starts = [int(x[0, 0]) for step in steps for x, _ in step]  # first input token of a window
+    for epoch in range(2):
+        first = starts[epoch * (N - 1) : (epoch + 1) * (N - 1)]
+        if len(first) == N - 1:
+            ids = sorted(s // 100 for s in first)  # the row each window starts in
+            assert ids == list(range(N - 1))
+    for dp_size in (2, 4):
+        ranks = [make_loader(shards, dp_rank=r, dp_size=dp_size, **args) for r in range(dp_size)]
+        for k, step in enumerate(steps[:6]):
+            got = sorted(int(x[0, 0]) for r in ranks for x, _ in r.next_step())
+            assert got == sorted(int(x[0, 0]) for x, _ in step), (dp_size, k)
