@@ -107,7 +107,7 @@ def loaders(train, mix, dp_size: int, state=None, **kwargs) -> list[MixtureLoade
             dp_rank=rank,
             dp_size=dp_size,
             seed=7,
-            **kwargs,
+            **{"prefetch_steps": 2, **kwargs},
         )
         if state is not None:
             loader.load_state_dict(state)
@@ -253,6 +253,58 @@ def test_random_stops_resumes_and_dp_sizes_equal_uninterrupted(train, dirs, refe
         steps += run_steps(group, stop - at)
         state, at = group[0].state_dict(), stop
     assert steps == reference
+
+
+@pytest.fixture(scope="module")
+def streams(train, dirs) -> dict[str, list[int]]:
+    """Each source's own order, read alone (a one-source mixture) for STEPS steps."""
+    out = {}
+    for name in SIZES:
+        alone = MixtureConfig.from_dict({"sources": {name: {"dir": dirs[name]}}, "block": 3})
+        out[name] = per_source(run_steps(loaders(train, alone, 1), STEPS))[name]
+    return out
+
+
+def random_mixture(dirs, rng: random.Random, after: int) -> MixtureConfig:
+    """Random weights (zeros included, never all), block and up to 2 stages after `after`."""
+
+    def weights() -> dict[str, int]:
+        w = {n: rng.choice([0, 0, 1, 2, 5]) for n in SIZES}
+        return w if any(w.values()) else {**w, "b": 1}
+
+    while True:
+        steps = sorted(rng.sample(range(after + 1, STEPS + 2), rng.randint(0, 2)))
+        try:
+            return MixtureConfig.from_dict(
+                {
+                    "sources": {n: {"dir": dirs[n], "weight": w} for n, w in weights().items()},
+                    "stages": [{"step": k, "weights": weights()} for k in steps],
+                    "block": rng.randint(3, 12),
+                }
+            )
+        except DataError:  # a share that rounds to 0 slots in this block: draw again
+            continue
+
+
+@pytest.mark.parametrize("trial", range(8))
+def test_random_new_mixtures_on_resume_continue_every_source(train, dirs, streams, trial):
+    """Random stops; at each, a random new mixture (weights, block, stages) on 1 or 2 ranks:
+    every source's samples are a prefix of its own order (nothing repeated, nothing skipped)
+    and the passes the loader reports match what was read."""
+    rng = random.Random(2000 + trial)
+    stops = sorted(rng.sample(range(1, STEPS), rng.randint(1, 4)))
+    steps, state, at = [], None, 0
+    for k, stop in enumerate([*stops, STEPS]):
+        group = loaders(train, random_mixture(dirs, rng, at), (1, 2)[k % 2], state)
+        steps += run_steps(group, stop - at)
+        state, at = group[0].state_dict(), stop
+    got = per_source(steps)
+    for name in SIZES:
+        assert got[name] == streams[name][: len(got[name])], name
+    assert_exactly_once(got)
+    last = loaders(train, mixture(dirs), 1, state)[0]
+    assert last.source_positions() == {n: len(got[n]) for n in SIZES}
+    last.close()
 
 
 def test_new_weights_on_resume_neither_repeat_nor_skip(train, dirs, reference) -> None:
