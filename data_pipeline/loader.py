@@ -300,7 +300,6 @@ class TokenShards:
         self.split = split
         self.seq_len = self.manifest.seq_len
         self.row_len = self.seq_len + 1
-        self.remote = storage.is_remote(self.data_dir)
         self.file_cache = cache  # None: in place (local) or ranged reads (object stores)
         shards = self.manifest.splits[split].shards
         self._names = [s.file for s in shards]  # URIs joined on use: a corpus has 1e5+ shards
