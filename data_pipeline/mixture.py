@@ -34,6 +34,8 @@ its name, not on the other sources or the order they are written in.
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -55,6 +57,7 @@ from data_pipeline.manifest import Manifest
 from data_pipeline.order import Order
 
 MIX_KEY = 0x313C  # separates the block-layout stream from other uses of the seed
+LAYOUT_CACHE = 32  # block layouts kept per plan (O(block) memory each)
 Step = list[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -166,6 +169,23 @@ class MixturePlan:
             if start > resume_at:
                 self._add(start, shares)
         self.starts = np.array([s.start for s in self.segments], dtype=np.int64)
+        self._layouts: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()  # the prefetch thread maps positions too
+
+    def _layout(self, segment: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """block_layout of a segment's block, the last LAYOUT_CACHE of them kept (consecutive
+        steps share blocks)."""
+        key = (segment, block)
+        with self._lock:
+            if key in self._layouts:
+                self._layouts.move_to_end(key)
+                return self._layouts[key]
+        layout = block_layout(self.segments[segment], block, self.seed)
+        with self._lock:
+            self._layouts[key] = layout
+            while len(self._layouts) > LAYOUT_CACHE:
+                self._layouts.popitem(last=False)
+        return layout
 
     def shares_at(self, position: int) -> dict[str, int]:
         current = self.stages[0][1]
@@ -208,7 +228,7 @@ class MixturePlan:
             share = np.array([seg.shares[n] for n in seg.active], dtype=np.int64)
             for b in np.unique(blocks):
                 at = where[blocks == b]
-                s, r = block_layout(seg, int(b), self.seed)
+                s, r = self._layout(int(k), int(b))
                 local = s[offsets[blocks == b]]
                 src[at] = to_name[local]
                 pos[at] = base[local] + int(b) * share[local] + r[offsets[blocks == b]]
