@@ -91,13 +91,6 @@ def _worker_environment(cluster: ClusterConfig) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _destroy_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def fit_here(
     fn: Callable[[dict[str, Any]], None],
     config: dict[str, Any],
@@ -109,7 +102,11 @@ def fit_here(
 ) -> Result:
     """Runs fn(config) here as rank 0 of 1; config["stop_signal"] is set to this run's
     StopFlag. A failure restarts fn from the latest checkpoint up to cluster.max_failures
-    times (-1: forever), then raises the failure."""
+    times (-1: forever), then raises the failure.
+
+    The process group of one (gloo or NCCL) outlives the run: DeepSpeed keeps its groups in
+    module state, so a second run in this process (a restart, or tests) reuses it; destroyed,
+    DeepSpeed would refuse it ("Group ... is not registered")."""
     flag = StopFlag()
     config = {**config, "stop_signal": flag}
     failures = 0
@@ -136,6 +133,5 @@ def fit_here(
                 )
             finally:
                 set_process_context(None)
-                _destroy_process_group()
     latest = resume_point()
     return Result(checkpoint=Checkpoint(latest) if latest else None)

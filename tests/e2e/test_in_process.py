@@ -94,3 +94,16 @@ def test_a_run_moves_between_this_process_and_ray(tmp_path, smoke_data):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["finished"] and summary["consumed_samples"] == STEPS * 4
     assert read_jsonl(run_dir / "metrics.jsonl")[-1]["step"] == STEPS
+
+
+def test_two_runs_in_one_process(tmp_path, smoke_data):
+    """A second in-process run in the same process (a max_failures restart, a notebook, these
+    tests) reuses the process group DeepSpeed registered; it used to fail with "Group ... is
+    not registered" once the first run had destroyed it."""
+    from trainer.config import load_config
+    from trainer.driver.run import run_training
+
+    for name in ("one", "two"):
+        cfg = load_config(args(tmp_path, smoke_data, name, "trainer.max_steps=2"))
+        summary = run_training(cfg)
+        assert summary["finished"] and summary["final_step"] == 2, name
