@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from typing import Any, Optional
 
+from data_pipeline.order import DEFAULT_CHUNK, DEFAULT_WINDOW
+
 EOS_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = [EOS_TOKEN]
 FORMATS = ("auto", "text", "jsonl", "parquet")
@@ -65,8 +67,8 @@ class DataConfig:
     # order and shuffle samples within windows of order_window chunks; a checkpoint keeps the
     # order it was written with. Decoded row groups are kept in memory up to read_cache_mb per
     # split and rank, read by read_threads threads, prefetch_steps steps ahead.
-    order_chunk: int = 1024
-    order_window: int = 16
+    order_chunk: int = DEFAULT_CHUNK
+    order_window: int = DEFAULT_WINDOW
     read_cache_mb: int = 1024
     read_threads: int = 8
     prefetch_steps: int = 16

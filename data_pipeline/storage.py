@@ -162,7 +162,10 @@ def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
 
     def read() -> bytes:
-        with fs.open_input_stream(path) as f:
+        # A random-access file reads the whole object in one or two requests; S3's input
+        # stream reads it in 256 KB ranges, one request each (a 10 MB manifest took 41 GETs,
+        # 5-6 s at 50 ms of latency, against 2 and 0.37 s).
+        with fs.open_input_file(path) as f:
             return f.read()
 
     return _call("read", uri, read)
