@@ -63,12 +63,13 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], list[tu
     (texts / "data.bin").write_bytes(b"\x00\xff")  # ignored: unknown extension
     (texts / ".hidden.txt").write_text("hidden")  # ignored: hidden
     docs.sort()
-    lines = []
+    lines, offset = [], 0  # a JSONL document's id: the byte offset of its line
     for row in range(14):
         text = "" if row == 5 else words(rng, rng.randint(10, 120))
         lines.append("" if row == 9 else json.dumps({"id": row, "text": text}))
         if row not in (5, 9):
-            docs.append((f"docs.jsonl#{row}", text))
+            docs.append((f"docs.jsonl@{offset}", text))
+        offset += len(lines[-1].encode()) + 1
     (root / "docs.jsonl").write_text("\n".join(lines) + "\n")
     column = [None if row == 3 else words(rng, rng.randint(10, 120)) for row in range(10)]
     pq.write_table(pa.table({"text": column, "n": list(range(10))}), root / "rows.parquet")
