@@ -100,10 +100,16 @@ def test_two_runs_in_one_process(tmp_path, smoke_data):
     """A second in-process run in the same process (a max_failures restart, a notebook, these
     tests) reuses the process group DeepSpeed registered; it used to fail with "Group ... is
     not registered" once the first run had destroyed it."""
+    import threading
+
     from trainer.config import load_config
     from trainer.driver.run import run_training
 
+    before = set(threading.enumerate())
     for name in ("one", "two"):
         cfg = load_config(args(tmp_path, smoke_data, name, "trainer.max_steps=2"))
         summary = run_training(cfg)
         assert summary["finished"] and summary["final_step"] == 2, name
+        # The run's data and checkpoint threads ended with it (the process goes on).
+        left = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
+        assert not [n for n in left if n.startswith(("data-", "row-group", "checkpoint-"))], left

@@ -495,6 +495,15 @@ class Trainer:
             self.logger.close()
         if hasattr(self, "files"):
             self.files.close()
+        # Read threads end with the run, not the process (an in-process run's process goes on):
+        # each loader's prefetch thread, then the read threads of the shards it was given.
+        loaders = [getattr(self, "train_loader", None), getattr(self, "val_loader", None)]
+        for loader in [*loaders, *getattr(self, "val_loaders", {}).values()]:
+            if loader is not None:
+                loader.close()
+                shards = getattr(loader, "datasets", None) or {"": loader.shards}
+                for s in shards.values():
+                    s.close()
 
 
 def utc_now() -> str:
