@@ -484,12 +484,29 @@ class MixtureLoader:
 
 
 def build_loaders(
-    data: DataConfig, *, global_batch: int, val_batch: int, **loader_args: Any
-) -> tuple[MixtureLoader, dict[str, DistributedLoader]]:
-    """A worker's training MixtureLoader over data.mixture (the order and read settings of
-    data) and each source's validation loader (val_batch leading samples of the source's val
-    split, in stored order, at every eval). loader_args: micro_batch, dp_rank, dp_size, seed."""
-    mixture, reads = data.mixture, shard_settings(data)
+    data: DataConfig, data_dir: str, *, global_batch: int, val_batch: int, **loader_args: Any
+) -> tuple[DistributedLoader | MixtureLoader, dict[str, DistributedLoader]]:
+    """A worker's training loader and its validation loaders by name, in the order and read
+    settings of `data`: over data.mixture, a MixtureLoader and each source's val loader;
+    otherwise the DistributedLoader of data_dir's train split and {"": its val loader}. A val
+    loader reads the val_batch leading samples of its split, in stored order, at every eval.
+    loader_args: micro_batch, dp_rank, dp_size, seed."""
+    reads = shard_settings(data)
+
+    def val_loader(directory: str) -> DistributedLoader:
+        shards = TokenShards(directory, "val", **reads)
+        return DistributedLoader(shards, global_batch=val_batch, shuffle=False, **loader_args)
+
+    mixture = data.mixture
+    if not mixture:
+        train = DistributedLoader(
+            TokenShards(data_dir, "train", **reads),
+            global_batch=global_batch,
+            window_offset=data.window_offset,
+            **order_settings(data),
+            **loader_args,
+        )
+        return train, {"": val_loader(data_dir)}
     train = MixtureLoader(
         {n: TokenShards(mixture.sources[n].dir, "train", **reads) for n in mixture.names},
         mixture,
@@ -497,13 +514,13 @@ def build_loaders(
         **order_settings(data),
         **loader_args,
     )
-    val = {
-        n: DistributedLoader(
-            TokenShards(mixture.sources[n].dir, "val", **reads),
-            global_batch=val_batch,
-            shuffle=False,
-            **loader_args,
-        )
-        for n in mixture.names
-    }
-    return train, val
+    return train, {n: val_loader(mixture.sources[n].dir) for n in mixture.names}
+
+
+def close_loaders(*loaders: DistributedLoader | MixtureLoader) -> None:
+    """Stops each loader's prefetch thread, then the read threads of the shards it reads."""
+    for loader in loaders:
+        loader.close()
+        shards = loader.datasets if isinstance(loader, MixtureLoader) else {"": loader.shards}
+        for s in shards.values():
+            s.close()

@@ -24,9 +24,9 @@ import torch.distributed as dist
 
 from cluster import worker_context
 from data_pipeline import storage
-from data_pipeline.loader import DistributedLoader, TokenShards, order_settings, shard_settings
+from data_pipeline.loader import DistributedLoader
 from data_pipeline.manifest import Manifest
-from data_pipeline.mixture import MixtureLoader, build_loaders
+from data_pipeline.mixture import MixtureLoader, build_loaders, close_loaders
 from models.gpt import estimate_flops_per_token, estimate_num_params
 from trainer.checkpoint import format as checkpoint
 from trainer.config import RootConfig
@@ -175,28 +175,14 @@ class Trainer:
         loader_args = dict(
             micro_batch=t.micro_batch_size, dp_rank=self.dp_rank, dp_size=cfg.dp_size, seed=t.seed
         )
-        self.val_loaders: dict[str, DistributedLoader] = {}  # a mixture's, per source
-        if cfg.data.mixture:  # its own datasets (data_dir is its first source's)
-            self.train_loader, self.val_loaders = build_loaders(
-                cfg.data,
-                global_batch=t.global_batch_size,
-                val_batch=t.micro_batch_size * t.eval_batches * cfg.dp_size,
-                **loader_args,
-            )
-        else:
-            self.train_loader = DistributedLoader(
-                TokenShards(data_dir, "train", **shard_settings(cfg.data)),
-                global_batch=t.global_batch_size,
-                window_offset=cfg.data.window_offset,
-                **order_settings(cfg.data),
-                **loader_args,
-            )
-            self.val_loader = DistributedLoader(
-                TokenShards(data_dir, "val", **shard_settings(cfg.data)),
-                global_batch=t.micro_batch_size * t.eval_batches * cfg.dp_size,
-                shuffle=False,
-                **loader_args,
-            )
+        # A mixture's val loaders are its sources' ({"": ...} for one dataset).
+        self.train_loader, self.val_loaders = build_loaders(
+            cfg.data,
+            data_dir,
+            global_batch=t.global_batch_size,
+            val_batch=t.micro_batch_size * t.eval_batches * cfg.dp_size,
+            **loader_args,
+        )
         self.guard = LossGuard(cfg.guard)
         self.judge = StepJudge(self.guard, mean_across_ranks)
         self.policy = CheckpointPolicy(t)
@@ -385,12 +371,11 @@ class Trainer:
         """Mean loss over the same leading validation samples every time; with a mixture, each
         source's (its own val split) and their mean as val_loss."""
         with self.meter.paused():
-            loaders = self.val_loaders or {"": self.val_loader}
-            losses = {name: self._val_loss(loader) for name, loader in loaders.items()}
+            losses = {name: self._val_loss(loader) for name, loader in self.val_loaders.items()}
             self.val_loss = float(np.mean(list(losses.values())))
         if self.logger:
             self.logger.log_eval(
-                self.state.step, self.val_loss, losses if self.val_loaders else None
+                self.state.step, self.val_loss, losses if self.cfg.data.mixture else None
             )
 
     def _val_loss(self, loader: DistributedLoader) -> float:
@@ -495,15 +480,8 @@ class Trainer:
             self.logger.close()
         if hasattr(self, "files"):
             self.files.close()
-        # Read threads end with the run, not the process (an in-process run's process goes on):
-        # each loader's prefetch thread, then the read threads of the shards it was given.
-        loaders = [getattr(self, "train_loader", None), getattr(self, "val_loader", None)]
-        for loader in [*loaders, *getattr(self, "val_loaders", {}).values()]:
-            if loader is not None:
-                loader.close()
-                shards = getattr(loader, "datasets", None) or {"": loader.shards}
-                for s in shards.values():
-                    s.close()
+        if hasattr(self, "val_loaders"):  # read threads end with the run, not the process
+            close_loaders(self.train_loader, *self.val_loaders.values())
 
 
 def utc_now() -> str:
