@@ -492,7 +492,116 @@ def sample_id_at(position: int, num_samples: int, seed: int, order: Order = DEFA
     return int(sample_ids_at(np.array([position]), num_samples, seed, order=order)[0])
 
 
-class DistributedLoader:
+class StepLoader:
+    """What DistributedLoader and MixtureLoader share: a global step covers the positions
+    [consumed, consumed + global_batch); this data-parallel rank takes the dp_rank-th slice of
+    global_batch / dp_size positions, in grad_accum micro batches of micro_batch rows. With
+    prefetch, a background thread assembles the next step while the caller trains and the row
+    groups of the prefetch_steps steps after it are asked for ahead. Subclasses say how a step
+    is read (_load_step) and which rows a step will read (_prefetch_step)."""
+
+    def __init__(
+        self,
+        *,
+        global_batch: int,
+        micro_batch: int,
+        dp_rank: int,
+        dp_size: int,
+        consumed_samples: int,
+        prefetch: bool,
+        prefetch_steps: int,
+    ):
+        if micro_batch < 1 or dp_size < 1 or global_batch < 1:
+            raise ValueError(
+                f"global_batch, micro_batch and dp_size must be >= 1, got {global_batch}, "
+                f"{micro_batch}, {dp_size}"
+            )
+        if global_batch % (micro_batch * dp_size):
+            raise ValueError(
+                f"global_batch {global_batch} is not divisible by micro_batch * dp_size = "
+                f"{micro_batch} * {dp_size}"
+            )
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
+        if consumed_samples < 0:
+            raise ValueError(f"consumed_samples must be >= 0, got {consumed_samples}")
+        if prefetch_steps < 0:
+            raise ValueError(f"prefetch_steps must be >= 0, got {prefetch_steps}")
+        self.global_batch = global_batch
+        self.micro_batch = micro_batch
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.grad_accum = global_batch // (micro_batch * dp_size)
+        self.prefetch_steps = prefetch_steps if prefetch else 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="data-prefetch") if prefetch else None
+        self._restart_at(consumed_samples)
+
+    @property
+    def consumed_samples(self) -> int:
+        return self._consumed
+
+    def _restart_at(self, consumed: int) -> None:
+        self._consumed = consumed
+        self._ahead = consumed  # row groups asked for up to the step starting here
+        self._next: tuple[int, Future[Step]] | None = None
+
+    def _positions(self, consumed: int) -> np.ndarray:
+        per_rank = self.global_batch // self.dp_size
+        return consumed + self.dp_rank * per_rank + np.arange(per_rank, dtype=np.int64)
+
+    def _micro_batches(self, rows: np.ndarray) -> Step:
+        """This rank's rows (global_batch / dp_size, seq_len + 1) as grad_accum (inputs,
+        targets) pairs of int64 tensors (micro_batch, seq_len)."""
+        tokens = torch.from_numpy(rows.astype(np.int64)).view(
+            self.grad_accum, self.micro_batch, rows.shape[-1]
+        )
+        return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
+
+    def _load_step(self, consumed: int) -> Step:
+        raise NotImplementedError
+
+    def _prefetch_step(self, consumed: int) -> None:
+        """Ask for the row groups the step starting at `consumed` will read."""
+        raise NotImplementedError
+
+    def next_step(self) -> Step:
+        """The grad_accum (inputs, targets) micro batches of this rank for the next step."""
+        consumed = self._consumed
+        if self._next is not None and self._next[0] == consumed:
+            step = self._next[1].result()
+        else:
+            step = self._load_step(consumed)
+        self._next = None
+        self._consumed = consumed + self.global_batch
+        if self._pool is not None:
+            following = self._consumed
+            self._read_ahead(following)
+            self._next = (following, self._pool.submit(self._load_step, following))
+        return step
+
+    def _read_ahead(self, following: int) -> None:
+        """Ask for the row groups of the prefetch_steps steps after the one at `following`
+        (each step once: only those not asked for by an earlier call; afresh after a jump)."""
+        last = following + self.prefetch_steps * self.global_batch
+        start = max(self._ahead, following) + self.global_batch
+        if not following <= self._ahead <= last:  # a jump (load_state_dict): start afresh
+            start = following + self.global_batch
+        for consumed in range(start, last + 1, self.global_batch):
+            self._prefetch_step(consumed)
+        self._ahead = max(last, following)
+
+    def __iter__(self) -> Iterator[Step]:
+        while True:
+            yield self.next_step()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+            self._next = None
+
+
+class DistributedLoader(StepLoader):
     """This data-parallel rank's micro batches, one global step at a time.
 
     global_batch = micro_batch * grad_accum * dp_size (grad_accum is derived). next_step()
@@ -522,44 +631,23 @@ class DistributedLoader:
         order: Order = DEFAULT_ORDER,
         prefetch_steps: int = 16,
     ):
-        if micro_batch < 1 or dp_size < 1 or global_batch < 1:
-            raise ValueError(
-                f"global_batch, micro_batch and dp_size must be >= 1, got {global_batch}, "
-                f"{micro_batch}, {dp_size}"
-            )
-        if global_batch % (micro_batch * dp_size):
-            raise ValueError(
-                f"global_batch {global_batch} is not divisible by micro_batch * dp_size = "
-                f"{micro_batch} * {dp_size}"
-            )
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
         if len(shards) == 0:
             raise ValueError(f"split {shards.split!r} of {shards.data_dir!r} has no samples")
-        if consumed_samples < 0:
-            raise ValueError(f"consumed_samples must be >= 0, got {consumed_samples}")
-        if prefetch_steps < 0:
-            raise ValueError(f"prefetch_steps must be >= 0, got {prefetch_steps}")
         _check_window_offset(window_offset, shards)
+        super().__init__(
+            global_batch=global_batch,
+            micro_batch=micro_batch,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            consumed_samples=consumed_samples,
+            prefetch=prefetch,
+            prefetch_steps=prefetch_steps,
+        )
         self.window_offset = window_offset
         self.order = order
         self.shards = shards
-        self.global_batch = global_batch
-        self.micro_batch = micro_batch
-        self.dp_rank = dp_rank
-        self.dp_size = dp_size
-        self.grad_accum = global_batch // (micro_batch * dp_size)
         self.seed = seed
         self.shuffle = shuffle
-        self.prefetch_steps = prefetch_steps if prefetch else 0
-        self._consumed = consumed_samples
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="data-prefetch") if prefetch else None
-        self._next: tuple[int, Future[Step]] | None = None
-        self._ahead = consumed_samples  # row groups asked for up to the step starting here
-
-    @property
-    def consumed_samples(self) -> int:
-        return self._consumed
 
     @property
     def num_samples(self) -> int:
@@ -569,10 +657,6 @@ class DistributedLoader:
     @property
     def steps_per_epoch(self) -> int:
         return self.num_samples // self.global_batch
-
-    def _positions(self, consumed: int) -> np.ndarray:
-        per_rank = self.global_batch // self.dp_size
-        return consumed + self.dp_rank * per_rank + np.arange(per_rank, dtype=np.int64)
 
     def sample_ids_for_step(self, consumed: int) -> np.ndarray:
         """This rank's sample ids (window ids with random offsets), in micro-batch order, for
@@ -605,40 +689,10 @@ class DistributedLoader:
             rows = self._read_windows(consumed)
         else:
             rows = self.shards.get_batch(self.sample_ids_for_step(consumed))
-        tokens = torch.from_numpy(rows.astype(np.int64)).view(
-            self.grad_accum, self.micro_batch, self.shards.row_len
-        )
-        return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
+        return self._micro_batches(rows)
 
-    def next_step(self) -> Step:
-        """The grad_accum (inputs, targets) micro batches of this rank for the next step."""
-        consumed = self._consumed
-        if self._next is not None and self._next[0] == consumed:
-            step = self._next[1].result()
-        else:
-            step = self._load_step(consumed)
-        self._next = None
-        self._consumed = consumed + self.global_batch
-        if self._pool is not None:
-            following = self._consumed
-            self._read_ahead(following)
-            self._next = (following, self._pool.submit(self._load_step, following))
-        return step
-
-    def _read_ahead(self, following: int) -> None:
-        """Ask for the row groups of the prefetch_steps steps after the one at `following`
-        (each step once: only those not asked for by an earlier call)."""
-        last = following + self.prefetch_steps * self.global_batch
-        start = max(self._ahead, following) + self.global_batch
-        if not following <= self._ahead <= last:  # a jump (load_state_dict): start afresh
-            start = following + self.global_batch
-        for consumed in range(start, last + 1, self.global_batch):
-            self.shards.prefetch(self._rows_for_step(consumed))
-        self._ahead = max(last, following)
-
-    def __iter__(self) -> Iterator[Step]:
-        while True:
-            yield self.next_step()
+    def _prefetch_step(self, consumed: int) -> None:
+        self.shards.prefetch(self._rows_for_step(consumed))
 
     def state_dict(self) -> dict[str, int | str]:
         state: dict[str, int | str] = {"consumed_samples": self._consumed, "seed": self.seed}
@@ -656,15 +710,7 @@ class DistributedLoader:
         self.order = Order.from_state(state)
         self.seed = int(state.get("seed", self.seed))
         self.window_offset = window_offset
-        self._consumed = int(state["consumed_samples"])
-        self._ahead = self._consumed
-        self._next = None
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-            self._next = None
+        self._restart_at(int(state["consumed_samples"]))
 
 
 def _check_window_offset(window_offset: str, shards: TokenShards) -> None:

@@ -36,8 +36,6 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -48,6 +46,7 @@ from data_pipeline.config import DataConfig, DataError, MixtureConfig, block_sha
 from data_pipeline.loader import (
     DEFAULT_ORDER,
     DistributedLoader,
+    StepLoader,
     TokenShards,
     order_settings,
     sample_ids_at,  # the one import of the data order
@@ -281,7 +280,7 @@ def check_datasets(mixture: MixtureConfig, seq_len: int) -> dict[str, Manifest]:
     return manifests
 
 
-class MixtureLoader:
+class MixtureLoader(StepLoader):
     """DistributedLoader's interface over a mixture: this rank's micro batches of the next
     global step, each sample from the source and at the source position the plan says.
 
@@ -306,48 +305,27 @@ class MixtureLoader:
         order: Order = DEFAULT_ORDER,
         prefetch_steps: int = 16,
     ):
-        if micro_batch < 1 or dp_size < 1 or global_batch < 1:
-            raise ValueError(
-                f"global_batch, micro_batch and dp_size must be >= 1, got {global_batch}, "
-                f"{micro_batch}, {dp_size}"
-            )
-        if global_batch % (micro_batch * dp_size):
-            raise ValueError(
-                f"global_batch {global_batch} is not divisible by micro_batch * dp_size = "
-                f"{micro_batch} * {dp_size}"
-            )
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
         missing = sorted(set(mixture.sources) - set(datasets))
         if missing:
             raise ValueError(f"no dataset for mixture source {missing[0]!r}")
         for name, shards in datasets.items():
             if len(shards) == 0:
                 raise DataError(f"mixture source {name!r}: split {shards.split!r} has no samples")
+        super().__init__(
+            global_batch=global_batch,
+            micro_batch=micro_batch,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            consumed_samples=consumed_samples,
+            prefetch=prefetch,
+            prefetch_steps=prefetch_steps,
+        )
         self.datasets = datasets
         self.mixture = mixture
-        self.global_batch = global_batch
-        self.micro_batch = micro_batch
-        self.dp_rank = dp_rank
-        self.dp_size = dp_size
-        self.grad_accum = global_batch // (micro_batch * dp_size)
         self.seed = seed
         self.order = order
-        self.prefetch_steps = prefetch_steps if prefetch else 0
-        self._ahead = -1  # the last step start whose row groups were asked for
         self.row_len = next(iter(datasets.values())).row_len
-        self._consumed = consumed_samples
         self.plan = MixturePlan(plan_stages(mixture, global_batch), seed, resume_at=0)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="mix-prefetch") if prefetch else None
-        self._next: tuple[int, Future[Step]] | None = None
-
-    @property
-    def consumed_samples(self) -> int:
-        return self._consumed
-
-    def _positions(self, consumed: int) -> np.ndarray:
-        per_rank = self.global_batch // self.dp_size
-        return consumed + self.dp_rank * per_rank + np.arange(per_rank, dtype=np.int64)
 
     def samples_at(self, positions: np.ndarray) -> tuple[list[str], np.ndarray]:
         """(source name, sample id) of each global position."""
@@ -398,43 +376,13 @@ class MixtureLoader:
         for name in sorted(set(names)):
             where = np.nonzero(by_source == name)[0]
             rows[where] = self.datasets[name].get_batch(ids[where])
-        tokens = torch.from_numpy(rows.astype(np.int64)).view(
-            self.grad_accum, self.micro_batch, self.row_len
-        )
-        return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
+        return self._micro_batches(rows)
 
-    def next_step(self) -> Step:
-        """The grad_accum (inputs, targets) micro batches of this rank for the next step."""
-        consumed = self._consumed
-        if self._next is not None and self._next[0] == consumed:
-            step = self._next[1].result()
-        else:
-            step = self._load_step(consumed)
-        self._next = None
-        self._consumed = consumed + self.global_batch
-        if self._pool is not None:
-            following = self._consumed
-            self._read_ahead(following)
-            self._next = (following, self._pool.submit(self._load_step, following))
-        return step
-
-    def _read_ahead(self, following: int) -> None:
-        """Ask each source for the row groups of the prefetch_steps steps after the one at
-        `following` (each step once; afresh after a jump)."""
-        last = following + self.prefetch_steps * self.global_batch
-        start = max(self._ahead, following) + self.global_batch
-        if not following <= self._ahead <= last:
-            start = following + self.global_batch
-        for consumed in range(start, last + 1, self.global_batch):
-            names, ids = self.step_samples(consumed)
-            by_source = np.array(names)
-            for name in sorted(set(names)):
-                self.datasets[name].prefetch(ids[by_source == name])
-        self._ahead = max(last, following)
-
-    def __iter__(self) -> Iterator[Step]:
-        while True:
-            yield self.next_step()
+    def _prefetch_step(self, consumed: int) -> None:
+        names, ids = self.step_samples(consumed)
+        by_source = np.array(names)
+        for name in sorted(set(names)):
+            self.datasets[name].prefetch(ids[by_source == name])
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -463,8 +411,7 @@ class MixtureLoader:
             plan_stages(self.mixture, self.global_batch), seed, history=history, resume_at=consumed
         )
         self.seed = seed
-        self._consumed = consumed
-        self._next = None
+        self._restart_at(consumed)
 
     def _check_sizes(self, sizes: dict[str, int]) -> None:
         """A source resumed under its name must be the dataset it was (same sample count):
@@ -475,12 +422,6 @@ class MixtureLoader:
                     f"data.mixture.sources.{name}: {len(self.datasets[name])} samples, but the "
                     f"checkpoint read it with {n}: a changed dataset needs a new source name"
                 )
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-            self._next = None
 
 
 def build_loaders(
