@@ -74,6 +74,8 @@ def connect(cluster: ClusterConfig, job_env: Optional[dict[str, str]] = None) ->
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if cluster.address is None:
         ray_private.settle_token_auth()  # Ray's choice, without a warning on every run
+        for key, value in ray_private.LOCAL_CLUSTER_ENV.items():
+            os.environ.setdefault(key, value)  # an explicit setting of the user's wins
         ray.init(
             num_cpus=os.cpu_count(),
             # The dashboard serves the State API that Ray Train's placement-group cleaner polls.
