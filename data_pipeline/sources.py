@@ -315,11 +315,13 @@ def plan_units(cfg: DataConfig, unit_bytes: int) -> Listing:
     left, or when a unit that a task must hold whole is larger than cfg.task_memory_bytes."""
     remaining = {"train": cfg.max_documents, "val": cfg.max_documents}  # per kind of source
     units: list[WorkUnit] = []
-    for unit in list_work_units(cfg):
+    files = list_work_units(cfg)
+    footers = _footers(files, cfg) if cfg.max_documents is None else {}
+    for unit in files:
         kind = "val" if unit.split == "val" else "train"
         if remaining[kind] == 0 or unit.size == 0:
             continue
-        pieces, taken = _cut(unit, cfg, unit_bytes, remaining[kind])
+        pieces, taken = _cut(unit, cfg, unit_bytes, remaining[kind], footers.get(unit.path))
         units += pieces
         if remaining[kind] is not None:
             remaining[kind] = max(0, remaining[kind] - taken)
@@ -329,7 +331,37 @@ def plan_units(cfg: DataConfig, unit_bytes: int) -> Listing:
     return Listing(units=units, sources=sources)
 
 
-def _cut(unit: WorkUnit, cfg: DataConfig, unit_bytes: int, cap: int | None):
+FOOTER_THREADS = 16  # Parquet footers read at once (one request each on object stores)
+
+
+def _footer(unit: WorkUnit, cfg: DataConfig) -> pq.FileMetaData:
+    """A Parquet file's footer, its columns checked (DataError naming the file otherwise)."""
+    with fsspec.open(unit.path, "rb") as f:
+        pf = open_parquet(unit.path, f)
+        parquet_columns(pf, unit, cfg.text_column, cfg.split_column)
+        return pf.metadata
+
+
+def _footers(files: list[WorkUnit], cfg: DataConfig) -> dict[str, pq.FileMetaData]:
+    """The footers of every non-empty uncompressed Parquet file, read by a few threads; the
+    first failure in listing order is raised."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    wanted = [u for u in files if u.format == "parquet" and u.size and not u.compression]
+    if len(wanted) < 2:
+        return {}
+    with ThreadPoolExecutor(min(FOOTER_THREADS, len(wanted))) as pool:
+        futures = [pool.submit(_footer, u, cfg) for u in wanted]
+        return {u.path: f.result() for u, f in zip(wanted, futures)}
+
+
+def _cut(
+    unit: WorkUnit,
+    cfg: DataConfig,
+    unit_bytes: int,
+    cap: int | None,
+    footer: pq.FileMetaData | None = None,
+):
     """(units of one file, documents they count against max_documents)."""
     memory = cfg.task_memory_bytes
     if unit.compression:
@@ -360,7 +392,7 @@ def _cut(unit: WorkUnit, cfg: DataConfig, unit_bytes: int, cap: int | None):
             return [replace(unit, limit=cap)], cap
         return byte_ranges(unit, unit_bytes), 0
     if unit.format == "parquet":
-        return _parquet_units(unit, cfg, unit_bytes, cap)
+        return _parquet_units(unit, cfg, unit_bytes, cap, footer or _footer(unit, cfg))
     raise DataError(f"work unit {unit.path!r}: unknown format {unit.format!r}")
 
 
@@ -378,12 +410,10 @@ def byte_ranges(unit: WorkUnit, unit_bytes: int) -> list[WorkUnit]:
     ]
 
 
-def _parquet_units(unit: WorkUnit, cfg: DataConfig, unit_bytes: int, cap: int | None):
+def _parquet_units(
+    unit: WorkUnit, cfg: DataConfig, unit_bytes: int, cap: int | None, meta: pq.FileMetaData
+):
     """Row-group ranges of one Parquet file from its footer; rows count against the cap."""
-    with fsspec.open(unit.path, "rb") as f:
-        pf = open_parquet(unit.path, f)
-        parquet_columns(pf, unit, cfg.text_column, cfg.split_column)
-        meta = pf.metadata
     units: list[WorkUnit] = []
     start, row, size = 0, 0, 0
     for i in range(meta.num_row_groups):
