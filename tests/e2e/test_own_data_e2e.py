@@ -43,10 +43,11 @@ def text_of(n: int, seed: int) -> str:
 
 
 def inverting_seed() -> int:
-    """A seed with which the hashed hold-out puts x_train.txt (not x_val.txt) in val."""
-    for seed in range(1000):
+    """A seed with which the hashed hold-out (val_fraction 0.05) puts x_train.txt in val and
+    x_val.txt in train (no fallback moves a document: the listing reads none)."""
+    for seed in range(10000):
         a, b = split_score("x_train.txt", seed), split_score("x_val.txt", seed)
-        if 0.05 <= a < b:
+        if a < 0.05 <= b:
             return seed
     raise AssertionError("no inverting seed")
 
