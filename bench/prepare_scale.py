@@ -286,7 +286,14 @@ def main(argv: list[str] | None = None) -> int:
         result["per_core"] = per_core(tok_json, args.quick, 1 if args.quick else args.rounds)
     if "cores" in parts:
         print("Ray tasks with 1 and 2 CPUs ...", flush=True)
-        runs = [with_cores(tok_json, args.quick, n) for _ in range(args.rounds) for n in (1, 2)]
+        runs = []
+        for n in [n for _ in range(args.rounds) for n in (1, 2)]:
+            try:
+                runs.append(with_cores(tok_json, args.quick, n))
+            except Exception as e:  # Ray's 30 s start-up limit on an overloaded machine
+                print(f"  num_cpus={n}: Ray did not start ({str(e).splitlines()[0]})", flush=True)
+        if not {1, 2} <= {r["cores"] for r in runs}:
+            raise SystemExit("Ray did not start for both settings: run it on a quieter machine")
         result["cores_runs"] = runs  # alternating; each setting's fastest run counts
         result["cores"] = [min((r for r in runs if r["cores"] == n), key=lambda r: r["seconds"])
                            for n in (1, 2)]  # fmt: skip
