@@ -9,7 +9,8 @@ the raw HF tokenizer on the same text.
    on the built-in corpus, with Ray already running and cold (prepare starts Ray), against
    tokenizers' own encode_batch of the same documents in batches of 64 on 1 thread
    (TOKENIZERS_PARALLELISM=false, as prepare's tasks run), per core; and against
-   encode_batch_fast (the call prepare makes: the same ids without offsets).
+   encode_batch_fast (the call prepare makes: the same ids without offsets). Per task, per
+   core and over sources larger than a task's memory: bench/prepare_scale.py.
 
     python -m bench.data [--quick]
 """
@@ -133,57 +134,6 @@ def time_prepare(overrides: list[str], out: Path, *, ray_running: bool) -> dict[
     }
 
 
-def time_tasks_in_process(overrides: list[str], out: Path) -> dict[str, float]:
-    """prepare's own task function (tokenize_task: read, encode, pack, write Parquet) over the
-    same work-unit groups as prepare, called serially in this process: prepare without Ray."""
-    import math
-    from dataclasses import asdict
-
-    from data_pipeline import prepare as prep
-    from data_pipeline.sources import group_units, plan_documents
-
-    cfg = common.load_cfg(overrides).data
-    plan = plan_documents(cfg)
-    n = cfg.num_tasks or min(prep.MAX_AUTO_TASKS, math.ceil(sum(plan.unit_chars) / prep.TASK_CHARS))
-    n = max(1, min(n, len(plan.units)))
-    groups = [[plan.units[i] for i in g] for g in group_units(plan.unit_chars, n)]
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    tok_json = Path(cfg.tokenizer).read_text()
-    t0, tokens = time.perf_counter(), 0
-    for i, group in enumerate(groups):
-        row = {"task": i, "units": json.dumps([asdict(u) for u in group])}
-        res = json.loads(
-            prep.tokenize_task(
-                row,
-                tokenizer_json=tok_json,
-                text_column=cfg.text_column,
-                seq_len=cfg.seq_len,
-                val_fraction=cfg.val_fraction,
-                seed=cfg.seed,
-                split_overrides=plan.split_overrides,
-                samples_per_shard=cfg.samples_per_shard,
-                out_dir=str(out),
-            )["result"]
-        )
-        for split in ("train", "val"):
-            rows = sum(s["rows"] for s in res[split]["shards"])
-            tokens += rows * (cfg.seq_len + 1) + res[split]["dropped_tokens"]
-    dt = time.perf_counter() - t0
-    shutil.rmtree(out, ignore_errors=True)
-    return {"tokens": tokens, "seconds": dt, "tokens_per_sec": tokens / dt, "tasks": len(groups)}
-
-
-def time_plan(overrides: list[str]) -> float:
-    """Seconds of prepare's serial first pass (plan_documents reads every document)."""
-    from data_pipeline.sources import plan_documents
-
-    cfg = common.load_cfg(overrides).data
-    t0 = time.perf_counter()
-    plan_documents(cfg)
-    return time.perf_counter() - t0
-
-
 def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     common.header("data: loader share and prepare throughput")
     result: dict[str, Any] = {}
@@ -244,10 +194,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     raw = raw_tokenizer(tok_file, texts)
     raw_fast = raw_tokenizer(tok_file, texts, fast=True)
     del texts
-    plan_s = time_plan(overrides)
     out = common.DATA_DIR / "prepare-bench"
-    print("prepare's tokenize_task in this process, serially ...", flush=True)
-    inproc = time_tasks_in_process(overrides, out)
     print("prepare with Ray running ...", flush=True)
     warm = time_prepare(overrides, out, ray_running=True)
     print("prepare starting its own Ray ...", flush=True)
@@ -259,8 +206,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "raw_fast": raw_fast,
         "warm": warm,
         "cold": cold,
-        "plan_s": plan_s,
-        "tasks_in_process": inproc,
         "cores": cores,
         "ratio_per_core_warm": common.ratio(per_core["warm"], raw["tokens_per_sec"]),
         "ratio_per_core_cold": common.ratio(per_core["cold"], raw["tokens_per_sec"]),
@@ -279,10 +224,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
              per_core["warm"], f"{result['prepare']['ratio_per_core_warm']:.3f}"],
             ["prepare, cold (starts Ray)", cold["seconds"], cold["tokens_per_sec"], cores,
              per_core["cold"], f"{result['prepare']['ratio_per_core_cold']:.3f}"],
-            ["  of which plan_documents (serial read)", plan_s, None, 1, None, None],
-            [f"tokenize_task x {inproc['tasks']}, in-process, no Ray", inproc["seconds"],
-             inproc["tokens_per_sec"], 1, inproc["tokens_per_sec"],
-             f"{inproc['tokens_per_sec'] / raw['tokens_per_sec']:.3f}"],
         ],
         caption=f"prepare ran {warm['tasks']} Ray tasks on {cores} cores; it encodes with "
         "encode_batch_fast (same ids, no offsets): against that raw path, Ray running, "

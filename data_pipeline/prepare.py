@@ -81,6 +81,7 @@ from data_pipeline.manifest import (
     TokenizerInfo,
     read_manifest,
 )
+from data_pipeline.order import DEFAULT_CHUNK
 from data_pipeline.sources import (
     SPLITS,
     WorkUnit,
@@ -107,7 +108,9 @@ TASK_BYTES = 2 << 20  # auto num_tasks: about this much source per task
 MAX_AUTO_TASKS = 4096
 UNIT_BYTES = 64 << 20  # JSONL / Parquet units of about this much (at most task memory / 4)
 ENCODE_BATCH = 64  # documents per encode_batch call (fewer when they are long)
-ROW_GROUP_ROWS = 1024  # rows per Parquet row group of a shard: the loader reads by row group
+# Rows per Parquet row group of a shard: the loader reads by row group, and the data order's
+# default chunk is one row group (a step's samples come from few of them).
+ROW_GROUP_ROWS = DEFAULT_CHUNK
 VERSION_PREFIX = re.compile(r"v-[0-9a-f]{16}")  # object stores: where one version's files live
 PARTIAL = ".partial-"  # local: <out_dir>.partial-<fp16> is a build in progress
 # Test drills (unset outside tests): the driver SIGKILLs itself at a named point, or task k
@@ -874,6 +877,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         cfg = load_data_config(overrides)
+        if cfg.mixture:
+            raise DataError(
+                "data.mixture: a mixture is made of datasets prepared one at a time; prepare "
+                "each source (data.sources, data.out_dir) without data.mixture, then train "
+                "with it"
+            )
         check_vocab_size(cfg, explicit=overridden(overrides, "data.vocab_size"))
         try:
             before = read_manifest(cfg.out_dir)

@@ -109,7 +109,15 @@ def test_reference_matches_golden_losses(reference):
     assert reference[-1] < reference[0], "the reference must learn"
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+# In make test-drills only: the DP layout with activation checkpointing (ZeRO-1) and ZeRO-3
+# offload, the costliest of the 2-worker ZeRO runs; make test keeps ZeRO 0/2/3, TP, PP and 2-D.
+DRILL_LAYOUTS = ("dp2-zero1-ac", "dp2-zero3-offload-ac")
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [pytest.param(k, marks=pytest.mark.drill) if k in DRILL_LAYOUTS else k for k in LAYOUTS],
+)
 def test_layout_matches_single_process(layout, reference, parity_data, tmp_path):
     overrides, workers, rel, resume = LAYOUTS[layout]
     run_dir = train(tmp_path, parity_data, layout, overrides, workers, resume)

@@ -72,6 +72,7 @@ def test_bad_input_one_line_nonzero_and_run_dir_untouched(case, tmp_path, existi
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
 
 
+@pytest.mark.drill  # make test-drills: tests/e2e/test_sweep.py covers parallel sweeps in make test
 def test_multirun_runs_each_job_as_its_own_run(tmp_path, smoke_data):
     proc = cli(
         "trainer.train",
@@ -118,6 +119,7 @@ def _yaml_value(path: Path, key: str) -> str:
     raise KeyError(key)
 
 
+@pytest.mark.drill  # make test-drills, with test_users_ground's submitted jobs
 @pytest.mark.timeout(600)
 def test_ray_job_submit_trains_and_checkpoints(tmp_path, smoke_data):
     """`ray job submit` to a running cluster (a `ray start` head of this test's own, stopped by

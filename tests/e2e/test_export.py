@@ -143,7 +143,16 @@ def assert_equals_saved_modules(cfg, ckpt: Path, sd: dict[str, torch.Tensor]) ->
                 assert torch.equal(t, sd[prefix + name]), prefix + name
 
 
-@pytest.mark.parametrize("run_name", ["zero3_run", "zero2_run", "tp2_run", "pp2_run"])
+@pytest.mark.parametrize(
+    "run_name",
+    [
+        "zero3_run",
+        "zero2_run",
+        # make test-drills: the TP and PP runs (their merges are unit-tested in test_export_unit)
+        pytest.param("tp2_run", marks=pytest.mark.drill),
+        pytest.param("pp2_run", marks=pytest.mark.drill),
+    ],
+)
 def test_export_loads_in_transformers_with_equal_logits(run_name, request, tmp_path, smoke_data):
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer

@@ -177,6 +177,7 @@ def test_driver_killed_at_each_point_resumes_byte_identical(
     assert "already done (ledger)" in log.read_text()
 
 
+@pytest.mark.drill  # make test-drills (make test kills the driver at every point)
 def test_a_killed_task_process_is_run_again_byte_identical(
     corpus: Path, reference: dict[str, str], tmp_path: Path
 ) -> None:
@@ -190,6 +191,7 @@ def test_a_killed_task_process_is_run_again_byte_identical(
     assert not list(tmp_path.glob("data.partial-*"))
 
 
+@pytest.mark.drill  # make test-drills: the same kills on moto S3
 def test_on_object_storage_a_killed_prepare_resumes_byte_identical(
     corpus: Path, reference: dict[str, str], tmp_path: Path, s3
 ) -> None:

@@ -37,7 +37,9 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = 12
 RUN_TIMEOUT_S = 600
 QUIET = "logging.mode=disabled"  # runs other than the reference: no W&B start-up
-pytestmark = pytest.mark.slow
+# make test-drills: two `ray start` nodes with S3 for every test here (each setup ~1-10 min on 2
+# cores); make test keeps S3 (test_data_storage) and Ray Train runs on one node.
+pytestmark = [pytest.mark.slow, pytest.mark.drill]
 
 
 # -- runs ---------------------------------------------------------------------------------------
@@ -267,7 +269,6 @@ def job_id(bg: Bg) -> str | None:
     return m.group(1) if m else None
 
 
-@pytest.mark.drill  # make test-drills: 4 runs on two nodes, a node lost and replaced
 @pytest.mark.timeout(1800)
 def test_bc_job_stop_checkpoints_then_a_lost_node_resumes_from_s3(runs, reference):
     """c, then b on the resubmitted job (one job fewer than two separate scenarios)."""

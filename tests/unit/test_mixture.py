@@ -583,3 +583,17 @@ def test_eval_rows_and_wandb_carry_val_loss_per_source(tmp_path, capsys) -> None
     assert "val_loss/web 2.0000" in capsys.readouterr().out
     logger.wandb = None
     logger.close()
+
+
+def test_prepare_refuses_a_mixture_in_one_line(tmp_path, capsys, no_ray) -> None:
+    """python -m data_pipeline.prepare with data.mixture set would otherwise prepare
+    data.sources and ignore the mixture: exit 2, one error line, nothing written."""
+    from data_pipeline.prepare import main
+
+    a = write_source(tmp_path / "a", 1, 12, vocab=512)
+    out = tmp_path / "out"
+    code = main(["+experiment=smoke", f"data.out_dir={out}", sources_arg({"a": (a, 1)})])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: data.mixture: a mixture is made of datasets prepared one")
+    assert not out.exists()
