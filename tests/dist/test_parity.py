@@ -109,9 +109,9 @@ def test_reference_matches_golden_losses(reference):
     assert reference[-1] < reference[0], "the reference must learn"
 
 
-# In make test-drills only: the DP layout with activation checkpointing (ZeRO-1) and ZeRO-3
-# offload, the costliest of the 2-worker ZeRO runs; make test keeps ZeRO 0/2/3, TP, PP and 2-D.
-DRILL_LAYOUTS = ("dp2-zero1-ac", "dp2-zero3-offload-ac")
+# In make test-drills only: the DP layout with activation checkpointing (ZeRO-1), ZeRO-3
+# offload and the 2-D layouts (4 workers); make test keeps ZeRO 0/2/3, TP and PP.
+DRILL_LAYOUTS = ("dp2-zero1-ac", "dp2-zero3-offload-ac", "dp2xtp2-ac", "dp2xpp2")
 
 
 @pytest.mark.parametrize(

@@ -147,8 +147,8 @@ def assert_equals_saved_modules(cfg, ckpt: Path, sd: dict[str, torch.Tensor]) ->
     "run_name",
     [
         "zero3_run",
-        "zero2_run",
-        # make test-drills: the TP and PP runs (their merges are unit-tested in test_export_unit)
+        # make test-drills: ZeRO-2, TP and PP runs (TP/PP merges are unit-tested in test_export_unit)
+        pytest.param("zero2_run", marks=pytest.mark.drill),
         pytest.param("tp2_run", marks=pytest.mark.drill),
         pytest.param("pp2_run", marks=pytest.mark.drill),
     ],

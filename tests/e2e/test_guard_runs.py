@@ -74,6 +74,7 @@ def test_repeated_bad_steps_roll_back_past_the_bad_window(tmp_path, smoke_data):
     assert summary["consumed_samples"] == 13 * 8
 
 
+@pytest.mark.drill  # make test-drills (the trigger itself: test_guard.py, consecutive bad steps)
 def test_repeated_bad_steps_stop_with_one_line(tmp_path, smoke_data):
     import subprocess
     import sys

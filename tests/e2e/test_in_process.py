@@ -47,6 +47,7 @@ def registered(run_dir: Path) -> list[str]:
     return [r["checkpoint_dir_name"] for r in snap["checkpoint_results"]]
 
 
+@pytest.mark.drill  # make test-drills: four runs, one on Ray (make test keeps two_runs below)
 def test_a_run_moves_between_this_process_and_ray(tmp_path, smoke_data):
     ref = Run(args(tmp_path, smoke_data, "ref"), tmp_path / "ref.log")
     assert ref.wait() == 0, ref.output[-3000:]
