@@ -55,18 +55,8 @@ class RayContext:
         with ckpt.as_directory() as d:
             yield ckpt.path, Path(d)
 
-    def report_checkpoint(
-        self,
-        metrics: dict[str, Any],
-        local_dir: str,
-        dir_name: str,
-        *,
-        asynchronous: bool,
-        before_upload: Optional[Callable[[], None]] = None,
-    ) -> threading.Event:
-        return ray_private.report_checkpoint(
-            metrics, local_dir, dir_name, asynchronous=asynchronous, before_upload=before_upload
-        )
+    # ray.train.report of a local checkpoint directory (Ray persists and registers it).
+    report_checkpoint = staticmethod(ray_private.report_checkpoint)
 
     def stop_requested(self, stop_signal: Any) -> Optional[str]:
         """The driver's stop request (an actor, cluster.launch.make_stop_signal), if any."""
@@ -188,9 +178,6 @@ class ProcessContext:
         pending, self._pending = self._pending, []
         for f in pending:
             f.result()
-
-    def latest(self) -> Optional[str]:
-        return self.resume_point()
 
     def stop_requested(self, stop_signal: Any) -> Optional[str]:
         return stop_signal.get()
