@@ -1,8 +1,12 @@
 """Every patch raygpt applies to DeepSpeed objects, in this one file.
 
-Each one replaces an attribute of a live DeepSpeed object (never a module-level function) and
-says which DeepSpeed behaviour it works around; when DeepSpeed changes, this is the file to
+Each one replaces an attribute of a live DeepSpeed object (never a module-level function),
+except the Muon stand-in, which stands in for two whole modules that raygpt never uses; each
+says which DeepSpeed behaviour it works around. When DeepSpeed changes, this is the file to
 read. Callers import the context managers and installers from here.
+
+- no Muon import: DeepSpeed's Muon modules are replaced by stand-ins before an engine is
+  built (without_muon_import).
 
 - gradient-reduction timing: wraps engine.allreduce_gradients and the ZeRO-1/2 optimizer's
   reduce_ipg_grads (time_gradient_reduction).
@@ -17,8 +21,41 @@ read. Callers import the context managers and installers from here.
 from __future__ import annotations
 
 import contextlib
+import sys
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
+
+MUON_MODULES = (
+    "deepspeed.runtime.zero.muon.original_muon",
+    "deepspeed.runtime.zero.muon.muon_optimizer",
+)
+
+
+def without_muon_import() -> None:
+    """DeepSpeed's ZeRO and bf16 optimizers import its Muon optimizer module to ask whether the
+    optimizer is a Muon one (isinstance), and ZeRO-1/2 imports Muon's update function when it
+    flattens partitions. That module compiles its kernels with torch.compile on import, which
+    imports inductor: 1.6 s of a 10 s start on a CPU. raygpt only builds torch.optim.AdamW
+    (optim.name), so the answer is always no: this puts stand-ins in sys.modules whose Muon
+    class nothing is an instance of and whose update refuses to run. A module already imported
+    (someone wanted the real one) is left as it is."""
+    if all(name in sys.modules for name in MUON_MODULES):
+        return
+
+    class MuonWithAuxAdam:  # never instantiated: isinstance(x, MuonWithAuxAdam) is False
+        pass
+
+    def muon_update(*args, **kwargs):
+        raise RuntimeError("raygpt does not build DeepSpeed's Muon optimizer (optim.name)")
+
+    for name in MUON_MODULES:
+        if name not in sys.modules:
+            stand_in = types.ModuleType(name, "raygpt's stand-in: Muon is never built")
+            stand_in.MuonWithAuxAdam = MuonWithAuxAdam
+            stand_in.muon_update = muon_update
+            stand_in.adam_update = muon_update
+            sys.modules[name] = stand_in
 
 
 def innermost_optimizer(opt):

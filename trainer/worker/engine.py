@@ -17,7 +17,11 @@ import torch
 
 from models.gpt import GPT, GPTConfig
 from trainer.config import OptimConfig, ParallelConfig, PrecisionConfig
-from trainer.worker.ds_patches import skipped_optimizer_step, time_gradient_reduction
+from trainer.worker.ds_patches import (
+    skipped_optimizer_step,
+    time_gradient_reduction,
+    without_muon_import,
+)
 from trainer.worker.kernels import use_contiguous_weight_grad
 from trainer.worker.observability.metrics import StepTimes, cache_dir
 from trainer.worker.parallel import Layout, pipeline_module, tensor_parallel_config
@@ -270,6 +274,7 @@ def build_engine(
     contiguous_weight_grad: trainer/worker/kernels.py's Linear backward for the large layers."""
     import deepspeed
 
+    without_muon_import()
     _init_distributed()
     ds_config = deepspeed_config(
         parallel,
