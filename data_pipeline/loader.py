@@ -302,8 +302,8 @@ class TokenShards:
         self.row_len = self.seq_len + 1
         self.file_cache = cache  # None: in place (local) or ranged reads (object stores)
         shards = self.manifest.splits[split].shards
-        self._names = [s.file for s in shards]  # URIs joined on use: a corpus has 1e5+ shards
-        self._rows = np.fromiter((s.rows for s in shards), dtype=np.int64, count=len(shards))
+        self._names = shards.files  # URIs joined on use: a corpus has 1e5+ shards
+        self._rows = shards.rows
         self._starts = np.concatenate([[0], np.cumsum(self._rows)]).astype(np.int64)
         self._pool = ThreadPoolExecutor(read_threads, thread_name_prefix="row-groups")
         self._planner = ThreadPoolExecutor(1, thread_name_prefix="row-group-plan")

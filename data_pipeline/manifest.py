@@ -13,11 +13,15 @@ still read.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
+
+import numpy as np
 
 from data_pipeline import storage
 from data_pipeline.config import DataError
@@ -27,19 +31,82 @@ MANIFEST_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ShardInfo:
     file: str  # relative to the dataset directory
     rows: int  # samples of seq_len + 1 tokens
     sha256: Optional[str] = None  # of the file's bytes (version 2; None in version 1)
 
 
+class ShardTable(Sequence[ShardInfo]):
+    """The shards of a split, column by column (read-only). A pretraining corpus has 1e5-1e6
+    shards: one object per shard made loading the manifest of 244,141 take 0.7 s, a third of a
+    loader's time to its first batch. Indexing gives a ShardInfo; `files` and `rows` are the
+    columns."""
+
+    def __init__(self, files: list[str], rows: np.ndarray, sha256: list[Optional[str]]):
+        self.files, self.rows, self.sha256 = files, rows, sha256
+
+    @classmethod
+    def of(cls, shards: Iterable[Union[ShardInfo, dict[str, Any]]]) -> ShardTable:
+        """From ShardInfo objects or a manifest's shard dicts (file, rows, optional sha256)."""
+        if isinstance(shards, ShardTable):
+            return shards
+        rows = [s if isinstance(s, dict) else asdict(s) for s in shards]
+        try:
+            return cls(
+                [r["file"] for r in rows],
+                np.fromiter((r["rows"] for r in rows), dtype=np.int64, count=len(rows)),
+                [r.get("sha256") for r in rows],
+            )
+        except (TypeError, ValueError) as exc:  # a count that is not an integer
+            raise TypeError(f"a shard's rows is not an integer ({exc})") from None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        return ShardInfo(self.files[i], int(self.rows[i]), self.sha256[i])
+
+    def __iter__(self) -> Iterator[ShardInfo]:
+        return map(ShardInfo, self.files, self.rows.tolist(), self.sha256)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or len(other) != len(self):
+            return False
+        return all(a == b for a, b in zip(self, other))
+
+    def __repr__(self) -> str:
+        return f"ShardTable({len(self)} shards)"
+
+    def to_dicts(self) -> list[dict[str, Any]]:
+        """As manifest.json writes them (no sha256 key in version 1)."""
+        out = []
+        for file, rows, sha in zip(self.files, self.rows.tolist(), self.sha256):
+            out.append({"file": file, "rows": rows} if sha is None else
+                       {"file": file, "rows": rows, "sha256": sha})  # fmt: skip
+        return out
+
+
 @dataclass
 class SplitInfo:
-    shards: list[ShardInfo] = field(default_factory=list)
+    shards: ShardTable = field(default_factory=lambda: ShardTable.of([]))  # lists become one
     num_samples: int = 0
     num_tokens: int = 0  # tokens stored: num_samples * (seq_len + 1)
     dropped_tokens: int = 0  # each task's packing remainder, not stored
+
+    def __post_init__(self) -> None:
+        self.shards = ShardTable.of(self.shards)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "shards": self.shards.to_dicts(),
+            "num_samples": self.num_samples,
+            "num_tokens": self.num_tokens,
+            "dropped_tokens": self.dropped_tokens,
+        }
 
 
 @dataclass
@@ -65,14 +132,15 @@ class Manifest:
     stats: dict[str, Any] = field(default_factory=dict)  # num_tasks, chars, split
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        """As manifest.json holds it (a copy: changing it changes nothing here)."""
+        d = {
+            f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "splits"
+        }
+        d["tokenizer"] = asdict(self.tokenizer)
+        d["splits"] = {name: split.to_dict() for name, split in self.splits.items()}
         if d["created"] is None:
             del d["created"]
-        for split in d["splits"].values():
-            for shard in split["shards"]:
-                if shard["sha256"] is None:
-                    del shard["sha256"]
-        return d
+        return {f.name: d[f.name] for f in fields(self) if f.name in d}  # in field order
 
     @property
     def cache_key(self) -> str:
@@ -86,17 +154,12 @@ class Manifest:
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
         d = dict(d)
         d["tokenizer"] = TokenizerInfo(**d["tokenizer"])
-        d["splits"] = {
-            name: SplitInfo(
-                **{**split, "shards": [ShardInfo(**shard) for shard in split["shards"]]}
-            )
-            for name, split in d["splits"].items()
-        }
+        d["splits"] = {name: SplitInfo(**split) for name, split in d["splits"].items()}
         return cls(**d)
 
     def files(self) -> list[str]:
         """Every file the dataset consists of (tokenizer and shards), relative to out_dir."""
-        shards = [s.file for split in self.splits.values() for s in split.shards]
+        shards = [f for split in self.splits.values() for f in split.shards.files]
         return [self.tokenizer.file, *shards]
 
     def save(self, out_dir: str | Path) -> str:

@@ -230,6 +230,31 @@ def small_manifest() -> Manifest:
     )  # fmt: skip
 
 
+def test_manifest_shards_are_a_column_table_that_round_trips() -> None:
+    shards = [
+        {"file": "train-00000-000.parquet", "rows": 3, "sha256": "a" * 64},
+        {"file": "train-00001-000.parquet", "rows": 5},  # version 1: no digest
+    ]
+    d = small_manifest().to_dict()
+    d["splits"]["train"].update(shards=shards, num_samples=8, num_tokens=40)
+    m = Manifest.from_dict(d)
+    table = m.splits["train"].shards
+    assert m.to_dict() == d and m.to_dict() is not d
+    assert table.files == ["train-00000-000.parquet", "train-00001-000.parquet"]
+    assert table.rows.tolist() == [3, 5] and len(table) == 2
+    assert list(table) == [
+        ShardInfo(shards[0]["file"], 3, "a" * 64),
+        ShardInfo(shards[1]["file"], 5),
+    ]
+    assert table[-1] == ShardInfo("train-00001-000.parquet", 5) and table[1:] == [table[1]]
+    assert m.files() == [m.tokenizer.file, *table.files]
+    with pytest.raises(AttributeError):  # read-only: a changed manifest is made from a dict
+        table[0].rows = 4
+    d["splits"]["train"]["shards"][1]["rows"] = "five"
+    with pytest.raises(TypeError, match="rows is not an integer"):
+        Manifest.from_dict(d)
+
+
 def test_one_manifest_reader(tmp_path: Path) -> None:
     out = tmp_path / "ds"
     assert read_manifest(out) is None and read_manifest(str(tmp_path / "a" / "b")) is None

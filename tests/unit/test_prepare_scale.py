@@ -261,8 +261,9 @@ def test_manifest_is_deterministic_and_reads_version_1(tmp_path: Path, inline: N
         "manifest.json", "tokenizer.json"
     ]  # fmt: skip
     # a shard's content changes: so does the cache key
-    changed = Manifest.from_dict(a.to_dict())
-    changed.splits["train"].shards[0].sha256 = "0" * 64
+    d = a.to_dict()
+    d["splits"]["train"]["shards"][0]["sha256"] = "0" * 64
+    changed = Manifest.from_dict(d)
     assert changed.cache_key != a.cache_key
     # a version-1 manifest (created, no shard digests) is still read
     v1 = a.to_dict()
