@@ -281,6 +281,27 @@ def test_manifest_is_deterministic_and_reads_version_1(tmp_path: Path, inline: N
     assert prep.settings_of(replace(cfg, task_memory_bytes=1 << 20))["task_memory_bytes"] == 1 << 20
 
 
+def test_one_task_runs_in_this_process_unless_a_cluster_is_named(
+    tmp_path: Path, no_ray: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "src").mkdir()
+    for i in range(4):
+        (tmp_path / "src" / f"d{i}.txt").write_text(f"document {i} " * 200)
+    cfg = DataConfig(sources=[str(tmp_path / "src")], seq_len=16, vocab_size=300,
+                     val_fraction=0.3, num_tasks=1, out_dir=str(tmp_path / "one"))  # fmt: skip
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    manifest = prep.prepare(cfg)  # no_ray: ray.init raises
+    assert manifest.stats["num_tasks"] == 1 and manifest.splits["train"].num_samples > 0
+    for case, cfg_case in (
+        ("two tasks", replace(cfg, num_tasks=2, out_dir=str(tmp_path / "two"))),
+        ("a cluster named", replace(cfg, out_dir=str(tmp_path / "named"))),
+    ):
+        if case == "a cluster named":
+            monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+        with pytest.raises(AssertionError, match="Ray would start"):
+            prep.prepare(cfg_case)
+
+
 def test_a_ledger_of_other_settings_is_refused(tmp_path: Path, no_ray: None, capsys) -> None:
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.txt").write_text("hello " * 100)
