@@ -221,7 +221,9 @@ class _ShardWriter:
     def _write(self, rows: int) -> None:
         flat = np.concatenate(self.pending)
         take = rows * self.row_len
-        values = pa.array(flat[:take], type=pa.int32())
+        # From the buffer: pa.array() on a numpy array imports pandas (0.7 s per worker).
+        tokens = np.ascontiguousarray(flat[:take], dtype=np.int32)
+        values = pa.Array.from_buffers(pa.int32(), take, [None, pa.py_buffer(tokens)])
         table = pa.table({"tokens": pa.FixedSizeListArray.from_arrays(values, self.row_len)})
         name = f"{self.split}-{self.task:05d}-{len(self.shards):03d}.parquet"
         sink = pa.BufferOutputStream()
