@@ -38,22 +38,13 @@ def smoke_overrides() -> list[str]:
 
 @pytest.fixture(scope="session")
 def smoke_data(tmp_path_factory) -> str:
-    """The smoke dataset, prepared once per session (tokenizer + Parquet shards)."""
-    import ray
-
+    """The smoke dataset, prepared once per session (tokenizer + Parquet shards): one prepare
+    task, which runs in this process (or on the module's Ray when one is up)."""
     from data_pipeline.prepare import prepare
     from trainer.config import load_config
 
     out = tmp_path_factory.mktemp("data") / "smoke"
-    cfg = load_config([*SMOKE, f"data.out_dir={out}"])
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
-        prepare(cfg.data)
-    finally:
-        if started:
-            ray.shutdown()
+    prepare(load_config([*SMOKE, f"data.out_dir={out}"]).data)
     return str(out)
 
 

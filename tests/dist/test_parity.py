@@ -109,9 +109,10 @@ def test_reference_matches_golden_losses(reference):
     assert reference[-1] < reference[0], "the reference must learn"
 
 
-# In make test-drills only: the DP layout with activation checkpointing (ZeRO-1), ZeRO-3
-# offload and the 2-D layouts (4 workers); make test keeps ZeRO 0/2/3, TP and PP.
-DRILL_LAYOUTS = ("dp2-zero1-ac", "dp2-zero3-offload-ac", "dp2xtp2-ac", "dp2xpp2")
+# In make test-drills only: plain data parallelism (ZeRO-0), the DP layout with activation
+# checkpointing (ZeRO-1), ZeRO-3 offload and the 2-D layouts (4 workers); make test keeps
+# ZeRO-2 (the default) and ZeRO-3, TP and PP.
+DRILL_LAYOUTS = ("dp2-zero0", "dp2-zero1-ac", "dp2-zero3-offload-ac", "dp2xtp2-ac", "dp2xpp2")
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
-"""Your own data, the first time, with real Ray: the prepare command line with a run config
-whose trainer settings are not prepare's business, a validation set that lands where it is
-named (and the hashed hold-out's warning without it), and a training run with a 66-token
-tokenizer. In-process runs share one local Ray per module (conftest.ray_cluster)."""
+"""Your own data, the first time: the prepare command line with a run config whose trainer
+settings are not prepare's business, a validation set that lands where it is named (and the
+hashed hold-out's warning without it), and a training run with a 66-token tokenizer. Each
+prepare here is one task and the run one worker, so they run in this process, without Ray
+(multi-worker runs on Ray are tests/e2e/test_train.py's)."""
 
 from __future__ import annotations
 
@@ -63,7 +64,6 @@ def test_prepare_command_ignores_trainer_settings(tmp_path: Path) -> None:
     assert "split: hashed hold-out of document ids" in proc.stdout
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_named_validation_file_and_hashed_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -94,7 +94,6 @@ def test_named_validation_file_and_hashed_warning(
     assert tokens["train"] > 5 * tokens["val"] > 0
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_train_with_a_66_token_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from trainer.config import load_config
     from trainer.driver.run import run_training
@@ -109,6 +108,7 @@ def test_train_with_a_66_token_tokenizer(tmp_path: Path, capsys: pytest.CaptureF
         [
             *SMOKE, *small, "model.vocab_size=66", f"run.root={tmp_path / 'runs'}", "run.name=t66",
             "trainer.max_steps=4", "trainer.eval_interval=2", "trainer.checkpoint_interval=0",
+            "cluster.num_workers=1",
         ]
     )  # fmt: skip
     summary = run_training(cfg)
