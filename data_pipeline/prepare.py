@@ -62,7 +62,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -720,7 +720,13 @@ def _check_out_dir(
     return None
 
 
-def prepare(cfg: DataConfig, *, overwrite: bool = False, hint: str = OVERWRITE_HINT) -> Manifest:
+def prepare(
+    cfg: DataConfig,
+    *,
+    overwrite: bool = False,
+    hint: str = OVERWRITE_HINT,
+    planned: Optional[PlannedPrepare] = None,
+) -> Manifest:
     """Build the dataset described by cfg in cfg.out_dir (any storage URI) and return its
     manifest; resumes an interrupted prepare of the same settings from its ledger.
 
@@ -730,31 +736,58 @@ def prepare(cfg: DataConfig, *, overwrite: bool = False, hint: str = OVERWRITE_H
     an out_dir that cannot be reached or written (unknown scheme, missing bucket or
     credentials, unreachable endpoint, read-only location), before anything is written. Uses
     the running Ray instance, or starts (and then stops) a local one while tasks are to run
-    (none are on a rerun whose tasks are all done). A split that comes out
-    without documents, or with 0 samples (too few tokens for one row of seq_len + 1 in any
-    task), raises DataError.
+    (none are on a rerun whose tasks are all done; a single task runs in this process). A
+    split that comes out without documents, or with 0 samples (too few tokens for one row of
+    seq_len + 1 in any task), raises DataError.
+
+    planned: what plan_prepare(cfg, ...) returned (a caller that checks before starting Ray).
     """
+    planned = planned or plan_prepare(cfg, overwrite=overwrite, hint=hint)
+    out, settings = planned.out, planned.settings
+    if planned.existing is not None:
+        log.info("%s already holds this dataset", out)
+        if storage.is_remote(out):  # killed between its manifest and the ledger's removal
+            Ledger(storage.join(out, version_of(settings))).remove()
+        return planned.existing
+    build = _build_remote if storage.is_remote(out) else _build_local
+    manifest = build(cfg, settings, planned.plan, out, planned.overwrite)
+    warning = held_out_warning(cfg, manifest)
+    if warning:
+        log.warning("%s", warning)
+    return manifest
+
+
+@dataclass(frozen=True)
+class PlannedPrepare:
+    """What prepare() will do, found from metadata alone: the dataset already there
+    (`existing`), or the plan of tasks to run."""
+
+    out: str
+    settings: dict[str, Any]
+    overwrite: bool
+    existing: Optional[Manifest] = None
+    plan: Optional[dict[str, Any]] = None
+
+
+def plan_prepare(
+    cfg: DataConfig, *, overwrite: bool = False, hint: str = OVERWRITE_HINT
+) -> PlannedPrepare:
+    """Everything prepare() checks before its first task, without Ray and without writing:
+    out_dir (reachable, writable, its manifest or ledger of these settings), data.tokenizer,
+    and the listing of the sources (metadata only: missing files, a Parquet file without the
+    text column, damaged footers, unsplittable files over the task budget raise DataError)."""
     out = storage.absolute(cfg.out_dir)
     settings = settings_of(cfg)
     existing = _check_out_dir(out, settings, overwrite, hint=hint)
     if existing is not None:
-        log.info("%s already holds this dataset", out)
-        if storage.is_remote(out):  # killed between its manifest and the ledger's removal
-            Ledger(storage.join(out, version_of(settings))).remove()
-        return existing
+        return PlannedPrepare(out, settings, overwrite, existing=existing)
     if cfg.tokenizer:
         load_tokenizer(cfg.tokenizer)  # fail early on a missing or EOS-less tokenizer
     try:
         plan = make_plan(cfg, settings, build_location(out, settings))
     except storage.StorageError as e:
         raise _storage_error(out, e) from None
-
-    build = _build_remote if storage.is_remote(out) else _build_local
-    manifest = build(cfg, settings, plan, out, overwrite)
-    warning = held_out_warning(cfg, manifest)
-    if warning:
-        log.warning("%s", warning)
-    return manifest
+    return PlannedPrepare(out, settings, overwrite, plan=plan)
 
 
 def held_out_warning(cfg: DataConfig, manifest: Manifest) -> Optional[str]:

@@ -592,14 +592,15 @@ def open_parquet(path: str, f) -> pq.ParquetFile:
         raise _parquet_error(path, exc) from None
 
 
-def check_parquet_files(units: list[WorkUnit]) -> None:
+def check_parquet_files(units: list[WorkUnit], cfg: DataConfig) -> None:
     """Reads the footer of every local Parquet work unit (a few KB each): a damaged or
-    non-Parquet file is refused before anything starts. Object-store files are read by
-    prepare (a request per file would cost minutes on large datasets)."""
+    non-Parquet file, or one without the text (or split) column, is refused before anything
+    starts. Object-store files are read by prepare (a request per file would cost minutes on
+    large datasets)."""
     for unit in units:
         if unit.format == "parquet" and "://" not in unit.path:
             with open(unit.path, "rb") as f:
-                open_parquet(unit.path, f)
+                parquet_columns(open_parquet(unit.path, f), unit, cfg.text_column, cfg.split_column)
 
 
 def _is_string(col_type: pa.DataType) -> bool:

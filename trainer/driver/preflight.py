@@ -134,12 +134,12 @@ def check_mixture(cfg: RootConfig) -> dict:
 
 def check_sources(cfg: RootConfig) -> None:
     """Cheap checks of data.sources when the data is not prepared: paths exist, globs match,
-    local Parquet files have a readable footer (a damaged one is named here, not by prepare
-    after Ray started)."""
+    local Parquet files have a readable footer with the text column (a damaged file or a
+    missing column is named here, not by a prepare task after Ray started)."""
     from data_pipeline.sources import check_parquet_files, list_work_units
 
     if not storage.exists(storage.join(cfg.data.out_dir, MANIFEST_FILE)):
-        check_parquet_files(list_work_units(cfg.data))
+        check_parquet_files(list_work_units(cfg.data), cfg.data)
 
 
 def check_offload(cfg: RootConfig, *, default_cuda_home: str = "/usr/local/cuda") -> None:

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from cluster.config import ClusterError
 from data_pipeline import storage
 from trainer.config import ConfigError, RootConfig, check_eval_fits, config_warnings
 from trainer.driver import plan, preflight
 from trainer.startup_trace import mark
+
+if TYPE_CHECKING:
+    from data_pipeline.manifest import Manifest
+    from data_pipeline.prepare import PlannedPrepare
 
 
 def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, Any]:
@@ -34,8 +38,9 @@ def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, An
         print(line, file=sys.stderr, flush=True)
     preflight.check_before_ray(cfg)
     run_plan = plan.plan_run(cfg)
+    data = plan_data(cfg)
     if cfg.cluster.in_process:
-        return _train_here(cfg, run_plan, progress_bar)
+        return _train_here(cfg, run_plan, data, progress_bar)
     from cluster.launch import connected, fit, make_stop_signal
     from trainer.worker.entry import train_worker
 
@@ -43,7 +48,7 @@ def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, An
         with connected(cfg.cluster, job_env=storage.remote_env(other_machines=True)):
             mark("driver: ray up")
             preflight.check_cluster(cfg)
-            config = _worker_config(cfg, run_plan, progress_bar, make_stop_signal())
+            config = _worker_config(cfg, run_plan, data, progress_bar, make_stop_signal())
             mark("driver: fit")
             with _progress(cfg, progress_bar):
                 result = fit(
@@ -62,14 +67,16 @@ def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, An
     return read_summary(cfg, result, config["invocation"])
 
 
-def _train_here(cfg: RootConfig, run_plan: plan.RunPlan, progress_bar: bool) -> dict[str, Any]:
+def _train_here(
+    cfg: RootConfig, run_plan: plan.RunPlan, data: Optional[PlannedPrepare], progress_bar: bool
+) -> dict[str, Any]:
     """The one worker of a private local cluster, in this process: no Ray is started (a
     dataset that must be prepared first starts its own for the tokenizing tasks)."""
     from cluster.inprocess import fit_here
     from trainer.checkpoint.latest import resume_point
     from trainer.worker.entry import train_worker
 
-    config = _worker_config(cfg, run_plan, progress_bar, None)
+    config = _worker_config(cfg, run_plan, data, progress_bar, None)
     mark("driver: fit (in this process)")
     with _progress(cfg, progress_bar):
         result = fit_here(
@@ -85,11 +92,15 @@ def _train_here(cfg: RootConfig, run_plan: plan.RunPlan, progress_bar: bool) -> 
 
 
 def _worker_config(
-    cfg: RootConfig, run_plan: plan.RunPlan, progress_bar: bool, stop_signal: Any
+    cfg: RootConfig,
+    run_plan: plan.RunPlan,
+    data: Optional[PlannedPrepare],
+    progress_bar: bool,
+    stop_signal: Any,
 ) -> dict[str, Any]:
-    """Prepares (or checks) the data, readies the run directory and returns what every
-    worker gets (trainer/worker/entry.py)."""
-    data_dir = prepare_data(cfg)
+    """Prepares (or checks) the data as `data` (plan_data) planned, readies the run directory
+    and returns what every worker gets (trainer/worker/entry.py)."""
+    data_dir = prepare_data(cfg, data)
     mark("driver: data checked")
     # Validated, data included: from here on the run directory may change.
     universal = plan.apply(cfg, run_plan)
@@ -127,16 +138,38 @@ def local_cpu_peak(cfg: RootConfig) -> float | None:
     return peak_flops_per_worker(cfg.precision.dtype_name, c.threads_per_worker)
 
 
-def prepare_data(cfg: RootConfig) -> str:
-    """Runs data preparation (idempotent, as Ray tasks) and checks it against the model. A
-    mixture's datasets are prepared already: they are checked instead, and the workers get
-    the first source's directory for what needs one dataset (tokenizer, sample prompt)."""
+def plan_data(cfg: RootConfig) -> Optional[PlannedPrepare]:
+    """What preparing the data will do, found before Ray starts (data_pipeline.prepare's
+    plan_prepare: out_dir, tokenizer and the sources' listing, from metadata), so that a bad
+    source, or prepared data that do not fit the model, is one line before any process starts.
+    None for a mixture (its datasets are prepared; prepare_data checks them)."""
+    if cfg.data.mixture:
+        return None
+    from data_pipeline.prepare import plan_prepare
+
+    planned = plan_prepare(cfg.data, hint=preflight.TRAIN_OVERWRITE_HINT)
+    if planned.existing is not None:
+        check_prepared(cfg, planned.existing)
+    return planned
+
+
+def prepare_data(cfg: RootConfig, planned: Optional[PlannedPrepare] = None) -> str:
+    """Runs data preparation (idempotent; `planned` from plan_data, or planned here) and
+    checks it against the model. A mixture's datasets are prepared already: they are checked
+    instead, and the workers get the first source's directory for what needs one dataset
+    (tokenizer, sample prompt)."""
     if cfg.data.mixture:
         preflight.check_mixture(cfg)
         return cfg.data.mixture.sources[cfg.data.mixture.names[0]].dir
     from data_pipeline.prepare import prepare
 
-    manifest = prepare(cfg.data, hint=preflight.TRAIN_OVERWRITE_HINT)
+    manifest = prepare(cfg.data, hint=preflight.TRAIN_OVERWRITE_HINT, planned=planned)
+    check_prepared(cfg, manifest)
+    return cfg.data.out_dir
+
+
+def check_prepared(cfg: RootConfig, manifest: Manifest) -> None:
+    """The prepared dataset fits the model and the eval settings (ConfigError otherwise)."""
     vocab = int(manifest.tokenizer.vocab_size)
     if cfg.model.vocab_size < vocab:
         raise ConfigError(
@@ -149,7 +182,6 @@ def prepare_data(cfg: RootConfig) -> str:
             f"({manifest.seq_len}) in {cfg.data.out_dir}"
         )
     check_eval_fits(cfg, manifest.splits["val"].num_samples, cfg.data.out_dir)
-    return cfg.data.out_dir
 
 
 def write_run_config(cfg: RootConfig) -> None:
