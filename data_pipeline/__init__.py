@@ -2,9 +2,11 @@
 
 Public API (import from here or the submodules):
     DataConfig, DataError                      (config)
-    data_pipeline.prepare.prepare(cfg, *, overwrite=False) -> Manifest
+    data_pipeline.prepare.prepare(cfg, *, overwrite=False, planned=None) -> Manifest
                                                (`python -m data_pipeline.prepare`; not re-exported
                                                here: the submodule has the same name)
+    data_pipeline.prepare.plan_prepare(cfg, *, overwrite=False) -> PlannedPrepare
+                                               (its checks and listing without Ray, no writes)
     Manifest                                   (manifest; Manifest.load(out_dir))
     TokenShards, DistributedLoader, sample_id_at (loader)
     default_prompt(data_dir, n_tokens)         (prompt: the sample's default prompt)
