@@ -245,9 +245,10 @@ def test_damaged_input_files_are_named_with_what_is_wrong(ws, capsys, monkeypatc
 def test_data_that_cannot_serve_the_run_stops_a_multi_worker_run_before_ray(
     ws, capsys, monkeypatch
 ):
-    """A 2-worker run (Ray's path): a Parquet source without the text column, and prepared
-    data whose tokenizer is larger than model.vocab_size, are one line before Ray starts
-    (no_ray refuses it), with nothing written."""
+    """A 2-worker run (Ray's path): a Parquet source without the text column, a source without
+    documents (found by reading them: its one prepare task runs before Ray), and prepared data
+    whose tokenizer is larger than model.vocab_size, are one line before Ray starts (no_ray
+    refuses it), with nothing written."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     src = ws / "src"
     src.mkdir()
@@ -257,6 +258,14 @@ def test_data_that_cannot_serve_the_run_stops_a_multi_worker_run_before_ray(
     rc = train_main([*run, f"data.sources=[{src / 'body.parquet'}]", "data.vocab_size=512"])
     line = one_error(capsys)
     assert rc == 2 and f"'{src / 'body.parquet'}' has no column 'text'" in line, line
+    assert tree_digest(ws) == before
+    (src / "blank.txt").write_text("  \n")
+    before = tree_digest(ws)
+    rc = train_main(
+        [*train_args(ws, "new"), "cluster.num_workers=2", f"data.sources=[{src}/*.txt]"]
+    )
+    line = one_error(capsys)
+    assert rc == 2 and "no documents" in line, line
     assert tree_digest(ws) == before
     # prepared data (one prepare task: in this process) that the model cannot embed
     assert prepare_main([*SMOKE, f"data.out_dir={ws / 'data'}"]) == 0

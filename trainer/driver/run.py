@@ -6,6 +6,7 @@ never from this machine's disk.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from typing import TYPE_CHECKING, Any, Optional
@@ -142,12 +143,20 @@ def plan_data(cfg: RootConfig) -> Optional[PlannedPrepare]:
     """What preparing the data will do, found before Ray starts (data_pipeline.prepare's
     plan_prepare: out_dir, tokenizer and the sources' listing, from metadata), so that a bad
     source, or prepared data that do not fit the model, is one line before any process starts.
-    None for a mixture (its datasets are prepared; prepare_data checks them)."""
+    A single task for the private local cluster is run here too. None for a mixture (its
+    datasets are prepared; prepare_data checks them)."""
     if cfg.data.mixture:
         return None
     from data_pipeline.prepare import plan_prepare
 
     planned = plan_prepare(cfg.data, hint=preflight.TRAIN_OVERWRITE_HINT)
+    if planned.existing is None and cfg.cluster.address is None and len(planned.plan["tasks"]) == 1:
+        # One task on this machine: prepared now, in this process, so that what only reading
+        # the documents finds (no documents, a bad line) is also one line before Ray starts.
+        from data_pipeline.prepare import prepare
+
+        manifest = prepare(cfg.data, hint=preflight.TRAIN_OVERWRITE_HINT, planned=planned)
+        planned = dataclasses.replace(planned, existing=manifest)
     if planned.existing is not None:
         check_prepared(cfg, planned.existing)
     return planned
