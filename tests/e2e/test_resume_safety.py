@@ -1,12 +1,15 @@
 """Never lose a run: a resume that would not fit the checkpoint fails before any worker starts,
 with one `error:` line, and leaves the run directory byte-identical; secrets in the
-environment never reach a file of the run.
+environment never reach a file of the run; the run's own output, piped as CI and `ray job
+submit` logs are, is plain text without Ray's failure-like noise.
 
-One real 2-worker run (W&B offline, fake secrets in its environment) is shared by the tests.
+One real 2-worker run on Ray through the command line (W&B offline, fake secrets in its
+environment) is shared by the tests.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import tempfile
@@ -136,3 +139,19 @@ def test_secrets_in_the_environment_reach_no_file_of_the_run(trained, tmp_path):
     assert not any(n.decode() in proc.stdout + proc.stderr for n in needles)
     assert any(trained["ray_tmp"].rglob("session_*/logs/*.log")), "no Ray session logs"
     assert files_containing(trained["ray_tmp"], needles) == []  # Ray's session logs
+
+
+def test_its_output_is_plain_text_and_names_both_throughputs(trained):
+    """Output to a file or pipe carries no colour escape codes and none of Ray's lines that
+    look like failures; the summary names training and end-to-end tokens/s apart."""
+    proc = trained["proc"]
+    out = proc.stdout + proc.stderr
+    assert "(RayTrainWorker pid=" in out  # the workers' lines did come through
+    assert "\x1b[" not in out
+    # Noise that reads like a failure: Ray's token-auth warning, Ray Train's PreemptionWatcher
+    # ERROR line (cluster/ray_private.py); the DeepSpeed comm op build, if any, is announced.
+    assert "Token authentication is enabled" not in out
+    assert "PreemptionWatcher" not in out
+    summary = json.loads((trained["run_dir"] / "summary.json").read_text())
+    assert summary["train_tokens_per_sec"] > 0 and summary["end_to_end_tokens_per_sec"] > 0
+    assert "training tokens/s" in proc.stdout and "end-to-end tokens/s" in proc.stdout
