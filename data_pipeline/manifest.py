@@ -133,14 +133,16 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         """As manifest.json holds it (a copy: changing it changes nothing here)."""
-        d = {
-            f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "splits"
-        }
-        d["tokenizer"] = asdict(self.tokenizer)
-        d["splits"] = {name: split.to_dict() for name, split in self.splits.items()}
-        if d["created"] is None:
-            del d["created"]
-        return {f.name: d[f.name] for f in fields(self) if f.name in d}  # in field order
+        d: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "splits":
+                d["splits"] = {name: split.to_dict() for name, split in value.items()}
+            elif f.name == "tokenizer":
+                d["tokenizer"] = asdict(value)
+            elif not (f.name == "created" and value is None):  # version 2 has no creation time
+                d[f.name] = copy.deepcopy(value)
+        return d
 
     @property
     def cache_key(self) -> str:

@@ -413,7 +413,7 @@ def _run_tasks(
     object-store settings when writing to one). One task and no cluster named: it runs here."""
     if not tasks:
         return {}  # all done (a rerun): no Ray needed
-    if len(tasks) == 1 and not _cluster_named():
+    if runs_here(len(tasks)):
         return _run_here(tasks, fn_kwargs)
     import ray
 
@@ -427,25 +427,25 @@ def _run_tasks(
             ray.shutdown()
 
 
-def _cluster_named() -> bool:
-    """A Ray cluster to run tasks on: this process is connected to one, or RAY_ADDRESS names
-    one (ray job submit sets it)."""
+def runs_here(num_tasks: int) -> bool:
+    """Whether prepare runs its tasks in this process rather than on Ray: one task, and no
+    cluster named (this process is not connected to one, RAY_ADDRESS names none), where a
+    private local Ray would only add its start (10-15 s on 2 cores) to the work."""
+    if num_tasks != 1 or os.environ.get("RAY_ADDRESS"):
+        return False
     ray = sys.modules.get("ray")
-    return bool(os.environ.get("RAY_ADDRESS")) or (ray is not None and ray.is_initialized())
+    return ray is None or not ray.is_initialized()
 
 
 def _run_here(
     tasks: dict[int, list[dict[str, Any]]], fn_kwargs: dict[str, Any]
 ) -> dict[int, dict[str, Any]]:
-    """The tasks in this process, one after the other: one task and no cluster named, where a
-    private local Ray would only add its start (10-15 s on 2 cores) to the work."""
-    results: dict[int, dict[str, Any]] = {}
-    for k, units in sorted(tasks.items()):
-        results[k] = tokenize_task(k, units, **fn_kwargs)
-        if "error" in results[k]:
-            break
+    """The one task (runs_here), in this process."""
+    ((k, units),) = tasks.items()
+    result = tokenize_task(k, units, **fn_kwargs)
+    if "error" not in result:
         kill_point("task")
-    return results
+    return {k: result}
 
 
 def _run_on_ray(
@@ -767,6 +767,11 @@ class PlannedPrepare:
     overwrite: bool
     existing: Optional[Manifest] = None
     plan: Optional[dict[str, Any]] = None
+
+    @property
+    def runs_here(self) -> bool:
+        """Its tasks would run in this process (runs_here): nothing is there yet, one task."""
+        return self.existing is None and runs_here(len(self.plan["tasks"]))
 
 
 def plan_prepare(

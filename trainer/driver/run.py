@@ -71,8 +71,8 @@ def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, An
 def _train_here(
     cfg: RootConfig, run_plan: plan.RunPlan, data: Optional[PlannedPrepare], progress_bar: bool
 ) -> dict[str, Any]:
-    """The one worker of a private local cluster, in this process: no Ray is started (a
-    dataset that must be prepared first starts its own for the tokenizing tasks)."""
+    """The one worker of a private local cluster, in this process: no Ray is started (data
+    still to be prepared in more than one task starts its own for the tokenizing tasks)."""
     from cluster.inprocess import fit_here
     from trainer.checkpoint.latest import resume_point
     from trainer.worker.entry import train_worker
@@ -150,9 +150,9 @@ def plan_data(cfg: RootConfig) -> Optional[PlannedPrepare]:
     from data_pipeline.prepare import plan_prepare
 
     planned = plan_prepare(cfg.data, hint=preflight.TRAIN_OVERWRITE_HINT)
-    if planned.existing is None and cfg.cluster.address is None and len(planned.plan["tasks"]) == 1:
-        # One task on this machine: prepared now, in this process, so that what only reading
-        # the documents finds (no documents, a bad line) is also one line before Ray starts.
+    if cfg.cluster.address is None and planned.runs_here:
+        # One task, which prepare runs in this process anyway: run it now, so that what only
+        # reading the documents finds (no documents, a bad line) is one line before Ray starts.
         from data_pipeline.prepare import prepare
 
         manifest = prepare(cfg.data, hint=preflight.TRAIN_OVERWRITE_HINT, planned=planned)

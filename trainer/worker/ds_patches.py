@@ -40,8 +40,6 @@ def without_muon_import() -> None:
     (optim.name), so the answer is always no: this puts stand-ins in sys.modules whose Muon
     class nothing is an instance of and whose update refuses to run. A module already imported
     (someone wanted the real one) is left as it is."""
-    if all(name in sys.modules for name in MUON_MODULES):
-        return
 
     class MuonWithAuxAdam:  # never instantiated: isinstance(x, MuonWithAuxAdam) is False
         pass
@@ -54,7 +52,6 @@ def without_muon_import() -> None:
             stand_in = types.ModuleType(name, "raygpt's stand-in: Muon is never built")
             stand_in.MuonWithAuxAdam = MuonWithAuxAdam
             stand_in.muon_update = muon_update
-            stand_in.adam_update = muon_update
             sys.modules[name] = stand_in
 
 
