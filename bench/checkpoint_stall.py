@@ -1,22 +1,19 @@
 """Checkpoint stall on object storage: how long the step loop waits per checkpoint saved into an
-s3:// run directory, against the checkpoint's bytes, with Ray Train's synchronous upload
-(ray.train.report(..., checkpoint_upload_mode=CheckpointUploadMode.SYNC), Ray's default) and
-its asynchronous one (CheckpointUploadMode.ASYNC).
+s3:// run directory, against the checkpoint's bytes, with raygpt's checkpoint manager
+(trainer/checkpoint/manager.py) saving synchronously and in the background.
 
 The store is a local moto server (tests/s3server.py): same machine, in-memory, so the upload
 rate is moto's (a Python server sharing the two cores), not a network's; the stall it causes is
 still the step loop's real wait. Two Ray Train workers (a private local Ray started after the S3
-environment is set, cluster.launch.fit, DeepSpeed ZeRO-2 on CPU, gloo, fp32 by default) build the model,
-take one optimizer step (so Adam's moments exist) and then save checkpoints through raygpt's own
-path: checkpoint.save_local (DeepSpeed save + integrity record) and checkpoint.report. Per
+environment is set, cluster.fit, DeepSpeed ZeRO-2 on CPU, gloo, fp32 by default) build the
+model, take one optimizer step (so Adam's moments exist) and then save checkpoints. Per
 checkpoint, on rank 0:
 
-  save s      DeepSpeed save to local disk and the integrity record (always in the step loop)
-  report s    how long ray.train.report blocks (SYNC: the upload, then Ray's barrier across
-              workers; ASYNC: the hand-off to Ray's upload thread)
-  stall s     save + report: what the step loop waits per checkpoint
-  upload s    report() -> this worker's files persisted (ASYNC: while steps go on; moto and
-              the steps share the two cores)
+  stall s     how long CheckpointManager.save blocks: DeepSpeed save to local disk and the
+              integrity record, then (SYNC) the upload, a barrier and the registration, or
+              (ASYNC) the hand-off to the upload thread
+  upload s    save() -> this rank's files persisted and the checkpoint registered
+              (ASYNC: while steps go on; moto and the steps share the two cores)
   MB/s        the checkpoint's bytes (all ranks) / rank 0's upload seconds
   step x      ASYNC: mean time of the steps taken while the upload runs, over a step without one
               (the upload competes for the cores)
@@ -30,7 +27,6 @@ import argparse
 import json
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from statistics import median
@@ -45,25 +41,18 @@ MODELS = {
 MODES = ("SYNC", "ASYNC")
 
 
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
-def stall_worker(config: dict[str, Any]) -> None:
+def stall_worker(config: dict[str, Any], context: Any) -> None:
     """Runs in each Ray Train worker: build, one step, then checkpoints in each mode."""
-    import ray.train
     import torch
     import torch.distributed as dist
 
-    from cluster import worker_context
-    from cluster.ray_private import quiet_train_logs
+    from data_pipeline import storage
     from models.gpt import GPT
-    from trainer.checkpoint import format as checkpoint
+    from trainer.checkpoint.manager import CheckpointManager
+    from trainer.worker.ds_patches import LOAD_PATCHES
     from trainer.worker.engine import build_engine, train_step
 
-    quiet_train_logs()
-    cfg, seq = config["cfg"], config["seq"]
-    rank = ray.train.get_context().get_world_rank()
+    cfg, seq, rank = config["cfg"], config["seq"], context.rank
     torch.set_num_threads(cfg.cluster.threads_per_worker)
     torch.manual_seed(0)
     sizes = {"layout": cfg.layout, "micro_batch": cfg.trainer.micro_batch_size, "grad_accum": 1}
@@ -77,43 +66,35 @@ def stall_worker(config: dict[str, Any]) -> None:
 
     step()
     base_step = median(step() for _ in range(3))
+    manager = CheckpointManager(config["root"], rank, cfg.trainer, LOAD_PATCHES)
     rows, n = [], 0
     for mode in config["modes"]:
+        manager.asynchronous = mode == "ASYNC"
         for _ in range(config["repeats"]):
             n += 1
             dist.barrier()
-            state = {"step": n, "consumed_samples": 0, "parts": {}, "run_name": "stall",
-                     "config": cfg.to_dict()}  # fmt: skip
             t0 = time.perf_counter()
-            local = checkpoint.save_local(engine, rank, state)
+            name = manager.save(n, engine, {}, {"run_name": "stall", "config": cfg.to_dict()})
             t1 = time.perf_counter()
-            nbytes = dir_bytes(local)
-            done = checkpoint.report(
-                worker_context.current(), {"step": n}, local, n, asynchronous=mode == "ASYNC"
-            )
-            t2 = time.perf_counter()
-            finished: list[float] = []
-            watcher = threading.Thread(
-                target=lambda ev=done, out=finished: (ev.wait(), out.append(time.perf_counter()))
-            )
-            watcher.start()
             during = [step() for _ in range(config["steps_during"])] if mode == "ASYNC" else []
-            watcher.join()
-            t3 = finished[0]
-            total = torch.tensor([float(nbytes)])
-            dist.all_reduce(total)
+            manager.wait()  # this rank's files persisted (rank 0: registered too)
+            t2 = time.perf_counter()
+            dist.barrier()  # every rank's files are in the bucket
+            nbytes = sum(storage.walk_files(storage.join(config["root"], name)).values())
             rows.append({
-                "mode": mode, "bytes": int(total.item()), "save_s": t1 - t0, "report_s": t2 - t1,
-                "stall_s": t2 - t0, "upload_s": t3 - t1,
+                "mode": mode, "bytes": nbytes, "stall_s": t1 - t0,
+                "upload_s": (t2 - t0) if mode == "ASYNC" else (t1 - t0),
                 "step_slowdown": (sum(during) / len(during) / base_step) if during else None,
                 "steps_during": len(during),
             })  # fmt: skip
+    manager.close()
     if rank == 0:
         Path(config["out"]).write_text(json.dumps({"base_step_s": base_step, "rows": rows}))
 
 
 def measure(model: str, overrides: list[str], args: argparse.Namespace, s3) -> dict[str, Any]:
-    from cluster.launch import fit
+    from cluster.fit import FitOptions, fit
+    from data_pipeline import storage
     from models.gpt import estimate_num_params
 
     seq = 64 if args.quick else 256
@@ -124,12 +105,12 @@ def measure(model: str, overrides: list[str], args: argparse.Namespace, s3) -> d
         "trainer.micro_batch_size=2", "trainer.global_batch_size=4",
     ])  # fmt: skip
     out = Path(tempfile.mkdtemp(prefix="raygpt-stall-")) / "rows.json"
+    root = s3.unique_uri("stall")
     config = {
         "cfg": cfg, "seq": seq, "modes": MODES, "repeats": args.repeats,
-        "steps_during": args.steps_during, "out": str(out),
+        "steps_during": args.steps_during, "out": str(out), "root": root,
     }  # fmt: skip
-    root = s3.unique_uri("stall")
-    fit(stall_worker, config, cluster=cfg.cluster, name="stall", storage_path=root, keep_last=2)
+    fit(stall_worker, config, FitOptions(cfg.cluster, root, storage.remote_env()))
     result = json.loads(out.read_text())
     result["model"], result["params"] = model, estimate_num_params(cfg.model)
     return result
@@ -148,7 +129,7 @@ def summarize(result: dict[str, Any]) -> list[list[Any]]:
         slow = [r["step_slowdown"] for r in rows if r["step_slowdown"] is not None]
         table.append([
             result["model"], f"{result['params'] / 1e6:.1f}M", mode,
-            f"{rows[0]['bytes'] / 2**20:.0f} MiB", med("save_s"), med("report_s"), med("stall_s"),
+            f"{rows[0]['bytes'] / 2**20:.0f} MiB", med("stall_s"),
             med("upload_s"), rows[0]["bytes"] / 1e6 / med("upload_s"),
             f"{median(slow):.2f}" if slow else "-",
         ])  # fmt: skip
@@ -190,11 +171,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     table = [row for r in results for row in summarize(r)]
     common.print_table(
         f"Checkpoint stall per save, rank 0 (medians; 2 workers, ZeRO-2 {args.precision})",
-        ["model", "params", "upload", "ckpt bytes", "save s", "report s", "stall s",
-         "upload s", "MB/s", "step x"],
+        ["model", "params", "upload", "ckpt bytes", "stall s", "upload s", "MB/s", "step x"],
         table,
-        caption="stall = save + report: the step loop's wait. ASYNC uploads behind the next "
-        "steps (step x: their time over a step without an upload).",
+        caption="stall: the step loop's wait in CheckpointManager.save. ASYNC uploads behind "
+        "the next steps (step x: their time over a step without an upload).",
     )  # fmt: skip
     out = {"results": results, "table": table}
     common.write_result("checkpoint_stall", out)

@@ -5,9 +5,8 @@ second process. Starting Ray (GCS, raylet, dashboard), Ray Train's controller an
 actor that imports torch and DeepSpeed again took ~30 s of a 2-step run on 2 cores; here the
 worker starts as soon as the driver has checked the config. Everything a Ray Train worker gets
 is given here too (cluster/worker_context.py's ProcessContext): rank 0 of 1 with a gloo/NCCL
-process group, the checkpoint to resume (the same snapshot file Ray reads), checkpoints
-persisted and registered as Ray does (keep_last), SIGTERM -> checkpoint and stop, and
-cluster.max_failures restarts from the latest checkpoint. The workers' environment is
+process group, SIGTERM -> a stop request, and cluster.max_failures restarts (the worker
+resumes from its own latest checkpoint, as on Ray). The workers' environment is
 cluster.launch.worker_env's; an allocator that must be preloaded (LD_PRELOAD tcmalloc) cannot
 be loaded into a running process, so `reexec_for_allocator` restarts the command with it
 first.
@@ -20,24 +19,11 @@ import os
 import socket
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, Optional
 
 from cluster.config import ClusterConfig
 from cluster.launch import stop_on_sigterm, worker_env
-from cluster.worker_context import ProcessContext, StopFlag, set_process_context
-
-
-@dataclass
-class Checkpoint:
-    path: str  # URI of the run's latest registered checkpoint
-
-
-@dataclass
-class Result:
-    """What read_summary needs of a run, as ray.train.Result carries it."""
-
-    checkpoint: Optional[Checkpoint]
+from cluster.worker_context import ProcessContext, StopFlag
 
 
 def preload_missing(cluster: ClusterConfig, env: Optional[dict[str, str]] = None) -> Optional[str]:
@@ -91,36 +77,23 @@ def _worker_environment(cluster: ClusterConfig) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def fit_here(
-    fn: Callable[[dict[str, Any]], None],
-    config: dict[str, Any],
-    *,
-    cluster: ClusterConfig,
-    run_uri: str,
-    keep_last: int,
-    resume_point: Callable[[], Optional[str]],
-) -> Result:
-    """Runs fn(config) here as rank 0 of 1; config["stop_signal"] is set to this run's
-    StopFlag. A failure restarts fn from the latest checkpoint up to cluster.max_failures
-    times (-1: forever), then raises the failure.
+def fit_here(fn: Callable[[Any, Any], None], payload: Any, cluster: ClusterConfig) -> None:
+    """Runs fn(payload, context) here as rank 0 of 1 (cluster/fit.py). SIGTERM sets the
+    context's stop request. A failure runs fn again (it resumes from its own latest
+    checkpoint) up to cluster.max_failures times (-1: forever), then raises the failure.
 
     The process group of one (gloo or NCCL) outlives the run: DeepSpeed keeps its groups in
     module state, so a second run in this process (a restart, or tests) reuses it; destroyed,
     DeepSpeed would refuse it ("Group ... is not registered")."""
     flag = StopFlag()
-    config = {**config, "stop_signal": flag}
+    context = ProcessContext(flag)
     failures = 0
     with _worker_environment(cluster), stop_on_sigterm(flag.request):
         while True:
-            ctx = ProcessContext(run_uri, keep_last, resume_point)
-            set_process_context(ctx)
             try:
-                fn(config)
-                ctx.close()
-                break
+                fn(payload, context)
+                return
             except Exception as e:
-                with contextlib.suppress(Exception):
-                    ctx.close()  # what was reported before the failure is persisted
                 failures += 1
                 if cluster.max_failures != -1 and failures > cluster.max_failures:
                     raise
@@ -131,7 +104,3 @@ def fit_here(
                     file=sys.stderr,
                     flush=True,
                 )
-            finally:
-                set_process_context(None)
-    latest = resume_point()
-    return Result(checkpoint=Checkpoint(latest) if latest else None)

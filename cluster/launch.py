@@ -1,5 +1,5 @@
 """Ray only (imports nothing from trainer/): connect, capacity, the workers' environment,
-the stop signal, and fit(fn, config, ...) -> ray.train.Result.
+the stop signal, and fit_on_ray (cluster/fit.py's fit on Ray Train).
 
 Failures a user can fix (too few resources, no tcmalloc) raise ClusterError with one line.
 """
@@ -100,9 +100,13 @@ def connect(cluster: ClusterConfig, job_env: Optional[dict[str, str]] = None) ->
 
 @contextlib.contextmanager
 def connected(cluster: ClusterConfig, job_env: Optional[dict[str, str]] = None) -> Iterator[None]:
-    """Ray is up for the block; a private instance started here is shut down after it."""
+    """Ray is up for the block; a private instance started here is shut down after it. An
+    in-process run (cluster.launch) needs no Ray: nothing is started."""
     import ray
 
+    if cluster.in_process:
+        yield
+        return
     started = connect(cluster, job_env)
     try:
         yield
@@ -208,31 +212,24 @@ def stop_on_sigterm(request: Callable[[str], Any]) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def fit(
-    fn: Callable[[dict[str, Any]], None],
-    config: dict[str, Any],
-    *,
-    cluster: ClusterConfig,
-    name: str,
-    storage_path: str,
-    keep_last: int,
-    stop_signal: Any = None,
-) -> Any:
-    """Runs fn(config) on cluster.num_workers Ray Train workers; returns ray.train.Result.
+def fit_on_ray(fn: Callable[[Any, Any], None], payload: Any, options: Any) -> None:
+    """fn(payload, context) on cluster.num_workers Ray Train workers (cluster/fit.py's fit).
 
-    storage_path is the run root as given (a local/shared path or an s3:// / gs:// URI): Ray
-    persists checkpoints there and resumes `name` from its latest registered checkpoint.
+    Ray Train's own bookkeeping (its run state, the check that every node reaches the storage)
+    lives in <storage_path>/ray_train/: the workers report no checkpoints to Ray, so Ray keeps
+    and restores none. A SIGTERM to this driver asks the workers to stop.
     """
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    c = cluster
+    c = options.cluster
     resources = {"CPU": c.cpus_per_worker}
     if c.use_gpu:
         resources["GPU"] = c.gpus_per_worker
+    stop_signal = make_stop_signal()
     trainer = TorchTrainer(
-        fn,
-        train_loop_config=config,
+        _ray_worker,
+        train_loop_config={"fn": fn, "payload": payload, "stop_signal": stop_signal},
         scaling_config=ScalingConfig(
             num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources
         ),
@@ -240,19 +237,22 @@ def fit(
             backend="nccl" if c.use_gpu else "gloo", timeout_s=c.collective_timeout_s
         ),
         run_config=RunConfig(
-            name=name,
-            storage_path=storage_path,
+            name=RAY_TRAIN_DIR,
+            storage_path=options.storage_path,
             failure_config=FailureConfig(max_failures=c.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=keep_last),
             worker_runtime_env={"env_vars": worker_env(c)},
-            # Our own lines say when a checkpoint is saved; Ray's INFO chatter repeats it.
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
-    stopping = (
-        stop_on_sigterm(lambda reason: stop_signal.request.remote(reason))
-        if stop_signal is not None
-        else contextlib.nullcontext()
-    )
-    with stopping:
-        return trainer.fit()
+    with stop_on_sigterm(lambda reason: stop_signal.request.remote(reason)):
+        trainer.fit()
+
+
+RAY_TRAIN_DIR = "ray_train"  # Ray Train's own files, under the run's storage
+
+
+def _ray_worker(config: dict[str, Any]) -> None:
+    """Ray Train's train_loop_per_worker: the caller's fn with this worker's context."""
+    from cluster.worker_context import RayContext
+
+    config["fn"](config["payload"], RayContext(config["stop_signal"]))

@@ -1,6 +1,7 @@
 """Everything raygpt knows about Ray's internals, in one module: the checkpoint snapshot file
-Ray Train keeps in a run directory, the autoscaler's limits, Ray Train's per-report logger and
-its storage hook for uploading a checkpoint, the token-auth default and the worker-log stream.
+Ray Train kept in the run directories of raygpt before its own index (read once to migrate
+them: trainer/checkpoint/index.py), the autoscaler's limits, Ray Train's per-report logger,
+the token-auth default and the worker-log stream.
 A Ray upgrade that changes these breaks here only.
 """
 
@@ -11,11 +12,9 @@ import math
 import os
 import re
 import sys
-import threading
-from collections.abc import Callable
-from typing import Any, Optional
+from typing import Optional
 
-# Ray Train V2 keeps the checkpoints it registered here, in the run directory.
+# Ray Train V2 kept the checkpoints it registered here, in the run directory.
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
 
@@ -31,30 +30,6 @@ def snapshot_checkpoints(text: str) -> tuple[Optional[list[str]], Optional[str]]
         return names, latest
     except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
         raise ValueError(f"unreadable {SNAPSHOT_FILE}: {e}") from None
-
-
-def rebuild_snapshot(checkpoints: list[tuple[str, int]]) -> str:
-    """A snapshot registering `checkpoints` ((dir name, step), oldest first), as Ray writes it.
-    (Ray's version from the package metadata: an in-process run does not import Ray.)"""
-    from importlib.metadata import version
-
-    entries = [
-        {"version": 0, "checkpoint_dir_name": name, "metrics": {"step": step}}
-        for name, step in checkpoints
-    ]
-    state = {
-        "ray_version": version("ray"),
-        "checkpoint_results": entries,
-        "checkpoint_report_indices": list(range(len(entries))),
-        "latest_checkpoint_result": entries[-1] if entries else None,
-        "pending_training_results": [],
-        "pending_validation_specs": [],
-        "current_report_index": len(entries),
-        "validated_checkpoint_dir_names": [],
-        "timed_out_validation_checkpoint_dir_names": [],
-        "failed_validation_checkpoint_dir_names": [],
-    }
-    return json.dumps(state, indent=1) + "\n"
 
 
 def current_resources() -> dict[str, float]:
@@ -244,42 +219,3 @@ def quiet_train_logs() -> None:
     except ImportError:  # another Ray Train version: its logging stays as it is
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
-def report_checkpoint(
-    metrics: dict[str, Any],
-    local_dir: str,
-    dir_name: str,
-    *,
-    asynchronous: bool,
-    before_upload: Optional[Callable[[], None]] = None,
-) -> threading.Event:
-    """ray.train.report of a local checkpoint directory as `dir_name` in the run directory.
-
-    asynchronous: Ray uploads it in a background thread while training goes on
-    (CheckpointUploadMode.ASYNC; Ray deletes the local directory afterwards) and registers it
-    once every worker's upload is done. Returns an Event set once THIS worker's files are
-    persisted (at once when synchronous). `before_upload` runs just before the upload (drills).
-    """
-    import ray.train
-    from ray.train import CheckpointUploadMode
-
-    done = threading.Event()
-
-    def upload(ckpt: Any, name: str) -> Any:
-        if before_upload is not None:
-            before_upload()
-        persisted = ray.train.get_context().get_storage().persist_current_checkpoint(ckpt, name)
-        done.set()
-        return persisted
-
-    ray.train.report(
-        metrics,
-        checkpoint=ray.train.Checkpoint.from_directory(local_dir),
-        checkpoint_dir_name=dir_name,
-        checkpoint_upload_fn=upload,
-        checkpoint_upload_mode=CheckpointUploadMode.ASYNC
-        if asynchronous
-        else CheckpointUploadMode.SYNC,
-    )
-    return done

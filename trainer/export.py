@@ -59,8 +59,9 @@ def _one_line(e: BaseException) -> str:
 
 def find_checkpoint(path: str | Path) -> str:
     """`path` itself if it is a checkpoint directory, else the run's latest verified checkpoint
-    (trainer/checkpoint/latest.py: the rule resume and rollback use). Any storage URI."""
-    from trainer.checkpoint.latest import latest_verified
+    (trainer/checkpoint/index.py: the rule resume and rollback use; newer registered ones
+    that are damaged are named on stderr and skipped). Any storage URI."""
+    from trainer.checkpoint.index import latest
 
     uri = storage.absolute(str(path))
     try:
@@ -71,7 +72,10 @@ def find_checkpoint(path: str | Path) -> str:
             return uri
         if not storage.is_dir(uri):
             raise ExportError(f"{uri} does not exist (give a run dir or a checkpoint_* dir)")
-        found = latest_verified(uri)
+        newest = latest(uri)
+        found = newest.uri
+        for damaged, problem in newest.damaged:
+            print(f"export: skipping {storage.name(damaged)}: {problem}", file=sys.stderr)
     except CheckpointError as e:
         raise ExportError(f"checkpoint {uri} is damaged: {e}") from None
     if found is None and storage.is_file(storage.join(uri, "config.json")):

@@ -29,7 +29,7 @@ def _not_a_model_dir(hf_dir: str) -> str:
     """Why hf_dir (which has no config.json) is not a Hugging Face model directory, and what
     to do when it is a raygpt run or checkpoint (the other kind of model directory)."""
     from trainer.checkpoint.format import STATE_FILE
-    from trainer.checkpoint.latest import CHECKPOINT_PREFIX
+    from trainer.checkpoint.index import CHECKPOINT_PREFIX
 
     if storage.is_file(hf_dir):
         return f"{hf_dir} is a file ({EXPECTED})"

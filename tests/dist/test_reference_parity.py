@@ -58,36 +58,35 @@ LAYOUTS = {  # name -> (overrides, processes)
 }
 
 # One rank of one or more runs: raygpt's Trainer, built and stepped as Trainer.train() does (no
-# eval, checkpoint or summary), with Ray's worker context stubbed. argv: the prepared data
+# eval, checkpoint or summary), with a worker context of its own. argv: the prepared data
 # directory, then each run as JSON {"name", "overrides"}; prints {name: rows}.
 WORKER = textwrap.dedent(
     """
     import json, os, sys, types
-    from unittest import mock
-    import ray, ray.train
     from trainer.config import load_config
+    from trainer.worker.entry import WorkerConfig
     from trainer.worker.trainer import Trainer
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    context = types.SimpleNamespace(get_world_rank=lambda: rank, get_world_size=lambda: world)
-    node = types.SimpleNamespace(get_node_id=lambda: "local")
+    context = types.SimpleNamespace(
+        rank=rank, world_size=world, node_id=lambda: "local", stop_requested=lambda: None
+    )
     out = {}
     for run in map(json.loads, sys.argv[2:]):
         cfg = load_config(run["overrides"])
         assert world == cfg.cluster.num_workers, (world, cfg.cluster.num_workers)
         rows = out[run["name"]] = []
-        with mock.patch.object(ray.train, "get_context", lambda: context), \\
-                mock.patch.object(ray, "get_runtime_context", lambda: node):
-            t = Trainer({"cfg": cfg, "data_dir": sys.argv[1], "peak_flops": 1e12})
-            t.build()
-            t.start_logging()
-            while t.state.step < t.last_step:
-                ids = t.train_loader.sample_ids_for_step(t.train_loader.consumed_samples)
-                assert not t.step(), "the guard asked for a rollback"
-                m = t.last_metrics
-                rows.append({"step": t.state.step, "ids": [int(i) for i in ids],
-                             **{k: m[k] for k in ("loss", "lr", "grad_norm", "consumed_samples")}})
-            t.close()
+        config = WorkerConfig(cfg=cfg, data_dir=sys.argv[1], invocation="parity", peak_flops=1e12)
+        t = Trainer(config, context)
+        t.build()
+        t.start_logging()
+        while t.state.step < t.last_step:
+            ids = t.train_loader.sample_ids_for_step(t.train_loader.consumed_samples)
+            assert not t.step(), "the guard asked for a rollback"
+            m = t.last_metrics
+            rows.append({"step": t.state.step, "ids": [int(i) for i in ids],
+                         **{k: m[k] for k in ("loss", "lr", "grad_norm", "consumed_samples")}})
+        t.close()
     print("RESULT " + json.dumps(out))
     """
 )

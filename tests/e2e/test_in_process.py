@@ -10,6 +10,7 @@ Real subprocesses of `python -m trainer.train`, real Ray for the middle leg.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -43,8 +44,8 @@ def args(root: Path, data: str, name: str, *more: str) -> list[str]:
 
 
 def registered(run_dir: Path) -> list[str]:
-    snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-    return [r["checkpoint_dir_name"] for r in snap["checkpoint_results"]]
+    index = json.loads((run_dir / "checkpoints.json").read_text())
+    return [c["name"] for c in index["checkpoints"]]
 
 
 @pytest.mark.drill  # make test-drills: four runs, one on Ray (make test keeps two_runs below)
@@ -54,7 +55,7 @@ def test_a_run_moves_between_this_process_and_ray(tmp_path, smoke_data):
     assert "(RayTrainWorker" not in ref.output  # no Ray worker: the driver trained
     node = json.loads((tmp_path / "ref" / "memory" / "rank_0.json").read_text())["node_id"]
     assert node.startswith("local:")
-    # keep_last=2, as Ray Train keeps them: the others were deleted, the snapshot lists two.
+    # keep_last=2: the others were deleted, the index lists two.
     assert registered(tmp_path / "ref") == ["checkpoint_00000005", "checkpoint_00000006"]
     assert sorted(p.name for p in (tmp_path / "ref").glob("checkpoint_0*")) == registered(
         tmp_path / "ref"
@@ -114,3 +115,29 @@ def test_two_runs_in_one_process(tmp_path, smoke_data):
         # The run's data and checkpoint threads ended with it (the process goes on).
         left = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
         assert not [n for n in left if n.startswith(("data-", "row-group", "checkpoint-"))], left
+
+
+def test_a_run_directory_of_an_earlier_raygpt_still_resumes(tmp_path, smoke_data):
+    """tests/fixtures/legacy_run_2026-12-07 is a run directory as raygpt wrote it on 2026-12-07
+    (eb47fcb: registrations in Ray Train's snapshot file, no checkpoints.json), stopped at
+    step 4 of 6. Resumed by today's code, it indexes that checkpoint and trains steps 5 and 6
+    to exactly the losses of that day's uninterrupted run of the same config."""
+    from trainer.config import load_config
+    from trainer.driver.run import run_training
+
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "legacy_run_2026-12-07"
+    shutil.copytree(fixture, tmp_path / "legacy")
+    cfg = load_config(
+        [
+            *args(tmp_path, smoke_data, "legacy"),
+            "trainer.global_batch_size=8",
+            "trainer.checkpoint_interval=4",
+            "trainer.log_sample_ids=false",
+        ]
+    )
+    summary = run_training(cfg)
+    assert summary["finished"] and summary["final_step"] == STEPS
+    assert registered(tmp_path / "legacy") == ["checkpoint_00000004", "checkpoint_00000006"]
+    got = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "legacy" / "metrics.jsonl")}
+    want = json.loads((fixture / "uninterrupted_losses.json").read_text())["loss"]
+    assert [got[5], got[6]] == [want["5"], want["6"]]  # fp32, one worker: exact

@@ -126,12 +126,12 @@ class Runs:
         return {s: sorted(ids) for s, ids in out.items()}
 
     def latest(self, name: str) -> str | None:
-        snap = json.loads(self.read(name, "checkpoint_manager_snapshot.json"))
-        latest = snap["latest_checkpoint_result"]
-        return latest and latest["checkpoint_dir_name"]
+        """The newest checkpoint the run's index registers (trainer/checkpoint/index.py)."""
+        names = [c["name"] for c in json.loads(self.read(name, "checkpoints.json"))["checkpoints"]]
+        return names[-1] if names else None
 
     def latest_or_none(self, name: str) -> str | None:
-        """latest(), or None while the snapshot is not there (or is being rewritten)."""
+        """latest(), or None while the index is not there yet."""
         try:
             return self.latest(name)
         except Exception:  # noqa: BLE001 - not yet written
@@ -232,7 +232,7 @@ def test_a_s3_run_on_two_nodes_keeps_the_run_contract_and_resumes(runs, referenc
     keys = set(runs.keys("ref"))
     for rel in ("config.yaml", "metrics.jsonl", "eval.jsonl", "summary.json", "loss.png",
                 "memory/rank_0.json", "memory/rank_1.json", "samples/rank_0.jsonl",
-                "samples/rank_1.jsonl", "checkpoint_manager_snapshot.json"):  # fmt: skip
+                "samples/rank_1.jsonl", "checkpoints.json"):  # fmt: skip
         assert rel in keys, (rel, sorted(keys))
     assert any(k.startswith("wandb/offline-run-") for k in keys), sorted(keys)
     ckpts = sorted({k.split("/")[0] for k in keys if k.startswith("checkpoint_0")})

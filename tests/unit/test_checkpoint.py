@@ -15,11 +15,12 @@ from procs import tree_digest as digest
 
 from cluster.ray_private import SNAPSHOT_FILE
 from trainer.checkpoint import format as checkpoint
+from trainer.checkpoint import index
 from trainer.checkpoint.compat import LAYOUT_FIELDS, check_resume_compatible, compare_configs
 from trainer.checkpoint.format import CheckpointError, verify_checkpoint
-from trainer.checkpoint.latest import repair_snapshot, resume_point, set_aside_unregistered
 from trainer.config import ConfigError, load_config
 
+ROOT = Path(__file__).resolve().parents[2]
 MODEL_SHAPE_FIELDS = (
     "vocab_size",
     "block_size",
@@ -37,8 +38,40 @@ MODEL_SHAPE_FIELDS = (
 
 
 def find_resume_checkpoint(run_dir: Path):
-    found = resume_point(str(run_dir))
+    found = index.latest(str(run_dir)).uri
     return Path(found) if found else None
+
+
+class NoPatches:
+    """The DeepSpeed patches a load is handed, as the engine's owner hands them
+    (trainer/worker/ds_patches.py): the checkpoint engine's load swapped for one load."""
+
+    @staticmethod
+    def weights_only(engine, load):
+        import contextlib
+
+        @contextlib.contextmanager
+        def swap():
+            ce = getattr(engine, "checkpoint_engine", None)
+            if ce is None:
+                yield
+                return
+            original, ce.load = ce.load, load
+            try:
+                yield
+            finally:
+                ce.load = original
+
+        return swap()
+
+    @staticmethod
+    def universal(engine):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+PATCHES = checkpoint.LoadPatches(weights_only=NoPatches.weights_only, universal=NoPatches.universal)
 
 
 class FakeEngine:
@@ -171,7 +204,7 @@ def test_load_refuses_a_truncated_checkpoint_before_deepspeed(ckpt):
     f = ckpt / "rng" / "rank_1.pt"
     f.write_bytes(f.read_bytes()[:10])
     with pytest.raises(CheckpointError, match="truncated"):
-        checkpoint.load(Engine(), ckpt, rank=1)
+        checkpoint.load(Engine(), ckpt, 1, PATCHES)
 
 
 class CheckpointEngine:
@@ -201,7 +234,7 @@ def test_resume_loads_deepspeed_files_with_weights_only(ckpt, tmp_path):
     model_file = ckpt / "ds" / "ds" / "mp_rank_00_model_states.pt"
     torch.save({"module": torch.ones(3), "scaler": LossScaler(1.0)}, model_file)
     checkpoint.write_file_record(ckpt, 0)  # a legitimate rewrite: records match again
-    checkpoint.load(engine, ckpt, rank=0)
+    checkpoint.load(engine, ckpt, 0, PATCHES)
     assert torch.equal(engine.loaded["module"], torch.ones(3))
     assert isinstance(engine.checkpoint_engine.load.__self__, CheckpointEngine)  # restored
 
@@ -209,7 +242,7 @@ def test_resume_loads_deepspeed_files_with_weights_only(ckpt, tmp_path):
     torch.save({"module": torch.ones(3), "x": RunsCodeOnLoad(marker)}, model_file)
     checkpoint.write_file_record(ckpt, 0)
     with pytest.raises(CheckpointError, match=r"refusing to load .*_run_on_load") as e:
-        checkpoint.load(engine, ckpt, rank=0)
+        checkpoint.load(engine, ckpt, 0, PATCHES)
     assert not marker.exists() and "\n" not in str(e.value)
     torch.load(model_file, weights_only=False)  # the file really is hostile
     assert marker.read_text() == "code ran"
@@ -218,69 +251,105 @@ def test_resume_loads_deepspeed_files_with_weights_only(ckpt, tmp_path):
 # ------------------------------------------------------------------ which checkpoint
 
 
-def test_snapshot_names_the_checkpoint_even_when_not_the_highest(tmp_path):
+def test_a_run_of_an_earlier_raygpt_resumes_what_ray_registered_even_when_not_the_highest(
+    tmp_path,
+):
     for step in (2, 4):
         (tmp_path / f"checkpoint_{step:08d}").mkdir()
+        (tmp_path / f"checkpoint_{step:08d}" / "trainer_state.json").write_text('{"step": 1}')
     snap = {"ray_version": "2.60.0", "latest_checkpoint_result": None}
     snap["latest_checkpoint_result"] = {"version": 0, "checkpoint_dir_name": "checkpoint_00000002"}
     (tmp_path / SNAPSHOT_FILE).write_text(json.dumps(snap))
     assert find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint_00000002"
     (tmp_path / SNAPSHOT_FILE).write_text(json.dumps({**snap, "latest_checkpoint_result": None}))
-    assert find_resume_checkpoint(tmp_path) is None  # Ray starts from scratch
+    assert find_resume_checkpoint(tmp_path) is None  # Ray started such a run from scratch
     (tmp_path / SNAPSHOT_FILE).write_text("{not json")
-    assert find_resume_checkpoint(tmp_path) is None  # unreadable, and no complete checkpoint
+    # unreadable: its complete checkpoints count (these have no integrity records: complete)
+    assert find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint_00000004"
 
 
-def test_a_truncated_snapshot_is_rebuilt_from_the_complete_checkpoints(tmp_path, cfg):
+def test_the_snapshot_ray_wrote_is_migrated_into_the_index(tmp_path, cfg):
+    """A snapshot file as Ray Train 2.60 wrote it (2 workers, checkpoints at steps 2 and 4,
+    kept from a run of 2026-12-07): repair indexes both, the latest last."""
+    shutil.copy(
+        ROOT / "tests/fixtures/ray_written_snapshot_2026-12-07.json", tmp_path / SNAPSHOT_FILE
+    )
+    state = {"step": 2, "consumed_samples": 16, "config": cfg.to_dict()}
+    for step in (2, 4, 6):
+        make_checkpoint(tmp_path / f"checkpoint_{step:08d}", {**state, "step": step})
+    assert index.read_index(str(tmp_path)) is None
+    moved = index.repair(str(tmp_path), echo=False)
+    assert index.read_index(str(tmp_path)) == ["checkpoint_00000002", "checkpoint_00000004"]
+    assert [Path(p).name for p in moved] == ["checkpoint_00000006"]  # Ray never registered it
+    assert find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint_00000004"
+    (tmp_path / SNAPSHOT_FILE).write_text("{not json")  # the index decides from now on
+    assert find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint_00000004"
+
+
+def test_a_truncated_snapshot_is_indexed_from_the_complete_checkpoints(tmp_path, cfg):
     state = {"step": 2, "consumed_samples": 16, "config": cfg.to_dict()}
     for step in (2, 4, 6):
         make_checkpoint(tmp_path / f"checkpoint_{step:08d}", {**state, "step": step})
     (tmp_path / "checkpoint_00000006" / "files" / "rank_0.json").unlink()  # half-written
     (tmp_path / SNAPSHOT_FILE).write_text('{"ray_version": "2.6')  # killed mid-rewrite
     assert find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint_00000004"
-
-    kept = Path(repair_snapshot(str(tmp_path), echo=False))
-    assert kept.read_text() == '{"ray_version": "2.6'
-    snap = json.loads((tmp_path / SNAPSHOT_FILE).read_text())
-    assert [r["checkpoint_dir_name"] for r in snap["checkpoint_results"]] == [
-        "checkpoint_00000002",
-        "checkpoint_00000004",
-    ]
-    assert snap["latest_checkpoint_result"]["checkpoint_dir_name"] == "checkpoint_00000004"
-    assert find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint_00000004"
-    assert repair_snapshot(str(tmp_path), echo=False) is None  # readable now: left alone
-    moved = [Path(p) for p in set_aside_unregistered(str(tmp_path), echo=False)]
+    moved = [Path(p) for p in index.repair(str(tmp_path), echo=False)]
     assert [p.name for p in moved] == ["checkpoint_00000006"]
+    assert index.read_index(str(tmp_path)) == ["checkpoint_00000002", "checkpoint_00000004"]
+    assert (tmp_path / SNAPSHOT_FILE).read_text() == '{"ray_version": "2.6'  # left as it was
 
 
-def test_without_snapshot_nothing_was_registered_and_leftovers_are_set_aside(tmp_path):
+def test_without_an_index_nothing_was_registered_and_leftovers_are_set_aside(tmp_path):
     assert find_resume_checkpoint(tmp_path / "nope") is None
     for name in ("checkpoint_00000009", "checkpoint_00000010"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "shard.pt").write_bytes(b"x")
-    assert find_resume_checkpoint(tmp_path) is None  # what Ray does: a fresh start
-    moved = [Path(p) for p in set_aside_unregistered(str(tmp_path), echo=False)]
+    assert find_resume_checkpoint(tmp_path) is None  # a fresh start
+    moved = [Path(p) for p in index.repair(str(tmp_path), echo=False)]
     assert [p.name for p in moved] == ["checkpoint_00000009", "checkpoint_00000010"]
     assert not list(tmp_path.glob("checkpoint_*"))
     assert (tmp_path / "incomplete" / "checkpoint_00000010" / "shard.pt").read_bytes() == b"x"
+    assert index.read_index(str(tmp_path)) == []
 
 
 def test_only_unregistered_checkpoints_are_set_aside(tmp_path):
     for step in (2, 4, 6):
         (tmp_path / f"checkpoint_{step:08d}").mkdir()
     (tmp_path / "incomplete" / "checkpoint_00000006").mkdir(parents=True)  # an earlier one
-    registered = [{"checkpoint_dir_name": f"checkpoint_{s:08d}"} for s in (2, 4)]
-    snap = {"checkpoint_results": registered, "latest_checkpoint_result": registered[-1]}
-    (tmp_path / SNAPSHOT_FILE).write_text(json.dumps(snap))
-    moved = [Path(p) for p in set_aside_unregistered(str(tmp_path), echo=False)]
+    index.write_index(str(tmp_path), ["checkpoint_00000002", "checkpoint_00000004"])
+    moved = [Path(p) for p in index.repair(str(tmp_path), echo=False)]
     assert moved == [tmp_path / "incomplete" / "checkpoint_00000006.1"]
     assert sorted(p.name for p in tmp_path.glob("checkpoint_0*")) == [
         "checkpoint_00000002",
         "checkpoint_00000004",
     ]
-    (tmp_path / SNAPSHOT_FILE).write_text("{not json")  # unreadable: touch nothing
-    (tmp_path / "checkpoint_00000008").mkdir()
-    assert [Path(p) for p in set_aside_unregistered(str(tmp_path), echo=False)] == []
+    (tmp_path / "checkpoint_00000008").mkdir()  # newer than the latest: a restarted worker's
+    moved = index.set_aside_unregistered(
+        str(tmp_path), index.registered(str(tmp_path)), after=4, echo=False
+    )
+    assert [Path(p).name for p in moved] == ["checkpoint_00000008"]
+
+
+def test_an_unreadable_index_is_one_line_naming_it(tmp_path):
+    (tmp_path / index.INDEX_FILE).write_text('{"checkpoints": [{"nam')
+    with pytest.raises(CheckpointError, match=r"checkpoints.json: unreadable checkpoint index"):
+        index.latest(str(tmp_path))
+
+
+def test_latest_skips_damaged_newer_checkpoints_and_names_them(tmp_path, cfg):
+    state = {"step": 2, "consumed_samples": 16, "config": cfg.to_dict()}
+    names = []
+    for step in (2, 4, 6):
+        names.append(
+            make_checkpoint(tmp_path / f"checkpoint_{step:08d}", {**state, "step": step}).name
+        )
+    index.write_index(str(tmp_path), names)
+    f = tmp_path / "checkpoint_00000006" / "rng" / "rank_1.pt"
+    f.write_bytes(f.read_bytes()[:10])
+    found = index.latest(str(tmp_path))
+    assert found.name == "checkpoint_00000004"
+    assert [Path(u).name for u, _ in found.damaged] == ["checkpoint_00000006"]
+    assert "rank_1.pt: truncated" in found.damaged[0][1]
 
 
 # ---------------------------------------------------------------- compatibility rules
@@ -391,9 +460,7 @@ def _run_with_checkpoint(cfg, **config_changes) -> Path:
     run_dir = cfg.run_dir
     shutil.rmtree(run_dir, ignore_errors=True)
     make_checkpoint(run_dir / "checkpoint_00000010", state)
-    entry = {"checkpoint_dir_name": "checkpoint_00000010"}
-    snapshot = {"checkpoint_results": [entry], "latest_checkpoint_result": entry}
-    (run_dir / SNAPSHOT_FILE).write_text(json.dumps(snapshot))
+    index.write_index(str(run_dir), ["checkpoint_00000010"])
     return run_dir
 
 
@@ -430,8 +497,7 @@ def test_damaged_checkpoint_is_a_config_error_naming_the_file(cfg):
 
 def test_registered_checkpoint_that_is_gone_is_a_config_error(cfg):
     run_dir = _run_with_checkpoint(cfg)
-    snap = {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_00000020"}}
-    (run_dir / SNAPSHOT_FILE).write_text(json.dumps(snap))
+    index.write_index(str(run_dir), ["checkpoint_00000010", "checkpoint_00000020"])
     with pytest.raises(ConfigError, match="checkpoint_00000020 is missing"):
         check_resume_compatible(cfg)
 

@@ -1,19 +1,14 @@
 """cluster.launch and cluster.cpus_per_worker=0: which runs start Ray, how local workers share
-the cores, and the in-process worker's checkpoint registration (Ray's snapshot format)."""
+the cores, and cluster.fit's in-process worker (its context and restarts)."""
 
 from __future__ import annotations
 
 import os
-import threading
-from pathlib import Path
 
 import pytest
 
-from cluster import ray_private
 from cluster.config import ClusterConfig
 from cluster.inprocess import preload_missing
-from cluster.worker_context import ProcessContext
-from trainer.checkpoint import latest
 from trainer.config import ConfigError, load_config
 
 
@@ -64,34 +59,19 @@ def test_the_allocator_is_preloaded_by_restarting_only_when_missing() -> None:
         launch.find_tcmalloc = original
 
 
-def _local_checkpoint(tmp: Path, step: int) -> Path:
-    d = tmp / f"local-{step}"
-    d.mkdir()
-    (d / "trainer_state.json").write_text(f'{{"step": {step}}}')
-    return d
+def test_fit_runs_the_one_local_worker_here_and_restarts_it_after_a_failure() -> None:
+    from cluster.fit import FitOptions, fit
 
+    calls = []
 
-@pytest.mark.parametrize("asynchronous", [False, True])
-def test_in_process_checkpoints_are_registered_as_ray_registers_them(tmp_path, asynchronous):
-    run = tmp_path / "run"
-    ctx = ProcessContext(str(run), keep_last=2, resume_point=lambda: latest.resume_point(str(run)))
-    events = []
-    for step in (1, 2, 3):
-        local = _local_checkpoint(tmp_path, step)
-        name = f"checkpoint_{step:08d}"
-        events.append(
-            ctx.report_checkpoint({"step": step}, str(local), name, asynchronous=asynchronous)
-        )
-        if not asynchronous:
-            assert events[-1].is_set() and not local.exists()  # moved into the run directory
-    ctx.close()
-    assert all(isinstance(e, threading.Event) and e.is_set() for e in events)
-    names, newest = ray_private.snapshot_checkpoints((run / ray_private.SNAPSHOT_FILE).read_text())
-    assert names == ["checkpoint_00000002", "checkpoint_00000003"]
-    assert newest == "checkpoint_00000003"
-    assert sorted(p.name for p in run.glob("checkpoint_0*")) == names  # the oldest deleted
-    assert (run / "checkpoint_00000003" / "trainer_state.json").read_text() == '{"step": 3}'
-    # What Ray (and raygpt's resume rule) would resume from:
-    assert latest.resume_point(str(run)) == str(run / "checkpoint_00000003")
-    with ctx.resume_checkpoint() as found:
-        assert found is not None and found[1] == run / "checkpoint_00000003"
+    def worker(payload, context):
+        calls.append((payload, context.rank, context.world_size, context.stop_requested()))
+        if len(calls) < 3:
+            raise RuntimeError(f"failure {len(calls)}")
+
+    cluster = ClusterConfig(num_workers=1, max_failures=2)
+    fit(worker, {"x": 1}, FitOptions(cluster, "unused"))
+    assert calls == [({"x": 1}, 0, 1, None)] * 3
+    calls.clear()
+    with pytest.raises(RuntimeError, match="failure 2"):
+        fit(worker, {"x": 1}, FitOptions(ClusterConfig(num_workers=1, max_failures=1), "unused"))

@@ -6,9 +6,9 @@ import re
 
 import pytest
 
+from trainer.checkpoint.manager import CheckpointPolicy
 from trainer.checkpoint.universal import plan
 from trainer.config import ConfigError, TrainerConfig, load_config
-from trainer.worker.control import CheckpointPolicy
 from trainer.worker.faults import Fault, maybe_pause, parse
 
 

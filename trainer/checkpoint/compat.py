@@ -17,13 +17,8 @@ from data_pipeline import storage
 from data_pipeline.config import DataConfig
 from data_pipeline.manifest import manifest_uri, read_manifest
 from models.gpt import GPTConfig, shape_of
-from trainer.checkpoint.format import (
-    CheckpointError,
-    file_sha256,
-    read_trainer_state,
-    verify_checkpoint,
-)
-from trainer.checkpoint.latest import resume_point
+from trainer.checkpoint.format import CheckpointError, file_sha256, read_trainer_state
+from trainer.checkpoint.index import INDEX_FILE, latest
 from trainer.config import ConfigError, RootConfig
 
 # A trained BPE is decided by these; compared only when a tokenizer hash is not available.
@@ -171,23 +166,29 @@ def check_resume_compatible(cfg: RootConfig, *, echo: bool = True) -> Optional[s
     shape, data.seq_len, trainer.seed or tokenizer other than `cfg`'s. Prints one info line
     when resuming. Reads the run directory (any storage) and writes nothing.
     """
-    ckpt = resume_point(cfg.run_uri)
+    try:
+        found = latest(cfg.run_uri)
+    except CheckpointError as e:
+        raise ConfigError(f"cannot resume run '{cfg.run.name}': {e}") from None
+    if found.damaged:  # the newest registered one: resuming an older one would redo steps
+        ckpt, problem = found.damaged[0]
+        where = f"cannot resume run '{cfg.run.name}' from {storage.name(ckpt)}"
+        if not storage.is_dir(ckpt):
+            raise ConfigError(
+                f"{where}: {ckpt} is missing though {INDEX_FILE} registers it "
+                "(restore it, or start a new run.name)"
+            )
+        raise ConfigError(
+            f"{where}: {problem} (the checkpoint is damaged: restore it, or start a new run.name)"
+        )
+    ckpt = found.uri
     if ckpt is None:
         return None
-    name = storage.name(ckpt)
-    where = f"cannot resume run '{cfg.run.name}' from {name}"
-    if not storage.is_dir(ckpt):
-        raise ConfigError(
-            f"{where}: {ckpt} is missing though {SNAPSHOT_NAME} registers it "
-            "(restore it, or start a new run.name)"
-        )
+    where = f"cannot resume run '{cfg.run.name}' from {storage.name(ckpt)}"
     try:
-        verify_checkpoint(ckpt)
         state = read_trainer_state(ckpt)
-    except (CheckpointError, OSError) as e:
-        raise ConfigError(
-            f"{where}: {e} (the checkpoint is damaged: restore it, or start a new run.name)"
-        ) from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{where}: {storage.one_line(e)}") from None
     saved_cfg = state.get("config")
     notes: list[str] = []
     if isinstance(saved_cfg, dict):
@@ -206,6 +207,3 @@ def check_resume_compatible(cfg: RootConfig, *, echo: bool = True) -> Optional[s
         print(f"resume: run '{cfg.run.name}' continues from {ckpt} (step {state['step']}){changed}")
         sys.stdout.flush()
     return ckpt
-
-
-SNAPSHOT_NAME = "Ray's checkpoint snapshot"

@@ -1,6 +1,8 @@
-"""Checkpoints: DeepSpeed sharded engine state + trainer state, persisted through Ray Train.
+"""One checkpoint on disk: DeepSpeed sharded engine state + RNG + trainer state, verified.
 
-Layout of one checkpoint directory (Ray Train merges the files of every worker into it):
+Layout of one checkpoint directory (every worker's files are merged into it; which
+checkpoints a run has is trainer/checkpoint/index.py's, how they are written
+trainer/checkpoint/manager.py's):
     ds/                       DeepSpeed engine state (model, optimizer shards per rank)
     rng/rank_<r>.pt           torch/numpy/python RNG states of each rank (tensors only)
     files/rank_<r>.json       what rank r wrote here: relative path -> size and sha256
@@ -18,10 +20,10 @@ import os
 import pickle
 import random
 import re
-import shutil
 import tempfile
-import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,7 +31,6 @@ import numpy as np
 import torch
 
 from data_pipeline import storage
-from trainer.worker.ds_patches import universal_checkpoint_load, weights_only_load
 
 DS_TAG = "ds"
 STATE_FILE = "trainer_state.json"
@@ -234,66 +235,6 @@ def _read_state_checked(ckpt: str) -> dict[str, Any]:
     return state
 
 
-def report(
-    context: Any,
-    metrics: dict[str, Any],
-    local_dir: Path,
-    step: int,
-    *,
-    asynchronous: bool = False,
-    before_upload: Optional[Callable[[], None]] = None,
-) -> threading.Event:
-    """Persists the local directory as checkpoint `checkpoint_<step>` (a barrier across workers).
-
-    Every worker uploads its own files into the same directory; Ray registers the checkpoint
-    (its snapshot file) only once all of them have. asynchronous: the upload runs in the
-    background (object storage: the step loop does not wait for it) and the local directory is
-    removed after it. Returns an Event set once this worker's files are persisted.
-    `before_upload` runs on this worker just before its upload (fault drills use it).
-    context: the worker's (cluster/worker_context.py): Ray Train's, or this process's.
-    """
-    try:
-        return context.report_checkpoint(
-            metrics,
-            str(local_dir),
-            f"checkpoint_{step:08d}",
-            asynchronous=asynchronous,
-            before_upload=before_upload,
-        )
-    finally:
-        if not asynchronous:
-            shutil.rmtree(local_dir, ignore_errors=True)
-
-
-KEPT_DIR = "kept"
-
-
-def keep_for_good(run_dir: Path, name: str) -> Optional[Path]:
-    """Copies the persisted checkpoint run_dir/<name> to run_dir/kept/<name>, where Ray's
-    keep-last-K never deletes it. On a local or shared filesystem the copy is hard links (no
-    extra bytes); elsewhere (s3://...) pyarrow copies the files. Returns the copy (local)."""
-    if storage.is_remote(str(run_dir)):
-        storage.copy_tree(
-            storage.join(str(run_dir), name), storage.join(str(run_dir), KEPT_DIR, name)
-        )
-        return None
-    src, dest = Path(run_dir) / name, Path(run_dir) / KEPT_DIR / name
-    if dest.exists():
-        return dest
-    tmp = dest.with_name(f".{name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, copy_function=_link_or_copy)
-    os.replace(tmp, dest)
-    return dest
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def read_trainer_state(ckpt: Path | str) -> dict[str, Any]:
     """trainer_state.json of a checkpoint (local path or storage URI)."""
     return json.loads(storage.read_text(storage.join(str(ckpt), STATE_FILE)))
@@ -328,20 +269,36 @@ def safe_torch_load(path: Any, map_location: Any = None, mmap: bool = False) -> 
         ) from None
 
 
+@dataclass(frozen=True)
+class LoadPatches:
+    """What DeepSpeed needs patched to load a checkpoint, handed in by the engine's owner
+    (trainer/worker/ds_patches.py holds every patch), so this package imports no worker code:
+    weights_only(engine, load) makes its checkpoint engine load with `load`; universal(engine)
+    makes engine.load_checkpoint read a universal checkpoint."""
+
+    weights_only: Callable[[Any, Callable], AbstractContextManager[None]]
+    universal: Callable[[Any], AbstractContextManager[None]]
+
+
 def load(
-    engine, ckpt_dir: Path, rank: int, *, universal_dir: Optional[Path] = None
+    engine,
+    ckpt_dir: Path,
+    rank: int,
+    patches: LoadPatches,
+    *,
+    universal_dir: Optional[Path] = None,
 ) -> dict[str, Any]:
-    """Restores engine, RNG and trainer state from a checkpoint directory.
+    """Restores engine and RNG state from a checkpoint directory; returns its trainer state.
 
     Checks sizes against the integrity records first (the driver has verified the hashes of
-    the checkpoint it resumes from, see trainer/resume.py). With `universal_dir` (the
-    checkpoint converted by trainer/universal.py for another data-parallel size) the engine
+    the checkpoint it resumes from: trainer/checkpoint/compat.py). With `universal_dir` (the
+    checkpoint converted by trainer/checkpoint/universal.py for another layout) the engine
     state comes from there, loaded as a DeepSpeed universal checkpoint.
     """
     ckpt_dir = Path(ckpt_dir)
     verify_checkpoint(ckpt_dir, hashes=False)
     if universal_dir is None:
-        with weights_only_load(engine, safe_torch_load):
+        with patches.weights_only(engine, safe_torch_load):
             path, _ = engine.load_checkpoint(
                 str(ckpt_dir / "ds"),
                 tag=DS_TAG,
@@ -351,7 +308,7 @@ def load(
     else:
         # Universal files are read by DeepSpeed with torch.load directly; they were written
         # on the driver from this verified checkpoint (trainer/universal.py).
-        with universal_checkpoint_load(engine):
+        with patches.universal(engine):
             path, _ = engine.load_checkpoint(
                 str(universal_dir),
                 tag=DS_TAG,

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from trainer.checkpoint import latest, universal
+from trainer.checkpoint import index, universal
 from trainer.checkpoint.compat import check_resume_compatible
 from trainer.checkpoint.format import read_trainer_state
 from trainer.config import RootConfig
@@ -28,9 +28,10 @@ def plan_run(cfg: RootConfig) -> RunPlan:
 
 
 def apply(cfg: RootConfig, run_plan: RunPlan) -> Optional[dict[str, str]]:
-    """Repairs the run directory for Ray and converts the checkpoint if needed; returns what
-    the workers need to load a converted checkpoint (None if none)."""
-    latest.repair(cfg.run_uri)
+    """Makes the run directory agree with its checkpoint index (trainer/checkpoint/index.py's
+    repair) and converts the checkpoint if needed; returns what the workers need to load a
+    converted checkpoint (None if none)."""
+    index.repair(cfg.run_uri)
     if not run_plan.convert:
         return None
     return universal.prepare(cfg, run_plan.resume_from, run_plan.saved_cfg)

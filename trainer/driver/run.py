@@ -16,6 +16,7 @@ from data_pipeline import storage
 from trainer.config import ConfigError, RootConfig, check_eval_fits, config_warnings
 from trainer.driver import plan, preflight
 from trainer.startup_trace import mark
+from trainer.worker.entry import WorkerConfig
 
 if TYPE_CHECKING:
     from data_pipeline.manifest import Manifest
@@ -30,6 +31,10 @@ def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, An
     """
     import sys
 
+    from cluster.fit import FitOptions, fit
+    from cluster.launch import connected
+    from trainer.worker.entry import train_worker
+
     mark("driver: config valid")
     if cfg.cluster.in_process:
         from cluster.inprocess import reexec_for_allocator
@@ -40,81 +45,41 @@ def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, An
     preflight.check_before_ray(cfg)
     run_plan = plan.plan_run(cfg)
     data = plan_data(cfg)
-    if cfg.cluster.in_process:
-        return _train_here(cfg, run_plan, data, progress_bar)
-    from cluster.launch import connected, fit, make_stop_signal
-    from trainer.worker.entry import train_worker
-
+    job_env = storage.remote_env(other_machines=True)
     try:
-        with connected(cfg.cluster, job_env=storage.remote_env(other_machines=True)):
+        with connected(cfg.cluster, job_env=job_env):  # no Ray for an in-process run
             mark("driver: ray up")
-            preflight.check_cluster(cfg)
-            config = _worker_config(cfg, run_plan, data, progress_bar, make_stop_signal())
+            if not cfg.cluster.in_process:
+                preflight.check_cluster(cfg)
+            config = _worker_config(cfg, run_plan, data, progress_bar)
             mark("driver: fit")
             with _progress(cfg, progress_bar):
-                result = fit(
-                    train_worker,
-                    config,
-                    cluster=cfg.cluster,
-                    name=cfg.run.name,
-                    storage_path=cfg.run.root,
-                    keep_last=cfg.trainer.keep_last,
-                    stop_signal=config["stop_signal"],
-                )
+                fit(train_worker, config, FitOptions(cfg.cluster, cfg.run_uri, job_env))
         mark("driver: fit returned")
     except ClusterError as e:
         raise ConfigError(str(e)) from None
     mark("driver: ray down")
-    return read_summary(cfg, result, config["invocation"])
-
-
-def _train_here(
-    cfg: RootConfig, run_plan: plan.RunPlan, data: Optional[PlannedPrepare], progress_bar: bool
-) -> dict[str, Any]:
-    """The one worker of a private local cluster, in this process: no Ray is started (data
-    still to be prepared in more than one task starts its own for the tokenizing tasks)."""
-    from cluster.inprocess import fit_here
-    from trainer.checkpoint.latest import resume_point
-    from trainer.worker.entry import train_worker
-
-    config = _worker_config(cfg, run_plan, data, progress_bar, None)
-    mark("driver: fit (in this process)")
-    with _progress(cfg, progress_bar):
-        result = fit_here(
-            train_worker,
-            config,
-            cluster=cfg.cluster,
-            run_uri=cfg.run_uri,
-            keep_last=cfg.trainer.keep_last,
-            resume_point=lambda: resume_point(cfg.run_uri),
-        )
-    mark("driver: fit returned")
-    return read_summary(cfg, result, config["invocation"])
+    return read_summary(cfg, config.invocation)
 
 
 def _worker_config(
-    cfg: RootConfig,
-    run_plan: plan.RunPlan,
-    data: Optional[PlannedPrepare],
-    progress_bar: bool,
-    stop_signal: Any,
-) -> dict[str, Any]:
+    cfg: RootConfig, run_plan: plan.RunPlan, data: Optional[PlannedPrepare], progress_bar: bool
+) -> WorkerConfig:
     """Prepares (or checks) the data as `data` (plan_data) planned, readies the run directory
-    and returns what every worker gets (trainer/worker/entry.py)."""
+    and returns what every worker gets."""
     data_dir = prepare_data(cfg, data)
     mark("driver: data checked")
     # Validated, data included: from here on the run directory may change.
     universal = plan.apply(cfg, run_plan)
     write_run_config(cfg)
-    return {
-        "cfg": cfg,
-        "data_dir": data_dir,
-        "console_lines": not progress_bar,
-        "universal": universal,
-        "peak_flops": local_cpu_peak(cfg),
-        "stop_signal": stop_signal,
-        "invocation": uuid.uuid4().hex,
-    }
+    return WorkerConfig(
+        cfg=cfg,
+        data_dir=data_dir,
+        invocation=uuid.uuid4().hex,
+        console_lines=not progress_bar,
+        universal=universal,
+        peak_flops=local_cpu_peak(cfg),
+    )
 
 
 def _progress(cfg: RootConfig, on: bool):
@@ -201,17 +166,17 @@ def write_run_config(cfg: RootConfig) -> None:
     )
 
 
-def read_summary(cfg: RootConfig, result: Any, invocation: str) -> dict[str, Any]:
-    """This invocation's summary.json from the run directory (an older one is not taken)."""
+def read_summary(cfg: RootConfig, invocation: str) -> dict[str, Any]:
+    """This invocation's summary.json from the run directory (an older one is not taken), with
+    the run's latest verified checkpoint."""
+    from trainer.checkpoint import index
+
     try:
         summary = json.loads(storage.read_text(storage.join(cfg.run_uri, "summary.json")))
     except (FileNotFoundError, ValueError):
         summary = {}
     if summary.get("invocation") != invocation:
         summary = {}
-    ckpt = result.checkpoint.path if result.checkpoint is not None else None
-    if ckpt and storage.is_remote(cfg.run_uri) and "://" not in ckpt:
-        ckpt = f"{storage.scheme(cfg.run_uri)}://{ckpt}"  # Ray gives the path inside the bucket
-    summary["checkpoint"] = ckpt
+    summary["checkpoint"] = index.latest(cfg.run_uri, hashes=False).uri
     summary["run_dir"] = cfg.run_uri
     return summary

@@ -1,13 +1,9 @@
-"""When to checkpoint and when to stop: the checkpoint policy and the driver's stop request.
+"""When to stop, and when a time-based checkpoint is due, decided alike on every rank.
 
-Policy (TrainerConfig): a checkpoint every `checkpoint_interval` steps, another whenever
-`checkpoint_every_minutes` passed since the last one, and a final one at the last step of the
-invocation. Ray keeps the newest `keep_last`; every `keep_every`-th interval checkpoint is also
-kept for good under run_dir/kept/.
-
-Stop request: SIGTERM to the driver (a preemption notice, `ray job stop`) sets a flag in a small
-Ray actor owned by the driver (cluster/launch.py). Rank 0 polls it (at most once a second) and
-broadcasts its decisions (stop now, time-based checkpoint due) to every rank with one tiny
+The checkpoint policy itself is trainer/checkpoint/manager.py's CheckpointPolicy. Stop request:
+SIGTERM to the driver (a preemption notice, `ray job stop`) sets a flag the worker context
+reads (cluster/worker_context.py: a small Ray actor owned by the driver, or this process's
+flag). Rank 0 polls it (at most once a second) and broadcasts its decisions (stop now, time-based checkpoint due) to every rank with one tiny
 collective, so all ranks checkpoint and stop at the same step boundary: every step on CPU
 workers (gloo), every `EVERY_STEPS` steps with NCCL (there each broadcast is a host sync).
 """
@@ -15,47 +11,15 @@ workers (gloo), every `EVERY_STEPS` steps with NCCL (there each broadcast is a h
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from trainer.config import TrainerConfig
+from trainer.checkpoint.manager import CheckpointPolicy
 
 POLL_S = 1.0
 EVERY_STEPS = 5  # steps between stop/time-checkpoint decisions
-
-
-class CheckpointPolicy:
-    def __init__(self, t: TrainerConfig, clock: Callable[[], float] = time.monotonic):
-        self.interval = t.checkpoint_interval
-        self.every_s = t.checkpoint_every_minutes * 60 if t.checkpoint_every_minutes else None
-        self.keep_every = t.keep_every
-        self.clock = clock
-        self.last_save = clock()
-
-    def time_due(self) -> bool:
-        return self.every_s is not None and self.clock() - self.last_save >= self.every_s
-
-    def reason(self, step: int, *, last: bool, time_due: bool, stop: bool) -> Optional[str]:
-        """Why `step` is checkpointed (None: it is not)."""
-        if last:
-            return "final"
-        if stop:
-            return "stop"
-        if self.interval and step % self.interval == 0:
-            return "interval"
-        return "time" if time_due else None
-
-    def saved(self) -> None:
-        self.last_save = self.clock()
-
-    def keep_for_good(self, step: int) -> bool:
-        return (
-            bool(self.keep_every and self.interval)
-            and step % (self.keep_every * self.interval) == 0
-        )
 
 
 def comm_device() -> torch.device:
@@ -68,36 +32,28 @@ def comm_device() -> torch.device:
 class StepControl:
     """Per step, every rank learns (stop requested, time-based checkpoint due) from rank 0."""
 
-    def __init__(
-        self,
-        policy: CheckpointPolicy,
-        stop_signal: Any,
-        rank: int,
-        read_signal: Callable[[Any], Optional[str]],
-    ):
+    def __init__(self, policy: CheckpointPolicy, rank: int, context: Any):
         self.policy = policy
-        self.signal = stop_signal
-        self.read_signal = read_signal  # the worker context's stop_requested
+        self.context = context  # its stop_requested(): the driver's stop request, if any
         self.rank = rank
         self.stop_reason: Optional[str] = None
         self._polled = 0.0
         self._sync = dist.is_initialized() and dist.get_world_size() > 1
-        self._needed = stop_signal is not None or policy.every_s is not None
         self._every = EVERY_STEPS if comm_device().type == "cuda" else 1
 
     def _poll(self) -> None:
-        if self.signal is None or self.stop_reason or time.monotonic() - self._polled < POLL_S:
+        if self.stop_reason or time.monotonic() - self._polled < POLL_S:
             return
         self._polled = time.monotonic()
         try:
-            self.stop_reason = self.read_signal(self.signal)
+            self.stop_reason = self.context.stop_requested()
         except Exception:  # noqa: BLE001 - a lost driver ends the run anyway; keep training
             pass
 
     def decide(self, step: int) -> tuple[bool, bool]:
         """(stop, time_due), identical on every rank. One 2-int broadcast every step on CPU,
         every EVERY_STEPS steps on GPUs; the other steps cost nothing."""
-        if not self._needed or step % self._every:
+        if step % self._every:
             return False, False
         flags = torch.zeros(2, dtype=torch.int64)
         if self.rank == 0:

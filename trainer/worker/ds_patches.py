@@ -26,6 +26,8 @@ import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from trainer.checkpoint.format import LoadPatches
+
 MUON_MODULES = (
     "deepspeed.runtime.zero.muon.original_muon",
     "deepspeed.runtime.zero.muon.muon_optimizer",
@@ -148,3 +150,7 @@ def universal_checkpoint_load(engine) -> Iterator[None]:
         yield
     finally:
         engine._config.load_universal_checkpoint = False
+
+
+# What trainer/checkpoint/ needs patched to load a checkpoint, handed to its manager.
+LOAD_PATCHES = LoadPatches(weights_only=weights_only_load, universal=universal_checkpoint_load)

@@ -14,7 +14,6 @@ import shutil
 import tempfile
 import time
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,17 +21,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cluster import worker_context
 from data_pipeline import storage
 from data_pipeline.loader import DistributedLoader
 from data_pipeline.manifest import Manifest
 from data_pipeline.mixture import MixtureLoader, build_loaders, close_loaders
 from models.gpt import estimate_flops_per_token, estimate_num_params
-from trainer.checkpoint import format as checkpoint
+from trainer.checkpoint.manager import CheckpointManager
 from trainer.config import RootConfig
 from trainer.startup_trace import mark
 from trainer.worker import faults
-from trainer.worker.control import CheckpointPolicy, StepControl, comm_device
+from trainer.worker.control import StepControl, comm_device
+from trainer.worker.ds_patches import LOAD_PATCHES
 from trainer.worker.engine import (
     accelerator_device_type,
     build_engine,
@@ -43,6 +42,7 @@ from trainer.worker.engine import (
     to_device,
     train_step,
 )
+from trainer.worker.entry import WorkerConfig
 from trainer.worker.guard import LossGuard, StepJudge, TooManyBadSteps
 from trainer.worker.observability.logger import RunLogger
 from trainer.worker.observability.metrics import (
@@ -89,18 +89,15 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, config: dict[str, Any]):
-        self.context = worker_context.current()  # Ray Train's, or this process's
-        self.rank, self.world = self.context.rank, self.context.world_size
+    def __init__(self, config: WorkerConfig, context: Any):
+        self.context = context  # cluster/worker_context.py: Ray Train's, or this process's
+        self.rank, self.world = context.rank, context.world_size
         mark(f"worker {self.rank}: up")
-        self.cfg: RootConfig = config["cfg"]
+        self.cfg: RootConfig = config.cfg
         self.config = config
         self.layout = self.cfg.layout
         self.dp_rank = self.layout.dp_rank(self.rank)  # TP/PP peers read the same batch
-        self.universal = config.get("universal") or {}
         self.state = TrainState()
-        self.newest: Optional[str] = None  # this run's newest checkpoint (rollbacks go there)
-        self.uploads: dict[str, Any] = {}  # checkpoint name -> Event set once persisted
         self.val_loss: Optional[float] = None
         self.last_metrics: dict[str, Any] = {}
 
@@ -122,7 +119,7 @@ class Trainer:
                 if self.eval_due(last):
                     self.evaluate()
                 self.save(
-                    self.policy.reason(
+                    self.checkpoints.policy.reason(
                         self.state.step,
                         last=self.state.step == self.last_step,
                         time_due=time_due,
@@ -146,7 +143,7 @@ class Trainer:
         self.peak = peak_flops_per_worker(
             cfg.precision.dtype_name,
             cfg.cluster.threads_per_worker,
-            self.config.get("peak_flops") or t.peak_flops,
+            self.config.peak_flops or t.peak_flops,
             device=torch.device(accelerator_device_type()),
         )
         seed_everything(t.seed)
@@ -171,7 +168,7 @@ class Trainer:
             **model_state_bytes(self.engine),
             "rss_after_build_mib": memory_stats(self.engine.device)["rss_mib"],
         }
-        data_dir = self.config["data_dir"]
+        data_dir = self.config.data_dir
         loader_args = dict(
             micro_batch=t.micro_batch_size, dp_rank=self.dp_rank, dp_size=cfg.dp_size, seed=t.seed
         )
@@ -185,12 +182,19 @@ class Trainer:
         )
         self.guard = LossGuard(cfg.guard)
         self.judge = StepJudge(self.guard, mean_across_ranks)
-        self.policy = CheckpointPolicy(t)
-        self.control = StepControl(
-            self.policy, self.config.get("stop_signal"), self.rank, self.context.stop_requested
-        )
         self.fault = faults.from_env()
         self.files = RunFiles(cfg.run_uri, self.rank)
+        self.checkpoints = CheckpointManager(
+            cfg.run_uri,
+            self.rank,
+            t,
+            LOAD_PATCHES,
+            universal=self.config.universal,
+            pause=lambda point, step: faults.maybe_pause(
+                self.fault, point, step, self.rank, self.files.local
+            ),
+        )
+        self.control = StepControl(self.checkpoints.policy, self.rank, self.context)
         self.last_step = min(t.max_steps, t.stop_at_step or t.max_steps)
         self.poison_left = set(t.inject_nan_at_steps)  # fires once, even if a rollback repeats it
 
@@ -199,36 +203,12 @@ class Trainer:
         return {"train": self.state, "loader": self.train_loader, "guard": self.guard}
 
     def resume(self) -> None:
-        """Loads the checkpoint Ray hands this run (the latest registered one), if any."""
-        with self.context.resume_checkpoint() as found:
-            if found is None:
-                return
-            path, local = found
-            saved = self.load_checkpoint(local)
-        self.newest = Path(path).name
-        if self.rank == 0:
+        """Loads the run's latest verified checkpoint, if any (trainer/checkpoint/index.py)."""
+        found = self.checkpoints.resume(self.engine, self.parts())
+        if found is not None and self.rank == 0:
+            uri, saved = found
             how = " (universal checkpoint)" if saved["universal"] else ""
-            print(f"resumed from {path}{how} at step {self.state.step}")
-
-    def load_checkpoint(self, local_dir: Path) -> dict[str, Any]:
-        """Engine, RNG and every state part from a local checkpoint directory."""
-        uni = (
-            self.universal.get("dir")
-            if local_dir.name == self.universal.get("checkpoint")
-            else None
-        )
-        with _local(uni) as uni_dir:
-            saved = checkpoint.load(self.engine, local_dir, self.rank, universal_dir=uni_dir)
-        for name, part in self.parts().items():
-            if name in saved.get("parts", {}):
-                part.load_state_dict(saved["parts"][name])
-            elif name == "train":  # checkpoints written before state parts
-                part.load_state_dict(saved)
-            elif name == "loader":
-                part.load_state_dict({"consumed_samples": int(saved["consumed_samples"])})
-            elif name == "guard" and saved.get("guard"):
-                part.load_state_dict(saved["guard"])
-        return {**saved, "universal": uni is not None}
+            print(f"resumed from {uri}{how} at step {self.state.step}")
 
     def start_logging(self) -> None:
         cfg, t = self.cfg, self.cfg.trainer
@@ -243,7 +223,7 @@ class Trainer:
                 config=cfg.to_dict(),
                 max_steps=t.max_steps,
                 start_step=self.state.step,
-                console_lines=self.config.get("console_lines", True),
+                console_lines=self.config.console_lines,
             )
         self.sample_log = (
             SampleLog(self.files.path(f"samples/rank_{self.rank}.jsonl"), self.dp_rank)
@@ -341,25 +321,22 @@ class Trainer:
         checkpoint and carry on from the current data position (skipping the bad window)."""
         g, step = self.guard, self.state.step
         where = f"{g.cfg.max_consecutive} bad steps in a row up to step {step}"
-        if g.cfg.on_repeated == "stop" or self.newest is None:
-            why = "guard.on_repeated=stop" if self.newest else "no checkpoint to roll back to yet"
+        point = self.checkpoints.rollback_point() if g.cfg.on_repeated != "stop" else None
+        if point is None:
+            why = "guard.on_repeated=stop" if g.cfg.on_repeated == "stop" else None
             raise TooManyBadSteps(
-                f"{where}; stopping ({why}). Lower optim.lr, check the data around sample "
-                f"{self.train_loader.consumed_samples}, or raise guard.max_consecutive"
+                f"{where}; stopping ({why or 'no checkpoint to roll back to yet'}). Lower "
+                f"optim.lr, check the data around sample {self.train_loader.consumed_samples}, "
+                "or raise guard.max_consecutive"
             )
         position, counts = self.train_loader.state_dict(), g.state_dict()
-        if self.newest in self.uploads:
-            self.uploads[self.newest].wait()  # an asynchronous upload may still be running
-            if dist.is_initialized():
-                dist.barrier()  # every rank's files of it are in storage
-        with storage.local_copy(storage.join(self.cfg.run_uri, self.newest)) as local:
-            self.load_checkpoint(local)
+        self.checkpoints.load(point, self.engine, self.parts())
         self.train_loader.load_state_dict(position)  # continue past the bad window
         g.load_state_dict(counts)  # the skipped steps still count
         if self.logger:
             print(
-                f"[guard] {where}: rolled back to step {self.state.step} ({self.newest}); "
-                f"skipping samples up to {position['consumed_samples']}"
+                f"[guard] {where}: rolled back to step {self.state.step} "
+                f"({storage.name(point)}); skipping samples up to {position['consumed_samples']}"
             )
 
     # -- evaluate and save --------------------------------------------------------------------
@@ -386,37 +363,14 @@ class Trainer:
         t, step = self.cfg.trainer, self.state.step
         if why is None or (why == "stop" and not t.checkpoint_on_sigterm):
             return
-        trainer_state = {
-            "step": step,
+        extra = {
             "consumed_samples": self.train_loader.consumed_samples,
-            "parts": {name: part.state_dict() for name, part in self.parts().items()},
             "run_name": self.cfg.run.name,
             "config": self.cfg.to_dict(),
         }
-        fault, rank, files = self.fault, self.rank, self.files
         with self.meter.paused():
-            files.sync()  # the run files reach storage no later than the checkpoint
-            local = checkpoint.save_local(self.engine, rank, trainer_state)
-            faults.maybe_pause(fault, "save", step, rank, files.local)
-            self.newest = f"checkpoint_{step:08d}"
-            self.uploads[self.newest] = checkpoint.report(
-                self.context,
-                {"step": step, "loss": self.last_metrics.get("loss")},
-                local,
-                step,
-                # object storage: the upload runs behind the next steps
-                asynchronous=storage.is_remote(self.cfg.run_uri),
-                before_upload=(lambda: faults.maybe_pause(fault, "upload", step, rank, files.local))
-                if fault
-                else None,
-            )
-            self.policy.saved()
-            if self.policy.keep_for_good(step):
-                self.uploads[self.newest].wait()
-                if dist.is_initialized():
-                    dist.barrier()  # every rank's files are in the run directory
-                if rank == 0:
-                    checkpoint.keep_for_good(self.cfg.run_uri, self.newest)
+            self.files.sync()  # the run files reach storage no later than the checkpoint
+            self.checkpoints.save(step, self.engine, self.parts(), extra)
         if self.logger and why in ("time", "stop"):
             print(f"[checkpoint] step {step} saved ({why})", flush=True)
 
@@ -429,13 +383,13 @@ class Trainer:
     def summary(self) -> None:
         self.profiler.close()  # a stop inside the profiled steps still writes their trace
         cfg, t = self.cfg, self.cfg.trainer
-        data_dir = self.config["data_dir"]
+        data_dir = self.config.data_dir
         val = self.val_loss
         wall = max(time.perf_counter() - self.run_t0, 1e-9)
         train_tps = self.tokens_this_run / max(wall - self.meter.paused_total, 1e-9)
         summary = {
             "run_name": cfg.run.name,
-            "invocation": self.config.get("invocation"),
+            "invocation": self.config.invocation,
             "final_step": self.last_step,
             "max_steps": t.max_steps,
             "finished": self.last_step == t.max_steps,
@@ -476,6 +430,8 @@ class Trainer:
             self.logger = None
 
     def close(self) -> None:
+        if hasattr(self, "checkpoints"):  # every save persisted (and registered) before exit
+            self.checkpoints.close()
         if getattr(self, "logger", None):
             self.logger.close()
         if hasattr(self, "files"):
@@ -488,16 +444,6 @@ def utc_now() -> str:
     import datetime
 
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-@contextmanager
-def _local(uri: Optional[str]):
-    """A local directory holding `uri` (None stays None)."""
-    if uri is None:
-        yield None
-        return
-    with storage.local_copy(uri) as local:
-        yield local
 
 
 class SampleLog:
