@@ -33,55 +33,61 @@ def markdown_table(jobs: list[Job]) -> str:
     return "\n".join(lines)
 
 
+def _color(job: Job) -> str:
+    return {"finished": "tab:green", "failed": "tab:red"}.get(job.status, "tab:gray")
+
+
+def _plot_losses(ax, jobs: list[Job]) -> None:
+    """Close values: points on a zoomed axis, not bars from 0."""
+    have = [(x, j) for x, j in enumerate(jobs) if j.final_val_loss is not None]
+    losses = [j.final_val_loss for _, j in have]
+    ax.scatter([x for x, _ in have], losses, color=[_color(j) for _, j in have], zorder=3)
+    if losses:
+        pad = (max(losses) - min(losses)) * 0.15 or abs(losses[0]) * 0.02 or 0.1
+        ax.set_ylim(min(losses) - pad, max(losses) + pad)
+
+
+def _plot_throughput(ax, jobs: list[Job]) -> None:
+    vals = [j.tokens_per_sec for j in jobs]
+    ax.bar(range(len(jobs)), [v or 0.0 for v in vals], color=[_color(j) for j in jobs])
+    ax.set_ylim(0, max((v for v in vals if v is not None), default=1.0) * 1.15)
+
+
+def _label_panel(ax, jobs: list[Job], key: str, spec: str, title: str) -> None:
+    """Each job's value (or its status) above its point or bar; the job numbers and labels."""
+    for x, j in enumerate(jobs):
+        v = getattr(j, key)
+        y = v if v is not None else ax.get_ylim()[0]
+        text = j.status if v is None else format(v, spec)
+        ax.annotate(
+            text,
+            (x, y),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            xytext=(0, 4),
+            textcoords="offset points",
+        )
+    ax.set_title(title)
+    ax.set_xticks(range(len(jobs)))
+    ax.set_xticklabels([f"{j.num}\n{j.label}" for j in jobs], fontsize=7)
+    ax.set_xlim(-0.6, len(jobs) - 0.4)
+    ax.grid(axis="y", alpha=0.3)
+
+
 def compare_png(name: str, jobs: list[Job]) -> bytes:
+    """Final val loss and training tokens/s per job, side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"finished": "tab:green", "failed": "tab:red"}
-    xs = list(range(len(jobs)))
-    labels = [f"{j.num}\n{j.label}" for j in jobs]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(jobs) + 3), 4.5), squeeze=False)
-    for ax, key, title in zip(
-        axes[0], ("final_val_loss", "tokens_per_sec"), ("final val loss", "training tokens/s")
-    ):
-        vals = [getattr(j, key) for j in jobs]
-        have = [v for v in vals if v is not None]
-        if key == "final_val_loss":  # close values: points on a zoomed axis, not bars from 0
-            ax.scatter(
-                [x for x, v in zip(xs, vals) if v is not None],
-                have,
-                color=[
-                    colors.get(j.status, "tab:gray") for j, v in zip(jobs, vals) if v is not None
-                ],
-                zorder=3,
-            )
-            if have:
-                pad = (max(have) - min(have)) * 0.15 or abs(have[0]) * 0.02 or 0.1
-                ax.set_ylim(min(have) - pad, max(have) + pad)
-        else:
-            ax.bar(
-                xs, [v or 0.0 for v in vals], color=[colors.get(j.status, "tab:gray") for j in jobs]
-            )
-            ax.set_ylim(0, max(have, default=1.0) * 1.15)
-        for x, j, v in zip(xs, jobs, vals):
-            text = j.status if v is None else f"{v:.4f}" if key == "final_val_loss" else f"{v:,.0f}"
-            y = v if v is not None else ax.get_ylim()[0]
-            ax.annotate(
-                text,
-                (x, y),
-                ha="center",
-                va="bottom",
-                fontsize=8,
-                xytext=(0, 4),
-                textcoords="offset points",
-            )
-        ax.set_title(title)
-        ax.set_xticks(xs)
-        ax.set_xticklabels(labels, fontsize=7)
-        ax.set_xlim(-0.6, len(jobs) - 0.4)
-        ax.grid(axis="y", alpha=0.3)
+    loss_ax, tps_ax = axes[0]
+    _plot_losses(loss_ax, jobs)
+    _label_panel(loss_ax, jobs, "final_val_loss", ".4f", "final val loss")
+    _plot_throughput(tps_ax, jobs)
+    _label_panel(tps_ax, jobs, "tokens_per_sec", ",.0f", "training tokens/s")
     fig.suptitle(f"sweep {name} (green finished, red failed, gray not finished)")
     fig.tight_layout()
     buf = io.BytesIO()
