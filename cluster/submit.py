@@ -4,7 +4,7 @@
     python -m cluster.submit --address URL [options] -- python -m trainer.train [-m] [overrides]
 
 The second form submits the entrypoint as written, a sweep (`-m`) included: the sweep then runs
-on the cluster, its jobs in parallel there (trainer/driver/sweep.py), and `ray job stop` stops
+on the cluster, its jobs in parallel there (trainer/driver/sweep/), and `ray job stop` stops
 every job with a checkpoint. Without a `cluster=` or `cluster.address=` override, `cluster=ray`
 is added (join the cluster the job runs on).
 

@@ -299,7 +299,7 @@ class RunConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SweepConfig:
-    """Multirun (`python -m trainer.train -m ...`): trainer/driver/sweep.py."""
+    """Multirun (`python -m trainer.train -m ...`): trainer/driver/sweep/."""
 
     # The sweep's name: its directory run.root/<name> (job list, statuses, summary), its jobs'
     # run names <name>-<n> and their W&B group. None -> "sweep-<run.name>" when run.name is

@@ -32,7 +32,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     overrides = [a for a in argv if a not in FLAGS]
     try:
         if multirun:
-            from trainer.driver.sweep import run_sweep  # noqa: I001
+            from trainer.driver.sweep.multirun import run_sweep
 
             return run_sweep(overrides, check=check)
         cfg = load_config(overrides)

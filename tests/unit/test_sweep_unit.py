@@ -12,7 +12,10 @@ from procs import tree_digest as digest
 
 from cluster.config import ClusterConfig
 from trainer.config import ConfigError
-from trainer.driver import sweep as sw
+from trainer.driver.sweep import plan as sw
+from trainer.driver.sweep.record import SweepRecord
+from trainer.driver.sweep.report import write_report
+from trainer.driver.sweep.runner import SweepRunner, classify
 from trainer.train import main
 
 SMOKE = ["+experiment=smoke", "logging.mode=disabled"]
@@ -24,7 +27,7 @@ def run_main(args: list[str], capsys) -> tuple[int, list[str]]:
     return rc, [ln for ln in err.splitlines() if ln.startswith("error:")]
 
 
-def make_sweep(root: str, overrides: list[str], **kw) -> sw.Sweep:
+def make_plan(root: str, overrides: list[str], **kw) -> sw.SweepPlan:
     args = dict(
         root=root,
         sweep_name=None,
@@ -32,11 +35,16 @@ def make_sweep(root: str, overrides: list[str], **kw) -> sw.Sweep:
         run_group=None,
         max_parallel=2,
         cluster=ClusterConfig(),
-        task_overrides=overrides,
+        overrides=overrides,
         sweeper={"_target_": "basic", "max_batch_size": None, "params": None},
     )
     args.update(kw)
-    return sw.Sweep(**args)
+    return sw.SweepPlan.create(**args)
+
+
+def make_sweep(root: str, overrides: list[str], **kw) -> SweepRecord:
+    """The sweep's record as an invocation with these overrides reads it from its directory."""
+    return SweepRecord.load(make_plan(root, overrides, **kw))
 
 
 @pytest.fixture
@@ -139,14 +147,14 @@ def test_job_args_replace_the_sweeps_own_keys(tmp_path):
         overrides=["optim.lr=2", "run.name=zz", "cluster.address=auto"],
         label="",
     )
-    assert s.job_args(job, "10.0.0.1:6379") == [
+    assert s.plan.job_args(job, "10.0.0.1:6379") == [
         "optim.lr=2",
         "run.name=sw-3",
         "run.group=sweep-sw",
         "cluster.address='10.0.0.1:6379'",
     ]
     # validated as given: the job's own cluster (e.g. auto under `ray job submit`) is kept
-    assert s.job_args(job, None) == [
+    assert s.plan.job_args(job, None) == [
         "optim.lr=2",
         "cluster.address=auto",
         "run.name=sw-3",
@@ -174,7 +182,7 @@ def test_job_args_replace_the_sweeps_own_keys(tmp_path):
     ],
 )
 def test_classify(rc, summary, stopping, error, want):
-    assert sw.classify(rc, summary, stopping, error) == want
+    assert classify(rc, summary, stopping, error) == want
 
 
 def test_capacity_of_a_joined_cluster_refused_in_one_line(tmp_path, monkeypatch):
@@ -188,18 +196,19 @@ def test_capacity_of_a_joined_cluster_refused_in_one_line(tmp_path, monkeypatch)
     s = make_sweep(
         str(tmp_path), ["cluster.cpus_per_worker=1,4"], cluster=ClusterConfig(address="auto")
     )
+    runner = SweepRunner(s.plan, s)
     jobs = s.make_jobs([["cluster.cpus_per_worker=1"], ["cluster.cpus_per_worker=4"]], 0)
     common = [*SMOKE, "cluster.address=auto", "cluster.num_workers=1"]
     cfgs = [load_config([*common, *j.overrides], default_name="t") for j in jobs]
     with pytest.raises(ConfigError) as e:
-        s.check_fits(jobs, cfgs)
+        runner.check_fits(jobs, cfgs)
     assert str(e.value) == (
         "sweep job 1 (sw-1: cluster.cpus_per_worker=4): cluster.num_workers (1) needs 4 CPUs and "
         "0 GPUs, but the Ray cluster has 2 CPUs and 0 GPUs"
     )
 
 
-def fake_results(s: sw.Sweep) -> None:
+def fake_results(s: SweepRecord) -> None:
     jobs = s.make_jobs([["optim.lr=1e-3"], ["optim.lr=2e-3"], ["optim.lr=inf"]], 0)
     for job, (status, loss, tps, err) in zip(
         jobs,
@@ -219,7 +228,7 @@ def test_report_table_plot_and_exit_code(tmp_path, capsys):
     s = make_sweep(str(tmp_path), ["optim.lr=1e-3,2e-3,inf"])
     fake_results(s)
     s.save()
-    sw.report(s, 12.5)
+    write_report(s, 12.5)
     out, err = capsys.readouterr()
     assert "sweep sweep-sw: 2 finished, 1 failed in 12.5 s; best: job 1 sw-1 (optim.lr=2e-3)" in out
     assert "| 2 | sw-2 | optim.lr=inf | failed | - | - | 10.0 | error: x |" in out
@@ -229,10 +238,10 @@ def test_report_table_plot_and_exit_code(tmp_path, capsys):
     assert summary["best"] == "sw-1" and summary["counts"] == {"finished": 2, "failed": 1}
     assert (d / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert "| job | run |" in (d / "summary.md").read_text()
-    assert s.exit_code() == 1
+    assert SweepRunner(s.plan, s).exit_code() == 1
     state = json.loads((d / "sweep.json").read_text())
     assert [j["status"] for j in state["jobs"]] == ["finished", "finished", "failed"]
-    assert state["fingerprint"] == s.fingerprint
+    assert state["fingerprint"] == s.plan.fingerprint
 
 
 def test_sweep_directory_on_s3(s3, capsys):
@@ -240,7 +249,7 @@ def test_sweep_directory_on_s3(s3, capsys):
     s = make_sweep(root, ["optim.lr=1e-3,2e-3,inf"])
     fake_results(s)
     s.save()
-    sw.report(s, 3.0)
+    write_report(s, 3.0)
     prefix = root.split("/", 3)[3] + "/sweep-sw/"
     assert {k[len(prefix) :] for k in s3.keys(prefix)} >= {
         "sweep.json",
