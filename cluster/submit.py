@@ -29,8 +29,9 @@ the job's driver, inherit the job's runtime_env):
   Pick it above the time of EVERY_STEPS steps plus one checkpoint upload (a sweep: its running
   jobs checkpoint side by side, within the same grace). (RAY_JOB_STOP_SIGNAL
   is read the same way; raygpt wants the default, SIGTERM.)
-* The object-store settings of this machine (data_pipeline.storage.remote_env(): endpoint,
-  region, profile; not access keys, and not the settings that name files on this machine), so
+* The object-store settings of this machine (endpoint, region, profile; not access keys, and
+  not the settings that name files on this machine), as the entrypoint's check reports them in
+  its `ok:` line (data_pipeline/storage.py's remote_env: cluster/ imports no storage code), so
   run.root / data.out_dir on s3:// or gs:// are reached at the same place as from here.
   Credentials are the cluster's own (an instance role, or keys in the nodes' environment): a
   job's env_vars are visible to whoever can list the cluster's jobs. --no-storage-env leaves
@@ -59,13 +60,11 @@ ENTRY_MODULE = "trainer.train"
 MULTIRUN = ("-m", "--multirun")
 
 
-def job_env(*, stop_grace_s: int, storage_env: bool = True) -> dict[str, str]:
-    """env_vars of the submitted job's runtime_env (see the module docstring)."""
-    from data_pipeline.storage import remote_env
-
+def job_env(*, stop_grace_s: int, storage_env: dict[str, str]) -> dict[str, str]:
+    """env_vars of the submitted job's runtime_env (see the module docstring); storage_env: the
+    object-store settings the entrypoint's check reported ({} for --no-storage-env)."""
     env = {"RAY_JOB_STOP_WAIT_TIME_S": str(int(stop_grace_s))}
-    if storage_env:
-        env.update(remote_env(other_machines=True))
+    env.update(storage_env)
     env.update({k: v for k, v in os.environ.items() if k.startswith("RAYGPT_")})
     return env
 
@@ -164,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     runtime_env = {
         "working_dir": ".",
         "excludes": EXCLUDES,
-        "env_vars": job_env(stop_grace_s=args.stop_grace_s, storage_env=not args.no_storage_env),
+        "env_vars": job_env(
+            stop_grace_s=args.stop_grace_s,
+            storage_env={} if args.no_storage_env else info.get("storage_env", {}),
+        ),
     }
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
     what = f"sweep {info['sweep']} ({info['jobs']} job(s))" if "sweep" in info else "run"

@@ -8,7 +8,8 @@ python -m trainer.train --check [-m] [overrides]         # validate only (exit 0
 
 --check composes and validates the config (with -m: every job of the sweep, as the sweep
 validates them) and exits without starting Ray or touching run.root: 0 and a last line
-`ok: {json}` (cluster/submit.py reads it), or 2 and one `error:` line.
+`ok: {json}` (cluster/submit.py reads it, this machine's object-store settings included), or 2
+and one `error:` line.
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             return run_sweep(overrides, check=check)
         cfg = load_config(overrides)
         if check:
+            from data_pipeline.storage import remote_env
+
             a = cfg.cluster.address
             info = {"run": cfg.run.name, "run.root": cfg.run.root, "cluster.address": a}
+            info["storage_env"] = remote_env(other_machines=True)  # for cluster/submit.py
             print(f"run {cfg.run.name}: config valid (nothing started)")
             print("ok: " + json.dumps(info), flush=True)
             return 0

@@ -28,14 +28,14 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
     return found
 
 
-def test_cluster_imports_nothing_from_trainer():
+def test_cluster_imports_nothing_from_trainer_or_data_pipeline():
     files = sorted((ROOT / "cluster").rglob("*.py"))
     assert any(p.name == "submit.py" for p in files)
     bad = [
         f"{p.relative_to(ROOT)}:{line} imports {mod}"
         for p in files
         for line, mod in imported_modules(p)
-        if mod == "trainer" or mod.startswith("trainer.")
+        if mod.split(".")[0] in ("trainer", "data_pipeline")
     ]
     assert bad == []
 
@@ -72,12 +72,20 @@ def check(args: list[str], capsys) -> tuple[int, list[str], list[str]]:
     return rc, out.splitlines(), [ln for ln in err.splitlines() if ln.startswith("error:")]
 
 
-def test_check_validates_a_run_and_starts_nothing(tmp_path, capsys):
+def test_check_validates_a_run_and_starts_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://store.example:9000")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/home/me/.aws/credentials")
     rc, out, errors = check(
         [*SMOKE, f"run.root={tmp_path}", "run.name=r", "cluster.address=auto"], capsys
     )
     assert rc == 0 and errors == []
     info = json.loads(out[-1].removeprefix("ok: "))
+    env = info.pop("storage_env")  # what cluster/submit.py hands the job: no local file paths
+    assert env["AWS_ENDPOINT_URL"] == "http://store.example:9000"
+    assert "AWS_SHARED_CREDENTIALS_FILE" not in env
+    assert submit.job_env(stop_grace_s=5, storage_env=env)["AWS_ENDPOINT_URL"] == (
+        "http://store.example:9000"
+    )
     assert info == {"run": "r", "run.root": str(tmp_path), "cluster.address": "auto"}
     assert not any(tmp_path.iterdir())
 

@@ -147,5 +147,6 @@ def print_check(plan: SweepPlan, jobs: list[Job]) -> None:
         "jobs": len(jobs),
         "run.root": plan.root,
         "cluster.address": plan.cluster.address,
+        "storage_env": storage.remote_env(other_machines=True),  # for cluster/submit.py
     }
     print("ok: " + json.dumps(info), flush=True)
