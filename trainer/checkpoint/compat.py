@@ -24,6 +24,7 @@ from trainer.checkpoint.format import (
     verify_checkpoint,
 )
 from trainer.checkpoint.latest import resume_point
+from trainer.checkpoint.shards import LAYOUT_FIELDS
 from trainer.config import ConfigError, RootConfig
 
 # A trained BPE is decided by these; compared only when a tokenizer hash is not available.
@@ -38,16 +39,6 @@ TOKENIZER_SETTINGS = (
     "seed",
     "val_sources",
     "split_column",
-)
-# Allowed to change on resume (reported, not refused).
-LAYOUT_FIELDS = (
-    ("cluster", "num_workers"),
-    ("parallel", "zero_stage"),
-    ("parallel", "tensor_parallel"),
-    ("parallel", "pipeline_parallel"),
-    ("parallel", "offload_optimizer"),
-    ("parallel", "offload_params"),
-    ("precision", "name"),
 )
 HINT = "start a new run.name, or restore the config"
 
