@@ -356,7 +356,8 @@ def run_bare(args: argparse.Namespace, cfg) -> dict[str, Any]:
     import torch
 
     from models.gpt import GPT, estimate_flops_per_token
-    from trainer.worker.engine import init_weights, param_groups, to_device
+    from trainer.worker.engine import init_weights, to_device
+    from trainer.worker.optimizer import param_groups
 
     cuda = not args.cpu_dry_run
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")

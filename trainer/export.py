@@ -39,10 +39,18 @@ from trainer.checkpoint.format import (
     DS_TAG,
     STATE_FILE,
     CheckpointError,
+    read_trainer_state,
     safe_torch_load,
     verify_checkpoint,
 )
-from trainer.worker.parallel import make_layout, pipeline_layers, tensor_parallel_config
+from trainer.checkpoint.shards import (
+    ShardLayout,
+    layer_file,
+    model_states_file,
+    optim_states_file,
+    zero3_model_states_file,
+)
+from trainer.worker.parallel import pipeline_layers, tensor_parallel_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
@@ -98,27 +106,14 @@ def _model_config(state: dict[str, Any], ckpt_dir: Path) -> GPTConfig:
 
 
 # -----------------------------------------------------------------------------
-# Reading DeepSpeed's checkpoint files
-#
-# What DeepSpeed 0.19 writes into ckpt/ds/ds/ (d: data-parallel rank; m: model-parallel rank,
-# which is the tensor-parallel rank under AutoTP and the stage under pipeline parallelism; the
-# optimizer files have a "bf16_" prefix when bf16 is on):
-#   ZeRO-0    mp_rank_<m>_model_states.pt: "module" holds rank m's weights (an AutoTP shard or
-#             the whole model). No optimizer files.
-#   ZeRO-1/2  the same model states, whose "param_shapes" list rank m's parameters (name and
-#             shape, per optimizer group), plus zero_pp_rank_<d>_mp_rank_<m>_optim_states.pt:
-#             data rank d's slice of the flat fp32 master weights of each group, and in
-#             "param_slice_mappings" where each parameter's piece sits in that slice.
-#   ZeRO-3    zero_pp_rank_<d>_mp_rank_00_{model,optim}_states.pt (data parallel only).
-#   pipeline  also layer_<i>-model_states.pt: the module state of pipeline layer i under local
-#             names, written by data rank 0 of its stage. mp_rank_<m> then has no "module", and
-#             its parameter names are "<i>.<local name>" or "tied_modules.<key>.<local name>".
+# Reading DeepSpeed's checkpoint files (which rank's shard is in which file:
+# trainer/checkpoint/shards.py)
 
 
 def load_checkpoint_file(path: Path) -> Any:
     """torch.load(weights_only=True), allowing exactly DeepSpeed's classes (see
-    trainer/checkpoint.py safe_torch_load). A file that pickles anything else (which could run
-    code on load) is refused with an ExportError."""
+    trainer/checkpoint/format.py safe_torch_load). A file that pickles anything else (which
+    could run code on load) is refused with an ExportError."""
     try:
         return safe_torch_load(path, map_location="cpu", mmap=True)
     except CheckpointError as e:
@@ -133,14 +128,14 @@ def _file(tag_dir: Path, name: str) -> Path:
 
 
 def _optim_file(tag_dir: Path, dp_rank: int, mp_rank: int) -> Path:
-    name = f"zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
+    name = optim_states_file(dp_rank, mp_rank)
     if (tag_dir / f"bf16_{name}").is_file():
         return tag_dir / f"bf16_{name}"
     return _file(tag_dir, name)
 
 
 def _has_optim_files(tag_dir: Path, mp_rank: int) -> bool:
-    return any(tag_dir.glob(f"*zero_pp_rank_0_mp_rank_{mp_rank:02d}_optim_states.pt"))
+    return any(tag_dir.glob(f"*{optim_states_file(0, mp_rank)}"))
 
 
 def _optimizer_shards(tag_dir: Path, mp_rank: int, dp: Optional[int]) -> list[dict[str, Any]]:
@@ -187,7 +182,7 @@ def _fp32_from_zero12(
 def _fp32_from_zero3(tag_dir: Path, dp: Optional[int]) -> dict[str, torch.Tensor]:
     """ZeRO-3: rank r's flat fp32 groups hold, parameter after parameter in param_shapes order,
     elements [r * p, (r + 1) * p) of each, p = ceil(numel / dp), the last rank's zero-padded."""
-    states = load_checkpoint_file(_file(tag_dir, "zero_pp_rank_0_mp_rank_00_model_states.pt"))
+    states = load_checkpoint_file(_file(tag_dir, zero3_model_states_file(0)))
     flats = [torch.cat(list(s["fp32_flat_groups"])) for s in _optimizer_shards(tag_dir, 0, dp)]
     world, offset, out = len(flats), 0, {}
     for shapes in states["param_shapes"]:
@@ -210,7 +205,7 @@ def _model_parallel_rank(
     """Model-parallel rank mp_rank's parameters under DeepSpeed's names: the fp32 master weights
     of the ZeRO-1/2 optimizer shards, else (ZeRO-0) the module state; None for a pipeline stage
     with ZeRO-0 (its weights are in the layer files)."""
-    states = load_checkpoint_file(_file(tag_dir, f"mp_rank_{mp_rank:02d}_model_states.pt"))
+    states = load_checkpoint_file(_file(tag_dir, model_states_file(mp_rank)))
     if _has_optim_files(tag_dir, mp_rank):
         return _fp32_from_zero12(_optimizer_shards(tag_dir, mp_rank, dp), states["param_shapes"])
     # ZeRO-0: with bf16 these are the bf16 weights (the fp32 master copy sits unnamed in the
@@ -230,10 +225,10 @@ def _merge_tensor_parallel(shards: list[dict[str, torch.Tensor]]) -> dict[str, t
 
 def tensor_parallel_dim(name: str, specs: list[dict[str, Any]]) -> Optional[int]:
     """The dimension AutoTP splits parameter `name` along under `specs` (the layer specs of
-    trainer/parallel.py tensor_parallel_config), None when it is replicated. A spec matches a
-    Linear's weight name (re.match, first match wins, as DeepSpeed does) and AutoTP replaces
-    the whole Linear: a column split takes a slice of the rows of weight and bias, a row split
-    a slice of the columns of the weight, and keeps the bias whole on every rank."""
+    trainer/worker/parallel.py tensor_parallel_config), None when it is replicated. A spec
+    matches a Linear's weight name (re.match, first match wins, as DeepSpeed does) and AutoTP
+    replaces the whole Linear: a column split takes a slice of the rows of weight and bias, a
+    row split a slice of the columns of the weight, and keeps the bias whole on every rank."""
     module, _, leaf = name.rpartition(".")
     for spec in specs:
         if any(re.match(pattern, f"{module}.weight") for pattern in spec["patterns"]):
@@ -249,9 +244,10 @@ def tensor_parallel_dim(name: str, specs: list[dict[str, Any]]) -> Optional[int]
 def pipeline_names(cfg: GPTConfig) -> tuple[dict[str, str], dict[int, str]]:
     """(PipelineModule parameter name -> GPT state_dict name, layer index -> name prefix of the
     layer's module), for the layer list the trainer builds its PipelineModule from
-    (trainer/parallel.py pipeline_layers) and PipelineModule's naming: layer i is module "<i>",
-    a tied layer "tied_modules.<key>" (built once; later layers with its key reuse it and have
-    no file). A layer's parameters are the GPT's own, so identity gives their GPT names."""
+    (trainer/worker/parallel.py pipeline_layers) and PipelineModule's naming: layer i is
+    module "<i>", a tied layer "tied_modules.<key>" (built once; later layers with its key
+    reuse it and have no file). A layer's parameters are the GPT's own, so identity gives
+    their GPT names."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     from models.gpt import GPT
@@ -290,7 +286,7 @@ def _merge_pipeline(
     if any(stage is None for stage in stages):
         stages = []
         for index, prefix in prefixes.items():
-            layer = load_checkpoint_file(_file(tag_dir, f"layer_{index:02d}-model_states.pt"))
+            layer = load_checkpoint_file(_file(tag_dir, layer_file(index)))
             stages.append({f"{prefix}.{local}": t for local, t in layer.items()})
     out: dict[str, torch.Tensor] = {}
     for stage in stages:
@@ -301,31 +297,27 @@ def _merge_pipeline(
     return out
 
 
-def _layout(state: dict[str, Any]) -> tuple[int, int, Optional[int]]:
-    """(tensor parallel, pipeline parallel, data parallel or None when unknown) of the run."""
-    config = state.get("config", {})
-    parallel = config.get("parallel", {})
-    tp, pp = int(parallel.get("tensor_parallel", 1)), int(parallel.get("pipeline_parallel", 1))
-    world = config.get("cluster", {}).get("num_workers")
-    if world is None:
-        return tp, pp, None
+def _trainer_state(ckpt_dir: Path) -> dict[str, Any]:
     try:
-        return tp, pp, make_layout(int(world), tp, pp).dp
-    except ValueError as e:
-        raise ExportError(f"the checkpoint's config has no valid layout: {e}") from None
+        return read_trainer_state(ckpt_dir)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"cannot read {ckpt_dir / STATE_FILE}: {_one_line(e)}") from None
 
 
 def _consolidate(ckpt_dir: Path, state: dict[str, Any], cfg: GPTConfig) -> dict[str, torch.Tensor]:
     """The fp32 weights of checkpoint ckpt_dir from its DeepSpeed files, for any ZeRO stage and
     any data x tensor or data x pipeline layout (from the run's config)."""
     tag_dir = ckpt_dir / "ds" / DS_TAG
-    tp, pp, dp = _layout(state)
-    if (tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file():
-        return _fp32_from_zero3(tag_dir, dp)  # ZeRO-3 runs are data parallel only
-    ranks = [_model_parallel_rank(tag_dir, m, dp) for m in range(tp * pp)]
-    if pp > 1:
+    try:
+        layout = ShardLayout.of(state.get("config", {}))
+    except ValueError as e:
+        raise ExportError(f"the checkpoint's config has no valid layout: {e}") from None
+    if (tag_dir / zero3_model_states_file(0)).is_file():
+        return _fp32_from_zero3(tag_dir, layout.dp)  # ZeRO-3 runs are data parallel only
+    ranks = [_model_parallel_rank(tag_dir, m, layout.dp) for m in range(layout.model_parallel)]
+    if layout.pp > 1:
         return _merge_pipeline(cfg, ranks, tag_dir)
-    if tp > 1:
+    if layout.tp > 1:
         return _merge_tensor_parallel(ranks)
     return ranks[0]
 
@@ -335,10 +327,12 @@ def consolidated_state_dict(ckpt_dir: Path) -> tuple[GPTConfig, dict[str, torch.
     with strict=True (with tied embeddings both wte.weight and lm_head.weight are present and
     are one tensor)."""
     ckpt_dir = Path(ckpt_dir)
-    try:
-        state = json.loads((ckpt_dir / STATE_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise ExportError(f"cannot read {ckpt_dir / STATE_FILE}: {_one_line(e)}") from None
+    return _consolidated(ckpt_dir, _trainer_state(ckpt_dir))
+
+
+def _consolidated(
+    ckpt_dir: Path, state: dict[str, Any]
+) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     cfg = _model_config(state, ckpt_dir)
     try:
         raw = _consolidate(ckpt_dir, state, cfg)
@@ -499,12 +493,12 @@ def _export_local(ckpt: str, out_dir: Path, dtype: str) -> Path:
 
 
 def _export_from(ckpt_dir: Path, out_dir: Path, dtype: str) -> Path:
-    cfg, sd = consolidated_state_dict(ckpt_dir)
+    state = _trainer_state(ckpt_dir)
+    cfg, sd = _consolidated(ckpt_dir, state)
     try:
         hf_config(cfg)
     except ValueError as e:
         raise ExportError(str(e)) from None
-    state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
     tokenizer_file, why = _tokenizer_source(state.get("config", {}).get("data", {}).get("out_dir"))
     if tokenizer_file is None:
         print(f"warning: exporting the model without a tokenizer: {why}", file=sys.stderr)
@@ -549,7 +543,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         check_target(args.out_dir)  # up front: before the checkpoint is looked for and read
         ckpt = find_checkpoint(args.path)
-        step = json.loads(storage.read_text(storage.join(ckpt, STATE_FILE))).get("step")
+        step = read_trainer_state(ckpt).get("step")
         out = export(ckpt, args.out_dir, args.dtype)
     except (ExportError, OSError, ValueError) as e:
         print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)

@@ -17,6 +17,7 @@ import torch
 
 from cluster.config import ClusterConfig
 from cluster.launch import worker_env
+from models.gpt import GPTConfig
 from trainer.checkpoint import format as checkpoint
 from trainer.config import ConfigError, OptimConfig, ParallelConfig, PrecisionConfig, load_config
 from trainer.worker import engine as engine_mod
@@ -31,6 +32,7 @@ from trainer.worker.engine import (
 )
 from trainer.worker.observability import metrics
 from trainer.worker.observability.metrics import StepTimes, UnknownGPUError, peak_flops_per_worker
+from trainer.worker.parallel import make_layout
 
 
 def _refuse(what):
@@ -77,12 +79,13 @@ def test_cpu_workers_on_a_gpu_host_keep_the_cpu_accelerator_and_gloo(
     assert accelerator_device_type() == "cpu"
     # Offloaded state is pinned only for copies to a GPU.
     cfg = deepspeed_config(
+        GPTConfig(),
         ParallelConfig(zero_stage=3, offload_optimizer=True, offload_params=True),
         PrecisionConfig(),
         OptimConfig(),
+        layout=make_layout(1, 1, 1),
         micro_batch=1,
         grad_accum=1,
-        dp_size=1,
         device_type=accelerator_device_type(),
     )
     assert cfg["zero_optimization"]["offload_optimizer"]["pin_memory"] is False
@@ -107,12 +110,13 @@ def test_the_backend_and_device_follow_deepspeeds_accelerator(monkeypatch):
     engine_mod._init_distributed()
     assert asked["dist_backend"] == "nccl" and accelerator_device_type() == "cuda"
     cfg = deepspeed_config(
+        GPTConfig(),
         ParallelConfig(zero_stage=3, offload_optimizer=True),
         PrecisionConfig(),
         OptimConfig(),
+        layout=make_layout(1, 1, 1),
         micro_batch=1,
         grad_accum=1,
-        dp_size=1,
         device_type=accelerator_device_type(),
     )
     assert cfg["zero_optimization"]["offload_optimizer"]["pin_memory"] is True

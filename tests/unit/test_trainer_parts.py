@@ -1,26 +1,38 @@
-"""Pure pieces of trainer/: the DeepSpeed config per layout, the LR schedule, error lines."""
+"""Pure pieces of trainer/: the DeepSpeed config per layout, the optimizer and LR schedule,
+error lines."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import torch
 
+from models.gpt import GPTConfig
 from trainer.config import OptimConfig, ParallelConfig, PrecisionConfig
 from trainer.driver.errors import explain
-from trainer.worker.engine import deepspeed_config, param_groups
-from trainer.worker.schedule import lr_at
+from trainer.worker.engine import deepspeed_config, merge_config
+from trainer.worker.optimizer import OPTIMIZERS, build_optimizer, param_groups
+from trainer.worker.parallel import (
+    apply_ac,
+    apply_compile,
+    apply_tp,
+    make_layout,
+    tensor_parallel_config,
+)
+from trainer.worker.schedule import build_scheduler, lr_at
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_deepspeed_config_per_stage(stage):
     cfg = deepspeed_config(
+        GPTConfig(),
         ParallelConfig(zero_stage=stage),
         PrecisionConfig(bf16=True),
         OptimConfig(grad_clip=0.5),
+        layout=make_layout(2, 1, 1),
         micro_batch=4,
         grad_accum=3,
-        dp_size=2,
     )
     assert cfg["train_batch_size"] == 24
     assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["gradient_accumulation_steps"] == 3
@@ -32,12 +44,13 @@ def test_deepspeed_config_per_stage(stage):
 
 def test_deepspeed_config_offload_and_fp16():
     cfg = deepspeed_config(
+        GPTConfig(),
         ParallelConfig(zero_stage=3, offload_optimizer=True, offload_params=True),
         PrecisionConfig(bf16=False, fp16=True, initial_scale_power=12),
         OptimConfig(),
+        layout=make_layout(1, 1, 1),
         micro_batch=1,
         grad_accum=1,
-        dp_size=1,
     )
     z = cfg["zero_optimization"]
     assert z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
@@ -54,6 +67,86 @@ def test_weight_decay_only_on_matrices():
     assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["params"]
     n = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
     assert n == sum(p.numel() for p in model.parameters())
+
+
+def test_layout_fragments_merge_into_one_config():
+    def config(parallel=ParallelConfig(), model=GPTConfig(), *, world=2, tp=1, pp=1):
+        return deepspeed_config(
+            model,
+            parallel,
+            PrecisionConfig(),
+            OptimConfig(),
+            layout=make_layout(world, tp, pp),
+            micro_batch=2,
+            grad_accum=3,
+        )
+
+    dp = config()
+    assert dp["train_batch_size"] == 12 and "tensor_parallel" not in dp and "pipeline" not in dp
+    tp = config(ParallelConfig(tensor_parallel=2), world=4, tp=2)
+    # apply_tp drops the global batch (DeepSpeed derives it) and adds the AutoTP specs.
+    assert "train_batch_size" not in tp and tp["tensor_parallel"] == tensor_parallel_config(2)
+    assert tp["gradient_accumulation_steps"] == 3 and tp["zero_optimization"]["stage"] == 2
+    pp = ParallelConfig(pipeline_parallel=2, zero_stage=1)
+    assert "pipeline" not in config(pp, pp=2)  # no activation checkpointing
+    ac = GPTConfig(activation_checkpointing=True)
+    assert config(pp, ac, pp=2)["pipeline"] == {"activation_checkpoint_interval": 1}
+    every2 = ParallelConfig(pipeline_parallel=2, zero_stage=1, pipeline_checkpoint_interval=2)
+    assert config(every2, pp=2)["pipeline"] == {"activation_checkpoint_interval": 2}
+    # Without a pipeline the GPT checkpoints its own blocks: no DeepSpeed key.
+    assert apply_ac(ac, ParallelConfig(), make_layout(2, 1, 1)) == {}
+    assert apply_tp(make_layout(2, 1, 1)) == {}
+
+
+def test_merge_config_later_fragments_win_and_none_removes():
+    merged = merge_config({"a": 1, "b": 2}, {"b": 3, "c": 4}, {"a": None, "x": None})
+    assert merged == {"b": 3, "c": 4}
+
+
+def test_apply_compile_compiles_each_block_in_place_only_when_asked():
+    from models.gpt import GPT
+
+    model = GPT(GPTConfig(n_layer=2, d_model=32, n_head=2, vocab_size=64, block_size=16))
+    names = [n for n, _ in model.named_parameters()]
+    assert apply_compile(model, False) is model
+    assert all(block._compiled_call_impl is None for block in model.blocks)
+    assert apply_compile(model, True) is model
+    assert all(block._compiled_call_impl is not None for block in model.blocks)
+    assert [n for n, _ in model.named_parameters()] == names  # checkpoints keep their keys
+
+
+def test_every_registered_optimizer_is_a_name_the_config_accepts():
+    for name in OPTIMIZERS:
+        assert OptimConfig(name=name).name == name
+    with pytest.raises(ValueError, match="name \\('sgd'\\)"):
+        OptimConfig(name="sgd")
+    assert "sgd" not in OPTIMIZERS
+
+
+def test_build_optimizer_follows_the_optim_config():
+    from models.gpt import GPT
+
+    model = GPT(GPTConfig(n_layer=1, d_model=32, n_head=2, vocab_size=64, block_size=16))
+    o = OptimConfig(lr=3e-4, beta1=0.8, beta2=0.9, eps=1e-6, weight_decay=0.05)
+    opt = build_optimizer(model, o)
+    assert type(opt) is torch.optim.AdamW
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    for g in opt.param_groups:
+        assert g["lr"] == 3e-4 and g["betas"] == (0.8, 0.9) and g["eps"] == 1e-6
+        assert g["fused"] is None
+    assert build_optimizer(model, OptimConfig(fused=True)).param_groups[0]["fused"] is True
+
+
+def test_scheduler_sets_the_lr_of_every_group_to_lr_at():
+    from models.gpt import GPT
+
+    model = GPT(GPTConfig(n_layer=1, d_model=32, n_head=2, vocab_size=64, block_size=16))
+    o = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
+    opt = build_optimizer(model, o)
+    scheduler = build_scheduler(opt, o, 110)
+    for step in (1, 10, 60, 110, 500):
+        assert scheduler.step(step) == lr_at(step, o, 110)
+        assert all(g["lr"] == lr_at(step, o, 110) for g in opt.param_groups)
 
 
 def test_lr_schedule_warmup_cosine_floor():
@@ -136,7 +229,13 @@ def test_deepspeed_config_nvme_offload():
         sub_group_size=5_000_000,
     )
     zero = deepspeed_config(
-        p, PrecisionConfig(), OptimConfig(), micro_batch=1, grad_accum=1, dp_size=2
+        GPTConfig(),
+        p,
+        PrecisionConfig(),
+        OptimConfig(),
+        layout=make_layout(2, 1, 1),
+        micro_batch=1,
+        grad_accum=1,
     )["zero_optimization"]
     for key in ("offload_optimizer", "offload_param"):
         assert zero[key]["device"] == "nvme" and zero[key]["nvme_path"] == "/scratch/x"

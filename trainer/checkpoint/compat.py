@@ -19,6 +19,7 @@ from data_pipeline.manifest import manifest_uri, read_manifest
 from models.gpt import GPTConfig, shape_of
 from trainer.checkpoint.format import CheckpointError, file_sha256, read_trainer_state
 from trainer.checkpoint.index import INDEX_FILE, latest
+from trainer.checkpoint.shards import LAYOUT_FIELDS
 from trainer.config import ConfigError, RootConfig
 
 # A trained BPE is decided by these; compared only when a tokenizer hash is not available.
@@ -33,16 +34,6 @@ TOKENIZER_SETTINGS = (
     "seed",
     "val_sources",
     "split_column",
-)
-# Allowed to change on resume (reported, not refused).
-LAYOUT_FIELDS = (
-    ("cluster", "num_workers"),
-    ("parallel", "zero_stage"),
-    ("parallel", "tensor_parallel"),
-    ("parallel", "pipeline_parallel"),
-    ("parallel", "offload_optimizer"),
-    ("parallel", "offload_params"),
-    ("precision", "name"),
 )
 HINT = "start a new run.name, or restore the config"
 

@@ -25,70 +25,71 @@ from typing import Any
 
 from data_pipeline import storage
 from trainer.checkpoint.format import DS_TAG
+from trainer.checkpoint.shards import ShardLayout, is_optim_states
 from trainer.config import ConfigError, RootConfig
 
 DIR = "universal"
 LOG = "convert.log"
+# What a conversion changes (ShardLayout fields); tensor and pipeline sizes must stay.
+CONVERTED = ("dp", "zero", "precision")
 
 
-def saved_layout(saved: dict[str, Any]) -> dict[str, Any]:
-    """dp, tp, pp, zero and precision of the run that wrote a checkpoint (from its config)."""
-    p, c = saved.get("parallel", {}), saved.get("cluster", {})
-    tp, pp = int(p.get("tensor_parallel", 1)), int(p.get("pipeline_parallel", 1))
-    return {
-        "dp": int(c.get("num_workers", 1)) // (tp * pp),
-        "tp": tp,
-        "pp": pp,
-        "zero": int(p.get("zero_stage", 0)),
-        "precision": saved.get("precision", {}).get("name"),
-    }
-
-
-def current_layout(cfg: RootConfig) -> dict[str, Any]:
-    lay = cfg.layout
-    return {
-        "dp": lay.dp,
-        "tp": lay.tp,
-        "pp": lay.pp,
-        "zero": cfg.parallel.zero_stage,
-        "precision": cfg.precision.name,
-    }
+def layouts(
+    cfg: RootConfig, ckpt: str, saved_cfg: dict[str, Any]
+) -> tuple[ShardLayout, ShardLayout]:
+    """(the layout `ckpt` was saved under, this run's layout); ConfigError (one line) when the
+    checkpoint's config has none."""
+    try:
+        return ShardLayout.of(saved_cfg), ShardLayout.of(cfg.to_dict())
+    except ValueError as e:
+        raise ConfigError(
+            f"{storage.name(str(ckpt))}: its config has no valid layout: {e}"
+        ) from None
 
 
 def has_zero_shards(ckpt: str) -> bool:
-    files = storage.listdir(storage.join(str(ckpt), "ds", DS_TAG))
-    return any(f.endswith("optim_states.pt") for f in files)
+    return any(map(is_optim_states, storage.listdir(storage.join(str(ckpt), "ds", DS_TAG))))
+
+
+def _changes(was: ShardLayout, now: ShardLayout) -> list[str]:
+    """The CONVERTED fields that differ."""
+    return [k for k in CONVERTED if getattr(was, k) != getattr(now, k)]
+
+
+def _arrows(was: ShardLayout, now: ShardLayout, keys: list[str]) -> str:
+    return ", ".join(f"{k} {getattr(was, k)} -> {getattr(now, k)}" for k in keys)
 
 
 def plan(cfg: RootConfig, ckpt: str, saved_cfg: dict[str, Any]) -> bool:
     """True if resuming `ckpt` under `cfg` needs a universal conversion; ConfigError (one line)
     if the change cannot be resumed at all."""
-    was, now = saved_layout(saved_cfg), current_layout(cfg)
+    was, now = layouts(cfg, ckpt, saved_cfg)
     where = f"cannot resume run '{cfg.run.name}' from {storage.name(str(ckpt))}"
     for k, name in (("tp", "parallel.tensor_parallel"), ("pp", "parallel.pipeline_parallel")):
-        if was[k] != now[k]:
+        before, after = getattr(was, k), getattr(now, k)
+        if before != after:
             raise ConfigError(
-                f"{where}: {name} was {was[k]}, now {now[k]}; resuming at another tensor or "
+                f"{where}: {name} was {before}, now {after}; resuming at another tensor or "
                 f"pipeline size is not supported (the data-parallel size may change): keep "
-                f"{name}={was[k]}, or export it (python -m trainer.export) and start a new run "
+                f"{name}={before}, or export it (python -m trainer.export) and start a new run "
                 "with model.init_from"
             )
-    changed = [k for k in ("dp", "zero", "precision") if was[k] != now[k]]
+    changed = _changes(was, now)
     if not changed:
         return False
-    if was["tp"] > 1 or was["pp"] > 1:
+    if was.model_parallel > 1:
         raise ConfigError(
-            f"{where}: {', '.join(f'{k} {was[k]} -> {now[k]}' for k in changed)} with tensor or "
-            "pipeline parallelism is not supported; keep the layout it was saved with"
+            f"{where}: {_arrows(was, now, changed)} with tensor or pipeline parallelism is not "
+            "supported; keep the layout it was saved with"
         )
     if has_zero_shards(ckpt):
         return True
-    if changed == ["dp"] and now["zero"] == 0:
+    if changed == ["dp"] and now.zero == 0:
         return False  # one replicated optimizer state in mp_rank_00: loads at any size
     raise ConfigError(
         f"{where}: it holds no ZeRO optimizer shards (ZeRO-0), so it cannot move to "
-        f"{', '.join(f'{k} {now[k]}' for k in changed)}; resume with parallel.zero_stage=0 "
-        f"and precision={was['precision']}"
+        f"{', '.join(f'{k} {getattr(now, k)}' for k in changed)}; resume with "
+        f"parallel.zero_stage=0 and precision={was.precision}"
     )
 
 
@@ -137,10 +138,8 @@ def prepare(cfg: RootConfig, ckpt: str, saved_cfg: dict[str, Any]) -> dict[str, 
     """Converts `ckpt` (plan() said it must be) and returns what the workers need:
     {"checkpoint": its name, "dir": the universal checkpoint's URI}. Prints one line. On object
     storage the checkpoint is converted in a local temp dir and the result uploaded."""
-    was, now = saved_layout(saved_cfg), current_layout(cfg)
-    what = ", ".join(
-        f"{k} {was[k]} -> {now[k]}" for k in ("dp", "zero", "precision") if was[k] != now[k]
-    )
+    was, now = layouts(cfg, ckpt, saved_cfg)
+    what = _arrows(was, now, _changes(was, now))
     out = universal_dir(cfg, ckpt)
     name = storage.name(str(ckpt))
     print(f"resume: {what}: converting {name} to a universal checkpoint in {out}")

@@ -38,9 +38,10 @@ def without_muon_import() -> None:
     """DeepSpeed's ZeRO and bf16 optimizers import its Muon optimizer module to ask whether the
     optimizer is a Muon one (isinstance), and ZeRO-1/2 imports Muon's update function when it
     flattens partitions. That module compiles its kernels with torch.compile on import, which
-    imports inductor: 1.6 s of a 10 s start on a CPU. raygpt only builds torch.optim.AdamW
-    (optim.name), so the answer is always no: this puts stand-ins in sys.modules whose Muon
-    class nothing is an instance of and whose update refuses to run. A module already imported
+    imports inductor: 1.6 s of a 10 s start on a CPU. raygpt builds only the torch optimizers
+    of trainer/worker/optimizer.py (OPTIMIZERS), none a Muon one, so the answer is always no:
+    this puts stand-ins in sys.modules whose Muon class nothing is an instance of and whose
+    update refuses to run. A module already imported
     (someone wanted the real one) is left as it is."""
 
     class MuonWithAuxAdam:  # never instantiated: isinstance(x, MuonWithAuxAdam) is False

@@ -24,78 +24,67 @@ from trainer.worker.ds_patches import (
 )
 from trainer.worker.kernels import use_contiguous_weight_grad
 from trainer.worker.observability.metrics import StepTimes, cache_dir
-from trainer.worker.parallel import Layout, pipeline_module, tensor_parallel_config
+from trainer.worker.optimizer import build_optimizer
+from trainer.worker.parallel import (
+    Layout,
+    apply_ac,
+    apply_compile,
+    apply_pp,
+    apply_tp,
+    apply_zero,
+)
 
 
 def deepspeed_config(
+    model: GPTConfig,
     parallel: ParallelConfig,
     precision: PrecisionConfig,
     optim: OptimConfig,
     *,
+    layout: Layout,
     micro_batch: int,
     grad_accum: int,
-    dp_size: int,
     device_type: str = "cpu",
 ) -> dict[str, Any]:
-    """The DeepSpeed JSON config for a layout. Pure: unit-tested without a process group.
-    device_type: the accelerator's ("cuda" | "cpu", accelerator_device_type()); offloaded
-    state is pinned for copies to a GPU only."""
-    zero: dict[str, Any] = {"stage": parallel.zero_stage}
-    if parallel.zero_stage > 0:
-        zero.update(
-            overlap_comm=parallel.overlap_comm,
-            contiguous_gradients=True,
-            reduce_bucket_size=parallel.reduce_bucket_size,
-            allgather_bucket_size=parallel.allgather_bucket_size,
-        )
-    if parallel.zero_stage == 3:
-        zero.update(
-            stage3_prefetch_bucket_size=parallel.allgather_bucket_size,
-            stage3_param_persistence_threshold=0,
-            stage3_gather_16bit_weights_on_model_save=False,
-            sub_group_size=parallel.sub_group_size,
-        )
-    offload: dict[str, Any] = {
-        "device": parallel.offload_device,
-        "pin_memory": device_type == "cuda",
-    }
-    if parallel.offload_device == "nvme":
-        offload["nvme_path"] = parallel.nvme_path
-    if parallel.offload_optimizer:
-        zero["offload_optimizer"] = dict(offload)
-    if parallel.offload_params:
-        zero["offload_param"] = dict(offload)
-    cfg: dict[str, Any] = {
-        "train_batch_size": micro_batch * grad_accum * dp_size,
+    """The one DeepSpeed JSON config of a run: the batch, clipping and precision keys merged
+    with the fragments of trainer/worker/parallel.py's apply_zero, apply_tp and apply_ac. Pure:
+    unit-tested without a process group. device_type: the accelerator's ("cuda" | "cpu",
+    accelerator_device_type())."""
+    base: dict[str, Any] = {
+        "train_batch_size": micro_batch * grad_accum * layout.dp,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": optim.grad_clip,
-        "zero_optimization": zero,
         "bf16": {"enabled": precision.bf16},
         "fp16": {
             "enabled": precision.fp16,
             "loss_scale": 0,
             "initial_scale_power": precision.initial_scale_power,
         },
-        # We pass torch.optim.AdamW: DeepSpeed's fused/CPU Adam need compiled ops.
+        # We pass a torch optimizer (build_optimizer): DeepSpeed's own Adams need compiled ops.
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    return cfg
+    return merge_config(
+        base,
+        apply_zero(parallel, device_type=device_type),
+        apply_tp(layout),
+        apply_ac(model, parallel, layout),
+    )
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices (Linear, Embedding), none on biases and norm weights."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+def merge_config(*fragments: dict[str, Any]) -> dict[str, Any]:
+    """The fragments' top-level keys, later ones winning; a None value removes its key."""
+    out: dict[str, Any] = {}
+    for fragment in fragments:
+        for key, value in fragment.items():
+            if value is None:
+                out.pop(key, None)
+            else:
+                out[key] = value
+    return out
 
 
 def _name_seed(seed: int, name: str) -> int:
@@ -168,15 +157,9 @@ def build_model(
         return model
     import deepspeed
 
-    ds_config = deepspeed_config(
-        parallel,
-        precision,
-        optim,
-        micro_batch=micro_batch,
-        grad_accum=grad_accum,
-        dp_size=layout.dp,
-        device_type=accelerator_device_type(),
-    )
+    sizes = dict(layout=layout, micro_batch=micro_batch, grad_accum=grad_accum)
+    device = accelerator_device_type()
+    ds_config = deepspeed_config(model_cfg, parallel, precision, optim, **sizes, device_type=device)
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = GPT(model_cfg)
 
@@ -258,7 +241,7 @@ def _init_distributed() -> None:
 
 
 def build_engine(
-    model: torch.nn.Module,
+    model: GPT,
     parallel: ParallelConfig,
     precision: PrecisionConfig,
     optim: OptimConfig,
@@ -269,60 +252,31 @@ def build_engine(
     compile: bool = False,
     contiguous_weight_grad: bool = False,
 ):
-    """Wraps `model` in a DeepSpeed engine for `layout` (the process group must exist).
-    compile: torch.compile the model's blocks first (compile_blocks).
+    """Wraps `model` in a DeepSpeed engine for `layout` (the process group must exist): the
+    module pieces of trainer/worker/parallel.py (apply_pp, apply_compile) applied from outside,
+    the optimizer of build_optimizer, and the one config of deepspeed_config.
+    compile: torch.compile the model's blocks first (apply_compile).
     contiguous_weight_grad: trainer/worker/kernels.py's Linear backward for the large layers."""
     import deepspeed
 
     without_muon_import()
     _init_distributed()
+    sizes = dict(layout=layout, micro_batch=micro_batch, grad_accum=grad_accum)
+    device = accelerator_device_type()
     ds_config = deepspeed_config(
-        parallel,
-        precision,
-        optim,
-        micro_batch=micro_batch,
-        grad_accum=grad_accum,
-        dp_size=layout.dp,
-        device_type=accelerator_device_type(),
+        model.config, parallel, precision, optim, **sizes, device_type=device
     )
-    if layout.tp > 1:
-        ds_config["tensor_parallel"] = tensor_parallel_config(layout.tp)
-        # Without an mpu DeepSpeed checks the batch against the whole world before it builds
-        # the tensor-parallel groups; it derives the global batch from micro x accumulation.
-        ds_config.pop("train_batch_size")
-    if layout.pp > 1:
-        interval = parallel.pipeline_checkpoint_interval or int(
-            model.config.activation_checkpointing
-        )
-        model = pipeline_module(
-            model,
-            layout,
-            partition_method=parallel.pipeline_partition,
-            checkpoint_interval=interval,
-        )
+    module = apply_pp(model, layout, parallel)
     if contiguous_weight_grad:
-        use_contiguous_weight_grad(model)
-    if compile:
-        compile_blocks(model)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, optim.weight_decay),
-        lr=optim.lr,
-        betas=(optim.beta1, optim.beta2),
-        eps=optim.eps,
-        fused=optim.fused or None,
-    )
+        use_contiguous_weight_grad(module)
+    module = apply_compile(module, compile)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_config, dist_init_required=False
+        model=module,
+        optimizer=build_optimizer(module, optim),
+        config=ds_config,
+        dist_init_required=False,
     )
     return engine
-
-
-def compile_blocks(model: torch.nn.Module) -> None:
-    """torch.compile (inductor) of each transformer block, in place (Module.compile), from
-    outside the model: parameter names, state_dict keys and so checkpoints stay as they are,
-    and DeepSpeed's hooks around the blocks stay eager."""
-    for block in model.blocks:
-        block.compile()
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -345,11 +299,6 @@ def is_pipeline(engine) -> bool:
     from deepspeed.runtime.pipe.engine import PipelineEngine
 
     return isinstance(engine, PipelineEngine)
-
-
-def set_lr(engine, lr: float) -> None:
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr
 
 
 def _local_grad_norm(module: torch.nn.Module) -> float:

@@ -1,21 +1,30 @@
 """Parallelism applied from outside the model, by small functions.
 
 - `make_layout`: the one place that splits the world into data x tensor x pipeline factors.
-- `tensor_parallel_config`: DeepSpeed AutoTP partition specs matched by our module names.
-- `pipeline_module`: a DeepSpeed PipelineModule built from the GPT's own modules (embedding,
-  blocks, final norm + head), with the embedding and head tied across the first and last stage.
+- `apply_zero`, `apply_tp`, `apply_ac`: each returns its DeepSpeed config fragment, which
+  trainer/worker/engine.py deepspeed_config merges into the one config of a run.
+- `apply_pp`, `apply_compile`: each returns the transformed module, which build_engine hands
+  to deepspeed.initialize.
+- `tensor_parallel_config`: DeepSpeed AutoTP partition specs matched by our module names (the
+  export splits and joins tensor-parallel shards by the same specs).
+- `pipeline_layers`: the GPT's own modules (embedding, blocks, final norm + head) as pipeline
+  layers, with the embedding and head tied across the first and last stage.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.gpt import GPT, GPTConfig
+
+if TYPE_CHECKING:  # trainer/config.py imports this module
+    from trainer.config import ParallelConfig
 
 
 @dataclass(frozen=True)
@@ -157,19 +166,91 @@ def pipeline_layers(gpt: GPT) -> list:
     return [first, *gpt.blocks, *last]
 
 
-def pipeline_module(gpt: GPT, layout: Layout, *, partition_method: str, checkpoint_interval: int):
-    """The GPT as pipeline stages. Every rank built the same `gpt` (same seed), so each stage
-    starts from exactly the weights a single process would have."""
+# ------------------------------------------------------------------ the apply_* functions
+# Each takes the sub-config it needs and returns its piece. A fragment's None value removes the
+# key from the config (engine.py merge_config).
+
+
+def apply_zero(parallel: ParallelConfig, *, device_type: str = "cpu") -> dict[str, Any]:
+    """ZeRO's fragment: the stage, its buckets and offload. device_type: the accelerator's
+    ("cuda" | "cpu"); offloaded state is pinned for copies to a GPU only."""
+    zero: dict[str, Any] = {"stage": parallel.zero_stage}
+    if parallel.zero_stage > 0:
+        zero.update(
+            overlap_comm=parallel.overlap_comm,
+            contiguous_gradients=True,
+            reduce_bucket_size=parallel.reduce_bucket_size,
+            allgather_bucket_size=parallel.allgather_bucket_size,
+        )
+    if parallel.zero_stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=parallel.allgather_bucket_size,
+            stage3_param_persistence_threshold=0,
+            stage3_gather_16bit_weights_on_model_save=False,
+            sub_group_size=parallel.sub_group_size,
+        )
+    offload: dict[str, Any] = {
+        "device": parallel.offload_device,
+        "pin_memory": device_type == "cuda",
+    }
+    if parallel.offload_device == "nvme":
+        offload["nvme_path"] = parallel.nvme_path
+    if parallel.offload_optimizer:
+        zero["offload_optimizer"] = dict(offload)
+    if parallel.offload_params:
+        zero["offload_param"] = dict(offload)
+    return {"zero_optimization": zero}
+
+
+def apply_tp(layout: Layout) -> dict[str, Any]:
+    """Tensor parallelism's fragment: deepspeed.initialize splits the model's Linear layers by
+    name (DeepSpeed AutoTP, tensor_parallel_config). Without an mpu DeepSpeed checks the batch
+    against the whole world before it builds the tensor-parallel groups, so the fragment drops
+    train_batch_size: DeepSpeed derives the global batch from micro x accumulation."""
+    if layout.tp == 1:
+        return {}
+    return {"tensor_parallel": tensor_parallel_config(layout.tp), "train_batch_size": None}
+
+
+def apply_ac(model: GPTConfig, parallel: ParallelConfig, layout: Layout) -> dict[str, Any]:
+    """Activation checkpointing's fragment. A pipeline checkpoints every
+    parallel.pipeline_checkpoint_interval layers (0: every layer if model.activation_checkpointing):
+    DeepSpeed's pipeline.activation_checkpoint_interval, which its pipeline engine sets on the
+    PipelineModule (apply_pp builds it with torch's non-reentrant checkpoint). Without a pipeline
+    the GPT checkpoints each block in its own forward (models/gpt.py, by
+    model.activation_checkpointing): inside the block's module call, so ZeRO-3's hooks gather
+    the parameters again for the recompute and parameter names stay those of the checkpoints."""
+    if layout.pp == 1:
+        return {}
+    interval = parallel.pipeline_checkpoint_interval or int(model.activation_checkpointing)
+    return {"pipeline": {"activation_checkpoint_interval": interval}} if interval else {}
+
+
+def apply_pp(gpt: GPT, layout: Layout, parallel: ParallelConfig) -> nn.Module:
+    """The GPT as layout.pp pipeline stages (a DeepSpeed PipelineModule; `gpt` itself with one
+    stage). Every rank built the same `gpt` (same seed), so each stage starts from exactly the
+    weights a single process would have."""
+    if layout.pp == 1:
+        return gpt
     from deepspeed.pipe import PipelineModule
 
     return PipelineModule(
         layers=pipeline_layers(gpt),
         num_stages=layout.pp,
         loss_fn=lm_loss,
-        partition_method=partition_method,
-        activation_checkpoint_interval=checkpoint_interval,
+        partition_method=parallel.pipeline_partition,
         activation_checkpoint_func=functools.partial(
             torch.utils.checkpoint.checkpoint, use_reentrant=False
         ),
         checkpointable_layers=["Block"],
     )
+
+
+def apply_compile(model: nn.Module, enabled: bool) -> nn.Module:
+    """torch.compile (inductor) of each transformer block, in place (Module.compile), when
+    enabled: parameter names, state_dict keys and so checkpoints stay as they are, and
+    DeepSpeed's hooks around the blocks stay eager."""
+    if enabled:
+        for block in model.blocks:
+            block.compile()
+    return model

@@ -38,7 +38,6 @@ from trainer.worker.engine import (
     build_model,
     eval_losses,
     is_pipeline,
-    set_lr,
     to_device,
     train_step,
 )
@@ -55,7 +54,7 @@ from trainer.worker.observability.metrics import (
 )
 from trainer.worker.observability.profiler import StepProfiler
 from trainer.worker.observability.run_files import RunFiles
-from trainer.worker.schedule import lr_at
+from trainer.worker.schedule import build_scheduler
 
 
 def seed_everything(seed: int) -> None:
@@ -160,6 +159,7 @@ class Trainer:
             contiguous_weight_grad=t.contiguous_weight_grad,
             **sizes,
         )
+        self.scheduler = build_scheduler(self.engine.optimizer, cfg.optim, t.max_steps)
         mark("worker: engine built")
         self.memory = {
             "rank": self.rank,
@@ -254,8 +254,7 @@ class Trainer:
         """One optimizer step (or a guarded skip); True when the guard wants a rollback."""
         t, step = self.cfg.trainer, self.state.step + 1
         self.state.step = step
-        lr = lr_at(step, self.cfg.optim, t.max_steps)
-        set_lr(self.engine, lr)
+        lr = self.scheduler.step(step)
         self.judge.reset()
         self.profiler.start(step)
         t_data = time.perf_counter()
