@@ -2,7 +2,7 @@
 a neighbour's load on a shared machine, where runs measured one after the other are not.
 
 Each variant is a single-process DeepSpeed engine (world size 1, gloo; trainer.worker.engine
-build_model/build_engine/train_step with the loss guard's judge, as trainer/worker/trainer.py calls them)
+build_model/build_engine/train_step with the loss guard's judge, as trainer/worker/loop.py calls them)
 or the bare nanoGPT step of bench/bare_loop.py (bf16 autocast, torch.optim.AdamW, clipping,
 loss.item() per micro batch). Every round runs one step of every variant on fresh random
 batches of the same shape; a busy neighbour only ever adds time, so the figure is the fastest

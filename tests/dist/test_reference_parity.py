@@ -65,7 +65,7 @@ WORKER = textwrap.dedent(
     import json, os, sys, types
     from trainer.config import load_config
     from trainer.worker.entry import WorkerConfig
-    from trainer.worker.trainer import Trainer
+    from trainer.worker.loop import Trainer
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     context = types.SimpleNamespace(

@@ -31,6 +31,6 @@ class WorkerConfig:
 
 def train_worker(config: WorkerConfig, context: Any) -> None:
     """What every worker runs (cluster.fit calls it): context is cluster/worker_context.py's."""
-    from trainer.worker.trainer import Trainer
+    from trainer.worker.loop import Trainer
 
     Trainer(config, context).train()

@@ -1,4 +1,4 @@
-"""The per-worker Trainer: build, resume, step, evaluate, save, summary.
+"""The per-worker training loop: `Trainer` builds, resumes, steps, evaluates, saves and sums up.
 
 `train()` reads as the sequence of component calls it is; each method owns one part of a
 step. State that a checkpoint carries comes from components with state_dict/load_state_dict
