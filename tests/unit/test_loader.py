@@ -1,4 +1,5 @@
-"""TokenShards / DistributedLoader on a small synthetic dataset (no Ray, no tokenizer)."""
+"""TokenShards / DistributedLoader on a small synthetic dataset (tests/synthetic_shards.py; no
+Ray, no tokenizer). The same reads from a real S3-compatible server: tests/e2e/test_loader_s3.py."""
 
 from __future__ import annotations
 
@@ -6,13 +7,21 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from synthetic_shards import (
+    ROW,
+    SEQ_LEN,
+    SHARD_ROWS,
+    N,
+    expected_row,
+    ids_of_step,
+    make_loader,
+    write_dataset,
+)
 
 from data_pipeline.config import DataError
 from data_pipeline.loader import (
@@ -22,77 +31,14 @@ from data_pipeline.loader import (
     sample_id_at,
     sample_ids_at,
 )
-from data_pipeline.manifest import (
-    MANIFEST_VERSION,
-    Manifest,
-    ShardInfo,
-    SplitInfo,
-    TokenizerInfo,
-)
+from data_pipeline.manifest import Manifest
 from data_pipeline.order import BLOCKS, PERMUTATION, Order
-
-SEQ_LEN = 8
-ROW = SEQ_LEN + 1
-SHARD_ROWS = [7, 5, 11, 1, 8]  # uneven on purpose: 32 samples
-N = sum(SHARD_ROWS)
-
-
-def expected_row(sample_id: int) -> np.ndarray:
-    """Row i of the synthetic data: i * 100 + [0, 1, ..., seq_len]."""
-    return sample_id * 100 + np.arange(ROW, dtype=np.int32)
-
-
-def write_dataset(
-    root: Path, shard_rows: list[int], *, fixed_size: bool = True, row_group: Optional[int] = None
-) -> Path:
-    """Shards of shard_rows rows (one row group each, or row groups of `row_group` rows)."""
-    root.mkdir(parents=True, exist_ok=True)
-    shards, first = [], 0
-    for k, rows in enumerate(shard_rows):
-        values = np.concatenate([expected_row(first + i) for i in range(rows)])
-        flat = pa.array(values, type=pa.int32())
-        if fixed_size:
-            column = pa.FixedSizeListArray.from_arrays(flat, ROW)
-        else:
-            column = pa.ListArray.from_arrays(pa.array(np.arange(rows + 1) * ROW, pa.int32()), flat)
-        name = f"train-00000-{k:03d}.parquet"
-        table = pa.table({"tokens": column})
-        pq.write_table(table, root / name, compression="zstd", row_group_size=row_group)
-        shards.append(ShardInfo(file=name, rows=rows))
-        first += rows
-    Manifest(
-        version=MANIFEST_VERSION,
-        name="synthetic",
-        tokenizer=TokenizerInfo(file="tokenizer.json", sha256="0" * 64, vocab_size=5000, eos_id=0),
-        seq_len=SEQ_LEN,
-        splits={
-            "train": SplitInfo(shards=shards, num_samples=first, num_tokens=first * ROW),
-            "val": SplitInfo(),
-        },
-        sources=["synthetic"],
-        num_documents={"train": first, "val": 0},
-        settings={},
-        fingerprint="",
-        created="2024-01-01T00:00:00+00:00",
-    ).save(root)
-    return root
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> TokenShards:
     root = write_dataset(tmp_path_factory.mktemp("ds"), SHARD_ROWS, row_group=3)
     return TokenShards(str(root), "train")
-
-
-def make_loader(shards: TokenShards, **kwargs: object) -> DistributedLoader:
-    args: dict = dict(global_batch=8, micro_batch=2, dp_rank=0, dp_size=1, seed=7)
-    args.update(kwargs)
-    return DistributedLoader(shards, **args)
-
-
-def ids_of_step(step: list[tuple[torch.Tensor, torch.Tensor]]) -> list[int]:
-    """Recover sample ids from the synthetic token values (first input token = id * 100)."""
-    return [int(x) // 100 for inputs, _ in step for x in inputs[:, 0]]
 
 
 # ---------------------------------------------------------------------------- TokenShards
@@ -221,28 +167,6 @@ def test_prefetch_reads_the_row_groups_of_the_next_steps(tmp_path: Path) -> None
     )
     loader.close()
     ds.close()
-
-
-def test_object_store_reads_are_ranged_row_group_reads(s3, tmp_path: Path) -> None:
-    root = write_dataset(tmp_path / "ds", SHARD_ROWS, row_group=3)
-    uri = s3.unique_uri("rowgroups")
-    for f in root.iterdir():
-        s3.client().upload_file(str(f), s3.bucket, f"{uri.split('/', 3)[3]}/{f.name}")
-    remote = TokenShards(uri, "train", read_threads=3)
-    assert remote.file_cache is None  # no whole-file copies
-    ids = np.array([8, 30, 9])
-    np.testing.assert_array_equal(remote.get_batch(ids), np.stack([expected_row(i) for i in ids]))
-    assert remote._groups.loads == 2 and remote._footers.loads == 2
-    local = TokenShards(str(root), "train")
-    for consumed in (0, 24):  # and across the epoch boundary
-        a = make_loader(remote, consumed_samples=consumed)
-        b = make_loader(local, consumed_samples=consumed)
-        for _ in range(3):
-            assert ids_of_step(a.next_step()) == ids_of_step(b.next_step())
-        a.close()
-        b.close()
-    assert remote._footers.loads == len(SHARD_ROWS)
-    remote.close()
 
 
 # ---------------------------------------------------------------------------- the shard cache

@@ -113,27 +113,25 @@ def test_bf16_on_a_cpu_without_native_bf16_gets_one_warning_line(capsys):
     from trainer.driver.preflight import warn_slow_cpu_bf16
 
     avx2 = {"fpu", "sse2", "avx2", "fma"}
-    warn_slow_cpu_bf16(load_config(["precision=bf16"]), flags=avx2)
+    cfg = load_config(["precision=bf16"])
+    warn_slow_cpu_bf16(cfg, flags=avx2)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: precision=bf16 on this CPU")
     assert "precision=fp32" in err[0]
-    for overrides, flags in [
-        (["precision=fp32"], avx2),
-        (["precision=bf16"], avx2 | {"amx_bf16"}),
-        (["precision=bf16"], avx2 | {"avx512_bf16"}),
-        (
-            [
-                "precision=bf16",
-                "cluster=ray",
-                "cluster.address=x:1",
-                "trainer.global_batch_size=64",
-            ],
-            avx2,
-        ),
+    joined = [
+        "precision=bf16",
+        "cluster=ray",
+        "cluster.address=x:1",
+        "trainer.global_batch_size=64",
+    ]
+    for config, flags in [
+        (load_config(["precision=fp32"]), avx2),
+        (cfg, avx2 | {"amx_bf16"}),
+        (cfg, avx2 | {"avx512_bf16"}),
+        (load_config(joined), avx2),
     ]:
-        warn_slow_cpu_bf16(load_config(overrides), flags=flags)
-        assert capsys.readouterr().err == "", overrides
-    cfg = load_config(["precision=bf16"])
+        warn_slow_cpu_bf16(config, flags=flags)
+        assert capsys.readouterr().err == "", (config.precision, config.cluster, flags)
     gpu = dataclasses.replace(cfg.cluster, gpus_per_worker=1.0)
     warn_slow_cpu_bf16(SimpleNamespace(cluster=gpu, precision=cfg.precision), flags=avx2)
     assert capsys.readouterr().err == ""

@@ -61,15 +61,18 @@ def one_error(capsys) -> str:
     return errors[0]
 
 
-def jsonl_bytes(rng: random.Random, n: int) -> tuple[bytes, list[tuple[int, str]]]:
-    """A JSONL file of n lines (CRLF and LF endings, blank lines, lines of 10 to 2000 bytes,
-    the last without a newline) and its (line start offset, text) pairs, counted here."""
+def jsonl_bytes(
+    rng: random.Random, n: int, longest: int = 600
+) -> tuple[bytes, list[tuple[int, str]]]:
+    """A JSONL file of n lines (CRLF and LF endings, blank lines of both kinds from 17 lines
+    on, texts of 1 to `longest` characters: lines of 10 to 2000 bytes by default, the last
+    without a newline) and its (line start offset, text) pairs, counted here."""
     data, expected = b"", []
     for i in range(n):
         if i % 11 == 5:
             data += b"\n" if i % 2 else b"  \r\n"  # blank lines: no document
             continue
-        text = "".join(rng.choice("abcdefgh \u00e9") for _ in range(rng.randint(1, 600)))
+        text = "".join(rng.choice("abcdefgh \u00e9") for _ in range(rng.randint(1, longest)))
         expected.append((len(data), text))
         ending = b"" if i == n - 1 else (b"\r\n" if i % 3 == 0 else b"\n")
         data += json.dumps({"text": text}).encode() + ending
@@ -79,22 +82,34 @@ def jsonl_bytes(rng: random.Random, n: int) -> tuple[bytes, list[tuple[int, str]
 # ---------------------------------------------------------------------------- byte ranges
 
 
-def test_byte_ranges_read_every_line_exactly_once(tmp_path: Path) -> None:
-    rng = random.Random(0)
-    data, expected = jsonl_bytes(rng, 60)
-    path = tmp_path / "docs.jsonl"
+def check_byte_ranges(path: Path, data: bytes, expected: list, sizes: list[int]) -> WorkUnit:
+    """Cut the JSONL file `data` into byte ranges of each size: the ranges tile the file and
+    read each of its lines exactly once, in order. Returns the whole file's unit."""
     path.write_bytes(data)
-    assert not data.endswith(b"\n")
-    whole = WorkUnit(path=str(path), format="jsonl", name="docs.jsonl", size=len(data))
-    want = [(f"docs.jsonl@{pos}", text) for pos, text in expected]
-    sizes = [1, 2, 3, 7, 64, 100, 999, len(data) - 1, len(data), len(data) * 2]
-    sizes += [rng.randint(1, len(data)) for _ in range(20)]
+    whole = WorkUnit(path=str(path), format="jsonl", name=path.name, size=len(data))
+    want = [(f"{path.name}@{pos}", text) for pos, text in expected]
     for unit_bytes in sizes:
         units = byte_ranges(whole, unit_bytes)
         assert units[0].start == 0 and units[-1].stop is None
         assert all(a.stop == b.start for a, b in zip(units, units[1:]))
         got = [(d.id, d.text) for u in units for d in read_documents(u)]
         assert got == want, unit_bytes
+    return whole
+
+
+def test_byte_ranges_read_every_line_exactly_once(tmp_path: Path) -> None:
+    rng = random.Random(0)
+    data, expected = jsonl_bytes(rng, 60)
+    assert not data.endswith(b"\n")
+    sizes = [64, 100, 999, len(data) - 1, len(data), len(data) * 2]
+    sizes += [rng.randint(1, len(data)) for _ in range(20)]
+    whole = check_byte_ranges(tmp_path / "docs.jsonl", data, expected, sizes)
+    # A cut at every byte, and cuts 2, 3 and 7 bytes apart, on a file of the same kinds of line
+    # and ending with shorter lines (about 1 kB: each range opens the file, and 24 kB of
+    # one-byte ranges took 20 s)
+    short, short_expected = jsonl_bytes(random.Random(1), 24, longest=40)
+    assert not short.endswith(b"\n") and b"\n\n" in short and b"\n  \r\n" in short
+    check_byte_ranges(tmp_path / "short.jsonl", short, short_expected, [1, 2, 3, 7])
     # a cut exactly at a line start: that line belongs to the range starting there
     second = expected[1][0]
     head = replace(whole, stop=second)

@@ -115,8 +115,14 @@ def zero2(tmp_path):
     return ckpt
 
 
-def test_same_layout_loads_natively(zero2):
-    cfg = load_config(["cluster.num_workers=2", "run.name=r"])
+@pytest.fixture(scope="module")
+def two_workers():
+    """The default layout on two workers, composed once for the tests below (frozen)."""
+    return load_config(["cluster.num_workers=2", "run.name=r"])
+
+
+def test_same_layout_loads_natively(zero2, two_workers):
+    cfg = two_workers
     assert plan(cfg, zero2, _saved(cfg)) is False
 
 
@@ -128,8 +134,8 @@ def test_same_layout_loads_natively(zero2):
         {"precision__name": "fp32"},
     ],
 )
-def test_new_dp_size_zero_stage_or_precision_converts(zero2, change):
-    cfg = load_config(["cluster.num_workers=2", "run.name=r"])
+def test_new_dp_size_zero_stage_or_precision_converts(zero2, change, two_workers):
+    cfg = two_workers
     assert plan(cfg, zero2, _saved(cfg, **change)) is True
 
 
