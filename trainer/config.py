@@ -9,7 +9,6 @@ failure is a `ConfigError` whose message is one line naming the values and the r
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -24,9 +23,8 @@ from omegaconf.errors import OmegaConfBaseException
 from cluster.config import ClusterConfig
 from data_pipeline import storage
 from data_pipeline.config import DataConfig
-from models.gpt import GPTConfig
-from trainer.worker.guard import GuardConfig
-from trainer.worker.parallel import Layout, check_model_fits, make_layout
+from models.config import GPTConfig
+from trainer.layout import Layout, check_model_fits, make_layout
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -204,6 +202,31 @@ class LoggingConfig:
             raise ValueError(f"mode ('{self.mode}') must be one of 'offline', 'online', 'disabled'")
         if self.log_interval < 1:
             raise ValueError(f"log_interval ({self.log_interval}) must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GuardConfig:
+    """The loss-spike and NaN guard (trainer/worker/guard.py applies it)."""
+
+    name: str = "default"
+    enabled: bool = True
+    spike_factor: float = 3.0  # a loss above this x running mean is a spike; 0 disables
+    warmup_steps: int = 20  # accepted steps before spikes are judged (losses fall fast early)
+    ema_beta: float = 0.95  # running mean of accepted losses
+    max_consecutive: int = 3  # bad steps in a row before on_repeated
+    on_repeated: str = "rollback"  # rollback | stop
+
+    def __post_init__(self) -> None:
+        if self.spike_factor != 0 and self.spike_factor <= 1:
+            raise ValueError(f"spike_factor ({self.spike_factor}) must be > 1 (or 0 to disable)")
+        if not 0 < self.ema_beta < 1:
+            raise ValueError(f"ema_beta ({self.ema_beta}) must be in (0, 1)")
+        if self.max_consecutive < 1:
+            raise ValueError(f"max_consecutive ({self.max_consecutive}) must be >= 1")
+        if self.on_repeated not in ("rollback", "stop"):
+            raise ValueError(f"on_repeated ('{self.on_repeated}') must be 'rollback' or 'stop'")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -558,61 +581,17 @@ def _timestamp() -> str:
     return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def tokenizer_vocab_size(data: DataConfig) -> tuple[int, str]:
-    """The vocab size the data will have, and where that number comes from: the prepared
-    manifest, else a given tokenizer's own size (data.vocab_size is unused then), else the
-    BPE size data.vocab_size. An object-store tokenizer is read by prepare, after preflight
-    (0 here; trainer/driver/run.py checks the prepared manifest)."""
-    remote_tok = bool(data.tokenizer) and storage.is_remote(data.tokenizer)
-    if data.tokenizer and not remote_tok and not Path(data.tokenizer).exists():
-        raise ConfigError(f"data.tokenizer: file '{data.tokenizer}' does not exist")
-    if data.tokenizer and not remote_tok:  # another kind of tokenizer file: say which is wanted
-        from data_pipeline.tokenizer import EXPECTED, wrong_kind
-
-        if Path(data.tokenizer).is_dir():
-            raise ConfigError(f"data.tokenizer: {data.tokenizer!r} is a directory; {EXPECTED}")
-        kind = wrong_kind(data.tokenizer, Path(data.tokenizer).read_bytes())
-        if kind:
-            raise ConfigError(kind)
-    if not storage.is_remote(data.out_dir):  # object stores: read after preflight, by prepare
-        from data_pipeline.manifest import manifest_uri, read_manifest
-
-        try:
-            manifest = read_manifest(data.out_dir)
-        except (OSError, ValueError):
-            manifest = None  # prepare will rebuild or complain; use the configured size
-        if manifest is not None:
-            return int(manifest.tokenizer.vocab_size), manifest_uri(data.out_dir)
-    if remote_tok:
-        return 0, f"{data.tokenizer}, read by prepare"
-    if data.tokenizer:
-        try:
-            from tokenizers import Tokenizer
-
-            return Tokenizer.from_file(data.tokenizer).get_vocab_size(), data.tokenizer
-        except Exception as e:  # noqa: BLE001 - any parse failure is a user error here
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ConfigError(
-                f"data.tokenizer: {data.tokenizer!r} is not a valid tokenizer.json ({reason})"
-            ) from None
-    return data.vocab_size, "data.vocab_size"
-
-
 def validate(cfg: RootConfig) -> None:
-    """Cross-group rules. Per-group rules live in each dataclass's __post_init__."""
+    """Cross-group rules. Per-group rules live in each dataclass's __post_init__. Pure: the
+    checks that read files, the environment or the machine (the tokenizer's vocab,
+    model.init_from, WANDB_API_KEY, the local cluster's CPUs and GPUs) are
+    trainer/driver/preflight.py's check_inputs."""
     m, d, t, c = cfg.model, cfg.data, cfg.trainer, cfg.cluster
     if d.seq_len > m.block_size:
         raise ConfigError(
             f"data.seq_len ({d.seq_len}) exceeds model.block_size ({m.block_size}): "
             "sequences must fit the model context"
         )
-    if m.init_from:
-        from trainer.init_from import check_hf_config
-
-        try:
-            check_hf_config(m, m.init_from)
-        except (ValueError, OSError) as e:
-            raise ConfigError(f"model.init_from: {e}") from None
     try:
         layout = make_layout(
             c.num_workers, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
@@ -648,13 +627,6 @@ def validate(cfg: RootConfig) -> None:
             f"{cfg.cluster.gpus_per_worker}: it is a CPU kernel "
             "option (oneDNN's bf16 matmul); GPUs take transposed operands at full rate"
         )
-    # A mixture's datasets are prepared: the driver checks their vocab (preflight), not this.
-    vocab, source = (0, "data.mixture") if d.mixture else tokenizer_vocab_size(d)
-    if m.vocab_size < vocab:
-        raise ConfigError(
-            f"model.vocab_size ({m.vocab_size}) is smaller than the tokenizer's vocab "
-            f"({vocab}, from {source})"
-        )
     dp = cfg.dp_size
     per_step = t.micro_batch_size * dp
     if t.grad_accum is not None:
@@ -669,25 +641,17 @@ def validate(cfg: RootConfig) -> None:
             f"trainer.global_batch_size ({t.global_batch_size}) must be a multiple of "
             f"micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp}) = {per_step}"
         )
-    if cfg.logging.mode == "online" and not os.environ.get("WANDB_API_KEY"):
-        raise ConfigError("logging.mode=online needs WANDB_API_KEY in the environment")
-    if c.address is None:
-        cpus = os.cpu_count() or 1
-        need = c.num_workers * c.cpus_per_worker
-        if need > cpus:
-            raise ConfigError(
-                f"cluster.num_workers ({c.num_workers}) x cpus_per_worker ({c.cpus_per_worker}) "
-                f"= {need:g} CPUs, but this machine has {cpus}: the local cluster cannot hold them"
-            )
-        if c.use_gpu:
-            import torch
 
-            gpus = torch.cuda.device_count()
-            if c.num_workers * c.gpus_per_worker > gpus:
-                raise ConfigError(
-                    f"cluster.num_workers ({c.num_workers}) x gpus_per_worker "
-                    f"({c.gpus_per_worker}) GPUs requested, but this machine has {gpus}"
-                )
+
+def check_vocab_fits(model: GPTConfig, vocab: int, source: str) -> None:
+    """The rule "model.vocab_size >= the tokenizer's vocab", for every place the vocab is
+    learned (a given tokenizer, a prepared manifest, a mixture's datasets, the BPE size):
+    `source` says where `vocab` comes from."""
+    if model.vocab_size < vocab:
+        raise ConfigError(
+            f"model.vocab_size ({model.vocab_size}) is smaller than the tokenizer's vocab "
+            f"({vocab}, from {source})"
+        )
 
 
 def check_eval_fits(cfg: RootConfig, val_samples: int, where: str) -> None:
