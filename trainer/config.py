@@ -9,43 +9,23 @@ failure is a `ConfigError` whose message is one line naming the values and the r
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
-from hydra import compose, initialize_config_dir
-from hydra.core.config_store import ConfigStore
-from hydra.errors import HydraException, OverrideParseException
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cluster.config import ClusterConfig
-from data_pipeline import storage
+from data_pipeline import compose, storage
+from data_pipeline.compose import CONF_DIR, one_line, plain_name_error
 from data_pipeline.config import DataConfig
 from models.config import GPTConfig
 from trainer.layout import Layout, check_model_fits, make_layout
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
 
 class ConfigError(ValueError):
     """A bad config value or combination; str() is one line fit for the user."""
-
-
-# A name that becomes one directory (run.name under run.root, sweep.name, a config group's
-# file under conf/): no separator, no '..', nothing hidden or flag-like.
-PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
-
-
-def plain_name_error(key: str, value: str, role: str) -> Optional[str]:
-    """The one-line complaint when `value` is not a plain name (None when it is)."""
-    if isinstance(value, str) and PLAIN_NAME.fullmatch(value):
-        return None
-    return (
-        f"{key} ({value!r}) must be letters, digits, '.', '_' or '-', not starting with '.' "
-        f"or '-' ({role}: a plain name cannot leave its directory)"
-    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -398,124 +378,17 @@ GROUPS: dict[str, type] = {
 }
 
 
-def _writable_schema(cls: type) -> DictConfig:
-    """A structured (typed, closed) node for `cls` that Hydra can merge group files into.
-
-    OmegaConf marks nodes of frozen dataclasses read-only, which would refuse every merge;
-    the schema keeps its types and closed key set, and freezing happens at instantiation.
-    """
-    node = OmegaConf.structured(cls)
-
-    def unfreeze(n) -> None:
-        n._set_flag("readonly", None)
-        if isinstance(n, DictConfig) and OmegaConf.get_type(n) is dict:
-            n._set_flag("struct", False)  # a dict field (data.mixture.sources) takes new keys
-        if isinstance(n, DictConfig):
-            for k in n.keys():
-                unfreeze(n._get_node(k))
-        elif isinstance(n, ListConfig):
-            for i in range(len(n)):
-                unfreeze(n._get_node(i))
-
-    unfreeze(node)
-    return node
-
-
-def register_schemas() -> None:
-    """Registers the root schema; every group file merges into its typed, closed node."""
-    root = OmegaConf.create({g: _writable_schema(c) for g, c in GROUPS.items()})
-    OmegaConf.set_struct(root, True)
-    ConfigStore.instance().store(name="raygpt_schema", node=root)
-
-
-register_schemas()
-
-
-def _one_line(e: BaseException) -> str:
-    """Hydra/OmegaConf errors span lines (with full_key=...); keep what the user needs."""
-    parts = [str(e).strip().splitlines()[0].rstrip(".")] if str(e).strip() else []
-    cause = e.__cause__ or e.__context__
-    if cause is not None and str(cause).strip():
-        first = str(cause).strip().splitlines()[0]
-        if first not in parts:
-            parts.append(first)
-    return ": ".join(parts) or type(e).__name__
+compose.register_schema(GROUPS)  # Hydra code that composes by itself (the sweeps) finds it
 
 
 def check_group_options(overrides: list[str]) -> None:
-    """A config-group choice (model=, +experiment=, sweeps of them) names one file of its
-    conf/ directory: a path such as model=../experiment/smoke would load a file of another
-    group, so only plain names are taken. Overrides Hydra cannot parse are left to compose,
-    which names them."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parser = OverridesParser.create()
-    for line in overrides:
-        try:
-            (o,) = parser.parse_overrides([line])
-        except HydraException:
-            continue
-        group = o.key_or_group
-        if o.is_delete() or "." in group or "@" in group or not (CONF_DIR / group).is_dir():
-            continue
-        value = o.value()
-        if o.is_sweep_override():
-            values = getattr(value, "list", None)  # a,b / choice(a,b); glob() lists real files
-            if values is None:
-                continue
-        else:
-            values = [value]
-        for value in values:
-            if msg := plain_name_error(group, value, f"a file of conf/{group}/"):
-                raise ConfigError(msg)
-
-
-def _override_parse_error(overrides: list[str]) -> Optional[str]:
-    """Which override Hydra's grammar rejects, and why (its message has no position)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parser = OverridesParser.create()
-    for line in overrides:
-        try:
-            parser.parse_overrides([line])
-        except HydraException as e:
-            return f"cannot parse override {line!r}: {_one_line(e)}"
-    return None
-
-
-def _yaml_error(e: BaseException) -> str:
-    """A YAML syntax error of a conf/ file as `file:line:col: problem` (PyYAML's 0-based
-    marks made 1-based)."""
-    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-    problem = " ".join(str(getattr(e, "problem", "") or e).split())
-    if mark is None:
-        return f"invalid YAML: {problem}"
-    where = f"{mark.name}:{mark.line + 1}:{mark.column + 1}"
-    context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
-    if context and cmark is not None and cmark is not mark:
-        problem += f" ({context} at {cmark.line + 1}:{cmark.column + 1})"
-    return f"{where}: invalid YAML: {problem}"
+    """Every config-group choice names a plain file of its conf/ directory (ConfigError)."""
+    compose.check_group_options(list(overrides), conf_dir=CONF_DIR, error=ConfigError)
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
-    """Composes conf/config.yaml with Hydra overrides (no Hydra run dir, no chdir)."""
-    import yaml
-
-    check_group_options(list(overrides))
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            return compose(config_name="config", overrides=list(overrides))
-    except yaml.YAMLError as e:  # a conf/ file with a syntax error
-        raise ConfigError(_yaml_error(e)) from None
-    except (HydraException, OmegaConfBaseException) as e:
-        msg = _one_line(e)
-        if isinstance(e, OverrideParseException):
-            msg = _override_parse_error(list(overrides)) or msg
-        missing = re.search(r"Could not find '(\w+)/([^']+)'", msg)
-        if missing and (CONF_DIR / missing.group(1)).is_dir():
-            options = sorted(p.stem for p in (CONF_DIR / missing.group(1)).glob("*.yaml"))
-            msg = f"{missing.group(1)}={missing.group(2)} does not exist; choose one of {options}"
-        raise ConfigError(msg) from None
+    """Composes conf/config.yaml with Hydra overrides, every group typed (ConfigError)."""
+    return compose.compose(list(overrides), GROUPS, conf_dir=CONF_DIR, error=ConfigError)
 
 
 def to_root_config(cfg: DictConfig, *, default_name: Optional[str] = None) -> RootConfig:
@@ -527,7 +400,7 @@ def to_root_config(cfg: DictConfig, *, default_name: Optional[str] = None) -> Ro
         try:
             raw = OmegaConf.to_container(cfg[group], resolve=True)
         except OmegaConfBaseException as e:
-            raise ConfigError(f"{group}: {_one_line(e)}") from None
+            raise ConfigError(f"{group}: {one_line(e)}") from None
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
