@@ -2,8 +2,9 @@
 
     python -m data_pipeline.prepare [--overwrite] [hydra overrides, e.g. data.seq_len=512]
 
-The command validates the data group only (the run's trainer/model/cluster settings are not
-its business); an explicit data.vocab_size= that contradicts a given data.tokenizer is refused.
+The command validates the data group only (the run's trainer, model and cluster settings are
+not its business; data_pipeline/compose.py composes conf/ for it); an explicit data.vocab_size=
+that contradicts a given data.tokenizer is refused.
 
 Steps:
 1. The driver lists work units from metadata only (sources.plan_units: file sizes, Parquet

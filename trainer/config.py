@@ -242,7 +242,7 @@ class TrainerConfig:
     # torch.profiler trace of these steps into run_dir/profile/ (e.g. [5,6]).
     profile_steps: list[int] = field(default_factory=list)
     # torch.compile (inductor) of every transformer block, applied from outside the model
-    # before DeepSpeed wraps it (trainer/engine.py compile_blocks); needs a C++ compiler on
+    # before DeepSpeed wraps it (trainer/worker/engine.py compile_blocks); needs a C++ compiler on
     # CPU. Not with pipeline parallelism.
     compile: bool = False
     # CPU bf16: each nn.Linear with >= 1024 features computes its weight gradient from a

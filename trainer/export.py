@@ -117,8 +117,8 @@ def _model_config(state: dict[str, Any], ckpt_dir: Path) -> GPTConfig:
 
 def load_checkpoint_file(path: Path) -> Any:
     """torch.load(weights_only=True), allowing exactly DeepSpeed's classes (see
-    trainer/checkpoint.py safe_torch_load). A file that pickles anything else (which could run
-    code on load) is refused with an ExportError."""
+    trainer/checkpoint/format.py safe_torch_load). A file that pickles anything else (which
+    could run code on load) is refused with an ExportError."""
     try:
         return safe_torch_load(path, map_location="cpu", mmap=True)
     except CheckpointError as e:
@@ -230,7 +230,7 @@ def _merge_tensor_parallel(shards: list[dict[str, torch.Tensor]]) -> dict[str, t
 
 def tensor_parallel_dim(name: str, specs: list[dict[str, Any]]) -> Optional[int]:
     """The dimension AutoTP splits parameter `name` along under `specs` (the layer specs of
-    trainer/parallel.py tensor_parallel_config), None when it is replicated. A spec matches a
+    trainer/worker/parallel.py tensor_parallel_config), None when it is replicated. A spec matches a
     Linear's weight name (re.match, first match wins, as DeepSpeed does) and AutoTP replaces
     the whole Linear: a column split takes a slice of the rows of weight and bias, a row split
     a slice of the columns of the weight, and keeps the bias whole on every rank."""
@@ -249,9 +249,10 @@ def tensor_parallel_dim(name: str, specs: list[dict[str, Any]]) -> Optional[int]
 def pipeline_names(cfg: GPTConfig) -> tuple[dict[str, str], dict[int, str]]:
     """(PipelineModule parameter name -> GPT state_dict name, layer index -> name prefix of the
     layer's module), for the layer list the trainer builds its PipelineModule from
-    (trainer/parallel.py pipeline_layers) and PipelineModule's naming: layer i is module "<i>",
-    a tied layer "tied_modules.<key>" (built once; later layers with its key reuse it and have
-    no file). A layer's parameters are the GPT's own, so identity gives their GPT names."""
+    (trainer/worker/parallel.py pipeline_layers) and PipelineModule's naming: layer i is
+    module "<i>", a tied layer "tied_modules.<key>" (built once; later layers with its key
+    reuse it and have no file). A layer's parameters are the GPT's own, so identity gives
+    their GPT names."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     from models.gpt import GPT
