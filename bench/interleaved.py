@@ -84,7 +84,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 
     torch.manual_seed(0)
     bare = GPT(m)
-    bare_opt = torch.optim.AdamW(bare.parameters(), lr=6e-4, betas=(0.9, 0.95))
+    bare_opt = torch.optim.AdamW(bare.parameters(), lr=OptimConfig().lr, betas=(0.9, 0.95))
 
     def bare_step(b):
         for x, y in b:

@@ -1,9 +1,13 @@
 """Config schemas and validation.
 
-Hydra composes conf/ once, on the driver. `load_config` turns the result into frozen,
-keyword-only dataclasses (one per group; each owned by the component that uses it) and
-validates every value and every cross-group rule before Ray or DeepSpeed start. Every
-failure is a `ConfigError` whose message is one line naming the values and the rule.
+Hydra composes conf/ once, on the driver (data_pipeline/compose.py). `load_config` turns the
+result into frozen, keyword-only dataclasses (one per group; each owned by the component that
+uses it) and validates every value and every cross-group rule before Ray or DeepSpeed start.
+Every failure is a `ConfigError` whose message is one line naming the values and the rule.
+
+A leaf: the dataclasses hold the defaults (conf/ files state what a choice changes), and the
+rules are pure (no torch, no worker or driver code, no file or environment reads). What needs
+files, the environment or the machine is trainer/driver/preflight.py's check_inputs.
 """
 
 from __future__ import annotations
@@ -31,9 +35,9 @@ class ConfigError(ValueError):
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
     name: str = "adamw"
-    lr: float = 6e-4
+    lr: float = 1e-3
     min_lr_ratio: float = 0.1  # floor of the schedule, as a fraction of lr
-    warmup_steps: int = 100
+    warmup_steps: int = 30
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
     weight_decay: float = 0.1
     beta1: float = 0.9

@@ -2,9 +2,9 @@
 line naming the value and the rule) and nothing is written or changed.
 
 Right after the config is loaded (check_inputs): the tokenizer's vocab, model.init_from, the
-environment and this machine's CPUs/GPUs. Before Ray: the fault-drill spec, the storage (run.root, data.out_dir, model.init_from can be
-reached and written: bucket, credentials, endpoint, permissions), the data sources, NVMe
-offload, the allocator. After Ray is up: the cluster can hold the workers, and a local path
+environment and this machine's CPUs/GPUs. Before Ray: the fault-drill spec, the storage
+(run.root, data.out_dir, model.init_from can be reached and written: bucket, credentials,
+endpoint, permissions), the data sources, NVMe offload, the allocator. After Ray is up: the cluster can hold the workers, and a local path
 used by a multi-node cluster is visible from every node.
 """
 
@@ -259,7 +259,7 @@ def check_cluster(cfg: RootConfig) -> None:
     from cluster.launch import check_capacity
 
     if cfg.cluster.address is None:
-        return  # a private local Ray: one machine, capacity checked in validate()
+        return  # a private local Ray: one machine, capacity checked in check_inputs()
     try:
         check_capacity(cfg.cluster)
     except ClusterError as e:
