@@ -224,6 +224,7 @@ def run_engine(args: argparse.Namespace, cfg) -> dict[str, Any]:
 
     from models.gpt import estimate_flops_per_token, estimate_num_params
     from trainer.checkpoint import format as checkpoint
+    from trainer.config import GuardConfig
     from trainer.worker.engine import (
         accelerator_device_type,
         build_engine,
@@ -233,7 +234,7 @@ def run_engine(args: argparse.Namespace, cfg) -> dict[str, Any]:
         to_device,
         train_step,
     )
-    from trainer.worker.guard import GuardConfig, LossGuard, StepJudge
+    from trainer.worker.guard import LossGuard, StepJudge
     from trainer.worker.observability.metrics import StepTimes, memory_stats
 
     want = "cpu" if args.cpu_dry_run else "cuda"

@@ -49,8 +49,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 
     from models.gpt import GPT
     from trainer.config import OptimConfig, ParallelConfig, PrecisionConfig
+    from trainer.layout import Layout
     from trainer.worker.engine import build_engine, build_model, train_step
-    from trainer.worker.parallel import Layout
 
     common.header("interleaved A/B: raygpt train_step vs bare loop step")
     torch.set_num_threads(args.threads)
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 
     torch.manual_seed(0)
     bare = GPT(m)
-    bare_opt = torch.optim.AdamW(bare.parameters(), lr=6e-4, betas=(0.9, 0.95))
+    bare_opt = torch.optim.AdamW(bare.parameters(), lr=OptimConfig().lr, betas=(0.9, 0.95))
 
     def bare_step(b):
         for x, y in b:

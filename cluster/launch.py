@@ -175,7 +175,8 @@ def run_on_every_node(fn: Callable[..., Any], *args: Any) -> dict[str, Any]:
 
 
 def make_stop_signal() -> Any:
-    """A driver-owned actor holding the stop request; workers poll it (trainer/worker/control)."""
+    """A driver-owned actor holding the stop request; workers poll it
+    (trainer/worker/control.py)."""
     import ray
 
     from cluster.worker_context import StopFlag

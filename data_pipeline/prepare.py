@@ -2,8 +2,9 @@
 
     python -m data_pipeline.prepare [--overwrite] [hydra overrides, e.g. data.seq_len=512]
 
-The command validates the data group only (the run's trainer/model/cluster settings are not
-its business); an explicit data.vocab_size= that contradicts a given data.tokenizer is refused.
+The command validates the data group only (the run's trainer, model and cluster settings are
+not its business; data_pipeline/compose.py composes conf/ for it); an explicit data.vocab_size=
+that contradicts a given data.tokenizer is refused.
 
 Steps:
 1. The driver lists work units from metadata only (sources.plan_units: file sizes, Parquet
@@ -884,19 +885,23 @@ def _build_remote(
 
 
 def load_data_config(overrides: list[str]) -> DataConfig:
-    """cfg.data of conf/ composed with these Hydra overrides, validated on its own: the other
-    groups are composed (typed, so a misspelled key still fails) but their rules and the
-    cross-group ones (batch sizes, workers, model vocab) are training's business, not prepare's.
-    Local out_dir / tokenizer paths are made absolute. ConfigError (composition) or DataError.
-    """
+    """cfg.data of conf/ composed with these Hydra overrides (the same command line as
+    training's), validated on its own. Composed with the model and data schemas only
+    (data_pipeline/compose.py): a data.* or model.* key is typed and checked; the other groups
+    (trainer, optim, ...), their rules and the cross-group ones (batch sizes, workers, model
+    vocab) are training's business, not prepare's. Local out_dir / tokenizer paths are made
+    absolute. DataError (composition included)."""
     from dataclasses import replace
 
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from trainer.config import compose_config
+    from data_pipeline.compose import compose
+    from models.config import GPTConfig
 
-    composed = compose_config(overrides)
+    # model: data.vocab_size and data.seq_len of some data files are ${model.*} interpolations
+    schema = {"model": GPTConfig, "data": DataConfig}
+    composed = compose(overrides, schema, error=DataError, others_as_given=True)
     try:
         raw = OmegaConf.to_container(composed.data, resolve=True)
     except OmegaConfBaseException as e:
@@ -932,8 +937,6 @@ def check_vocab_size(cfg: DataConfig, *, explicit: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     """python -m data_pipeline.prepare [--overwrite] [overrides]: composes conf/ with Hydra's
     compose API and prepares cfg.data. Errors print one `error: ...` line and return 2."""
-    from trainer.config import ConfigError
-
     args = list(sys.argv[1:] if argv is None else argv)
     overwrite = "--overwrite" in args
     overrides = [a for a in args if a != "--overwrite"]
@@ -953,7 +956,7 @@ def main(argv: list[str] | None = None) -> int:
         except (DataError, storage.StorageError):
             before = None  # prepare says what is wrong
         manifest = prepare(cfg, overwrite=overwrite)
-    except (DataError, ConfigError, storage.StorageError) as exc:
+    except (DataError, storage.StorageError) as exc:
         message = " ".join(str(exc).split())
         print(f"error: {message}", file=sys.stderr)
         return 2

@@ -1,61 +1,43 @@
 """Config schemas and validation.
 
-Hydra composes conf/ once, on the driver. `load_config` turns the result into frozen,
-keyword-only dataclasses (one per group; each owned by the component that uses it) and
-validates every value and every cross-group rule before Ray or DeepSpeed start. Every
-failure is a `ConfigError` whose message is one line naming the values and the rule.
+Hydra composes conf/ once, on the driver (data_pipeline/compose.py). `load_config` turns the
+result into frozen, keyword-only dataclasses (one per group; each owned by the component that
+uses it) and validates every value and every cross-group rule before Ray or DeepSpeed start.
+Every failure is a `ConfigError` whose message is one line naming the values and the rule.
+
+A leaf: the dataclasses hold the defaults (conf/ files state what a choice changes), and the
+rules are pure (no torch, no worker or driver code, no file or environment reads). What needs
+files, the environment or the machine is trainer/driver/preflight.py's check_inputs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
-from hydra import compose, initialize_config_dir
-from hydra.core.config_store import ConfigStore
-from hydra.errors import HydraException, OverrideParseException
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cluster.config import ClusterConfig
-from data_pipeline import storage
+from data_pipeline import compose, storage
+from data_pipeline.compose import CONF_DIR, one_line, plain_name_error
 from data_pipeline.config import DataConfig
-from models.gpt import GPTConfig
-from trainer.worker.guard import GuardConfig
-from trainer.worker.parallel import Layout, check_model_fits, make_layout
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from models.config import GPTConfig
+from trainer.layout import Layout, check_model_fits, make_layout
 
 
 class ConfigError(ValueError):
     """A bad config value or combination; str() is one line fit for the user."""
 
 
-# A name that becomes one directory (run.name under run.root, sweep.name, a config group's
-# file under conf/): no separator, no '..', nothing hidden or flag-like.
-PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
-
-
-def plain_name_error(key: str, value: str, role: str) -> Optional[str]:
-    """The one-line complaint when `value` is not a plain name (None when it is)."""
-    if isinstance(value, str) and PLAIN_NAME.fullmatch(value):
-        return None
-    return (
-        f"{key} ({value!r}) must be letters, digits, '.', '_' or '-', not starting with '.' "
-        f"or '-' ({role}: a plain name cannot leave its directory)"
-    )
-
-
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
     name: str = "adamw"
-    lr: float = 6e-4
+    lr: float = 1e-3
     min_lr_ratio: float = 0.1  # floor of the schedule, as a fraction of lr
-    warmup_steps: int = 100
+    warmup_steps: int = 30
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -207,6 +189,31 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class GuardConfig:
+    """The loss-spike and NaN guard (trainer/worker/guard.py applies it)."""
+
+    name: str = "default"
+    enabled: bool = True
+    spike_factor: float = 3.0  # a loss above this x running mean is a spike; 0 disables
+    warmup_steps: int = 20  # accepted steps before spikes are judged (losses fall fast early)
+    ema_beta: float = 0.95  # running mean of accepted losses
+    max_consecutive: int = 3  # bad steps in a row before on_repeated
+    on_repeated: str = "rollback"  # rollback | stop
+
+    def __post_init__(self) -> None:
+        if self.spike_factor != 0 and self.spike_factor <= 1:
+            raise ValueError(f"spike_factor ({self.spike_factor}) must be > 1 (or 0 to disable)")
+        if not 0 < self.ema_beta < 1:
+            raise ValueError(f"ema_beta ({self.ema_beta}) must be in (0, 1)")
+        if self.max_consecutive < 1:
+            raise ValueError(f"max_consecutive ({self.max_consecutive}) must be >= 1")
+        if self.on_repeated not in ("rollback", "stop"):
+            raise ValueError(f"on_repeated ('{self.on_repeated}') must be 'rollback' or 'stop'")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainerConfig:
     max_steps: int = 300
     micro_batch_size: int = 8
@@ -239,7 +246,7 @@ class TrainerConfig:
     # torch.profiler trace of these steps into run_dir/profile/ (e.g. [5,6]).
     profile_steps: list[int] = field(default_factory=list)
     # torch.compile (inductor) of every transformer block, applied from outside the model
-    # before DeepSpeed wraps it (trainer/engine.py compile_blocks); needs a C++ compiler on
+    # before DeepSpeed wraps it (trainer/worker/engine.py compile_blocks); needs a C++ compiler on
     # CPU. Not with pipeline parallelism.
     compile: bool = False
     # CPU bf16: each nn.Linear with >= 1024 features computes its weight gradient from a
@@ -375,124 +382,17 @@ GROUPS: dict[str, type] = {
 }
 
 
-def _writable_schema(cls: type) -> DictConfig:
-    """A structured (typed, closed) node for `cls` that Hydra can merge group files into.
-
-    OmegaConf marks nodes of frozen dataclasses read-only, which would refuse every merge;
-    the schema keeps its types and closed key set, and freezing happens at instantiation.
-    """
-    node = OmegaConf.structured(cls)
-
-    def unfreeze(n) -> None:
-        n._set_flag("readonly", None)
-        if isinstance(n, DictConfig) and OmegaConf.get_type(n) is dict:
-            n._set_flag("struct", False)  # a dict field (data.mixture.sources) takes new keys
-        if isinstance(n, DictConfig):
-            for k in n.keys():
-                unfreeze(n._get_node(k))
-        elif isinstance(n, ListConfig):
-            for i in range(len(n)):
-                unfreeze(n._get_node(i))
-
-    unfreeze(node)
-    return node
-
-
-def register_schemas() -> None:
-    """Registers the root schema; every group file merges into its typed, closed node."""
-    root = OmegaConf.create({g: _writable_schema(c) for g, c in GROUPS.items()})
-    OmegaConf.set_struct(root, True)
-    ConfigStore.instance().store(name="raygpt_schema", node=root)
-
-
-register_schemas()
-
-
-def _one_line(e: BaseException) -> str:
-    """Hydra/OmegaConf errors span lines (with full_key=...); keep what the user needs."""
-    parts = [str(e).strip().splitlines()[0].rstrip(".")] if str(e).strip() else []
-    cause = e.__cause__ or e.__context__
-    if cause is not None and str(cause).strip():
-        first = str(cause).strip().splitlines()[0]
-        if first not in parts:
-            parts.append(first)
-    return ": ".join(parts) or type(e).__name__
+compose.register_schema(GROUPS)  # Hydra code that composes by itself (the sweeps) finds it
 
 
 def check_group_options(overrides: list[str]) -> None:
-    """A config-group choice (model=, +experiment=, sweeps of them) names one file of its
-    conf/ directory: a path such as model=../experiment/smoke would load a file of another
-    group, so only plain names are taken. Overrides Hydra cannot parse are left to compose,
-    which names them."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parser = OverridesParser.create()
-    for line in overrides:
-        try:
-            (o,) = parser.parse_overrides([line])
-        except HydraException:
-            continue
-        group = o.key_or_group
-        if o.is_delete() or "." in group or "@" in group or not (CONF_DIR / group).is_dir():
-            continue
-        value = o.value()
-        if o.is_sweep_override():
-            values = getattr(value, "list", None)  # a,b / choice(a,b); glob() lists real files
-            if values is None:
-                continue
-        else:
-            values = [value]
-        for value in values:
-            if msg := plain_name_error(group, value, f"a file of conf/{group}/"):
-                raise ConfigError(msg)
-
-
-def _override_parse_error(overrides: list[str]) -> Optional[str]:
-    """Which override Hydra's grammar rejects, and why (its message has no position)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parser = OverridesParser.create()
-    for line in overrides:
-        try:
-            parser.parse_overrides([line])
-        except HydraException as e:
-            return f"cannot parse override {line!r}: {_one_line(e)}"
-    return None
-
-
-def _yaml_error(e: BaseException) -> str:
-    """A YAML syntax error of a conf/ file as `file:line:col: problem` (PyYAML's 0-based
-    marks made 1-based)."""
-    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-    problem = " ".join(str(getattr(e, "problem", "") or e).split())
-    if mark is None:
-        return f"invalid YAML: {problem}"
-    where = f"{mark.name}:{mark.line + 1}:{mark.column + 1}"
-    context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
-    if context and cmark is not None and cmark is not mark:
-        problem += f" ({context} at {cmark.line + 1}:{cmark.column + 1})"
-    return f"{where}: invalid YAML: {problem}"
+    """Every config-group choice names a plain file of its conf/ directory (ConfigError)."""
+    compose.check_group_options(list(overrides), conf_dir=CONF_DIR, error=ConfigError)
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
-    """Composes conf/config.yaml with Hydra overrides (no Hydra run dir, no chdir)."""
-    import yaml
-
-    check_group_options(list(overrides))
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            return compose(config_name="config", overrides=list(overrides))
-    except yaml.YAMLError as e:  # a conf/ file with a syntax error
-        raise ConfigError(_yaml_error(e)) from None
-    except (HydraException, OmegaConfBaseException) as e:
-        msg = _one_line(e)
-        if isinstance(e, OverrideParseException):
-            msg = _override_parse_error(list(overrides)) or msg
-        missing = re.search(r"Could not find '(\w+)/([^']+)'", msg)
-        if missing and (CONF_DIR / missing.group(1)).is_dir():
-            options = sorted(p.stem for p in (CONF_DIR / missing.group(1)).glob("*.yaml"))
-            msg = f"{missing.group(1)}={missing.group(2)} does not exist; choose one of {options}"
-        raise ConfigError(msg) from None
+    """Composes conf/config.yaml with Hydra overrides, every group typed (ConfigError)."""
+    return compose.compose(list(overrides), GROUPS, conf_dir=CONF_DIR, error=ConfigError)
 
 
 def to_root_config(cfg: DictConfig, *, default_name: Optional[str] = None) -> RootConfig:
@@ -504,7 +404,7 @@ def to_root_config(cfg: DictConfig, *, default_name: Optional[str] = None) -> Ro
         try:
             raw = OmegaConf.to_container(cfg[group], resolve=True)
         except OmegaConfBaseException as e:
-            raise ConfigError(f"{group}: {_one_line(e)}") from None
+            raise ConfigError(f"{group}: {one_line(e)}") from None
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
@@ -558,61 +458,17 @@ def _timestamp() -> str:
     return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def tokenizer_vocab_size(data: DataConfig) -> tuple[int, str]:
-    """The vocab size the data will have, and where that number comes from: the prepared
-    manifest, else a given tokenizer's own size (data.vocab_size is unused then), else the
-    BPE size data.vocab_size. An object-store tokenizer is read by prepare, after preflight
-    (0 here; trainer/driver/run.py checks the prepared manifest)."""
-    remote_tok = bool(data.tokenizer) and storage.is_remote(data.tokenizer)
-    if data.tokenizer and not remote_tok and not Path(data.tokenizer).exists():
-        raise ConfigError(f"data.tokenizer: file '{data.tokenizer}' does not exist")
-    if data.tokenizer and not remote_tok:  # another kind of tokenizer file: say which is wanted
-        from data_pipeline.tokenizer import EXPECTED, wrong_kind
-
-        if Path(data.tokenizer).is_dir():
-            raise ConfigError(f"data.tokenizer: {data.tokenizer!r} is a directory; {EXPECTED}")
-        kind = wrong_kind(data.tokenizer, Path(data.tokenizer).read_bytes())
-        if kind:
-            raise ConfigError(kind)
-    if not storage.is_remote(data.out_dir):  # object stores: read after preflight, by prepare
-        from data_pipeline.manifest import manifest_uri, read_manifest
-
-        try:
-            manifest = read_manifest(data.out_dir)
-        except (OSError, ValueError):
-            manifest = None  # prepare will rebuild or complain; use the configured size
-        if manifest is not None:
-            return int(manifest.tokenizer.vocab_size), manifest_uri(data.out_dir)
-    if remote_tok:
-        return 0, f"{data.tokenizer}, read by prepare"
-    if data.tokenizer:
-        try:
-            from tokenizers import Tokenizer
-
-            return Tokenizer.from_file(data.tokenizer).get_vocab_size(), data.tokenizer
-        except Exception as e:  # noqa: BLE001 - any parse failure is a user error here
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ConfigError(
-                f"data.tokenizer: {data.tokenizer!r} is not a valid tokenizer.json ({reason})"
-            ) from None
-    return data.vocab_size, "data.vocab_size"
-
-
 def validate(cfg: RootConfig) -> None:
-    """Cross-group rules. Per-group rules live in each dataclass's __post_init__."""
+    """Cross-group rules. Per-group rules live in each dataclass's __post_init__. Pure: the
+    checks that read files, the environment or the machine (the tokenizer's vocab,
+    model.init_from, WANDB_API_KEY, the local cluster's CPUs and GPUs) are
+    trainer/driver/preflight.py's check_inputs."""
     m, d, t, c = cfg.model, cfg.data, cfg.trainer, cfg.cluster
     if d.seq_len > m.block_size:
         raise ConfigError(
             f"data.seq_len ({d.seq_len}) exceeds model.block_size ({m.block_size}): "
             "sequences must fit the model context"
         )
-    if m.init_from:
-        from trainer.init_from import check_hf_config
-
-        try:
-            check_hf_config(m, m.init_from)
-        except (ValueError, OSError) as e:
-            raise ConfigError(f"model.init_from: {e}") from None
     try:
         layout = make_layout(
             c.num_workers, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
@@ -648,13 +504,6 @@ def validate(cfg: RootConfig) -> None:
             f"{cfg.cluster.gpus_per_worker}: it is a CPU kernel "
             "option (oneDNN's bf16 matmul); GPUs take transposed operands at full rate"
         )
-    # A mixture's datasets are prepared: the driver checks their vocab (preflight), not this.
-    vocab, source = (0, "data.mixture") if d.mixture else tokenizer_vocab_size(d)
-    if m.vocab_size < vocab:
-        raise ConfigError(
-            f"model.vocab_size ({m.vocab_size}) is smaller than the tokenizer's vocab "
-            f"({vocab}, from {source})"
-        )
     dp = cfg.dp_size
     per_step = t.micro_batch_size * dp
     if t.grad_accum is not None:
@@ -669,25 +518,17 @@ def validate(cfg: RootConfig) -> None:
             f"trainer.global_batch_size ({t.global_batch_size}) must be a multiple of "
             f"micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp}) = {per_step}"
         )
-    if cfg.logging.mode == "online" and not os.environ.get("WANDB_API_KEY"):
-        raise ConfigError("logging.mode=online needs WANDB_API_KEY in the environment")
-    if c.address is None:
-        cpus = os.cpu_count() or 1
-        need = c.num_workers * c.cpus_per_worker
-        if need > cpus:
-            raise ConfigError(
-                f"cluster.num_workers ({c.num_workers}) x cpus_per_worker ({c.cpus_per_worker}) "
-                f"= {need:g} CPUs, but this machine has {cpus}: the local cluster cannot hold them"
-            )
-        if c.use_gpu:
-            import torch
 
-            gpus = torch.cuda.device_count()
-            if c.num_workers * c.gpus_per_worker > gpus:
-                raise ConfigError(
-                    f"cluster.num_workers ({c.num_workers}) x gpus_per_worker "
-                    f"({c.gpus_per_worker}) GPUs requested, but this machine has {gpus}"
-                )
+
+def check_vocab_fits(model: GPTConfig, vocab: int, source: str) -> None:
+    """The rule "model.vocab_size >= the tokenizer's vocab", for every place the vocab is
+    learned (a given tokenizer, a prepared manifest, a mixture's datasets, the BPE size):
+    `source` says where `vocab` comes from."""
+    if model.vocab_size < vocab:
+        raise ConfigError(
+            f"model.vocab_size ({model.vocab_size}) is smaller than the tokenizer's vocab "
+            f"({vocab}, from {source})"
+        )
 
 
 def check_eval_fits(cfg: RootConfig, val_samples: int, where: str) -> None:

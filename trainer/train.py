@@ -19,6 +19,7 @@ import sys
 from typing import Optional
 
 from trainer.config import ConfigError, RootConfig, load_config
+from trainer.driver.preflight import check_inputs
 
 FLAGS = ("-m", "--multirun", "--check")
 
@@ -37,6 +38,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             return run_sweep(overrides, check=check)
         cfg = load_config(overrides)
+        check_inputs(cfg)
         if check:
             from data_pipeline.storage import remote_env
 

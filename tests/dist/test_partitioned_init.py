@@ -25,7 +25,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         from models.gpt import GPT, GPTConfig
         from trainer.config import OptimConfig, ParallelConfig, PrecisionConfig
         from trainer.worker.engine import build_model, init_weights
-        from trainer.worker.parallel import make_layout
+        from trainer.layout import make_layout
 
         cfg = GPTConfig(n_layer=2, d_model=64, n_head=4, n_kv_head=2, vocab_size=128,
                         block_size=32, pos_embedding="rope", norm="rmsnorm", mlp="swiglu")

@@ -20,7 +20,7 @@ ENGINE_SCRIPT = textwrap.dedent(
     from trainer.worker import kernels
     from trainer.worker.engine import build_engine, build_model, train_step
     from trainer.worker.kernels import ContiguousGradLinear
-    from trainer.worker.parallel import Layout
+    from trainer.layout import Layout
 
     torch.manual_seed(0)
     layout = Layout(world=1, dp=1, tp=1, pp=1)

@@ -50,7 +50,7 @@ LLAMA_TINY = GPTConfig(
     tie_embeddings=False,
 )  # fmt: skip
 SHAPES = {"gpt-tiny": (BASE, GPT_TINY), "llama-tiny": (LLAMA, LLAMA_TINY)}
-# What BASE sets, written out; the rest are raygpt's defaults (seed 1337, conf/optim/adamw.yaml).
+# What BASE sets, written out; the rest are raygpt's defaults (seed 1337, OptimConfig).
 RECIPE = Recipe(steps=STEPS, global_batch=8, micro_batch=2, warmup=3)
 LAYOUTS = {  # name -> (overrides, processes)
     "single": (["parallel=ddp", "cluster.num_workers=1", "cluster.cpus_per_worker=1"], 1),

@@ -17,7 +17,7 @@ ENGINE_SCRIPT = textwrap.dedent(
     from trainer.config import OptimConfig, ParallelConfig, PrecisionConfig
     from trainer.worker.engine import build_engine, build_model, train_step
     from trainer.worker.observability.metrics import StepTimes
-    from trainer.worker.parallel import Layout
+    from trainer.layout import Layout
 
     layout = Layout(world=1, dp=1, tp=1, pp=1)
     m = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, d_model=16)

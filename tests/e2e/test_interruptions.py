@@ -2,7 +2,7 @@
 a worker killed while saving, a hung collective, and resuming at another data-parallel size.
 
 Every run is the `python -m trainer.train` command line (2 Ray workers, DeepSpeed ZeRO-2, fp32,
-gloo) on the smoke data. Fault drills (trainer/faults.py, RAYGPT_FAULT) hold one worker still
+gloo) on the smoke data. Fault drills (trainer/worker/faults.py, RAYGPT_FAULT) hold one worker still
 at a chosen point; the test then kills what it wants with SIGKILL or SIGTERM. Each run logs the
 global sample ids of every step (trainer.log_sample_ids), so "every sample exactly once" is
 checked with ids, and per-step losses are compared with one uninterrupted run.

@@ -17,7 +17,7 @@ from .loop import Recipe, train
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "parity_gpt_tiny_fp32.json"
 # BASE's settings: trainer.max_steps, global_batch_size, micro_batch_size, optim.warmup_steps;
-# the rest are raygpt's defaults (trainer.seed 1337, conf/optim/adamw.yaml).
+# the rest are raygpt's defaults (trainer.seed 1337, OptimConfig in trainer/config.py).
 RECIPE = Recipe(steps=STEPS, global_batch=8, micro_batch=2, warmup=3)
 
 

@@ -501,7 +501,7 @@ KINDS = [
 def test_a_file_of_the_wrong_kind_as_data_tokenizer_says_what_is_expected(ws, name, kind):
     from data_pipeline.config import DataConfig
     from data_pipeline.tokenizer import load_tokenizer
-    from trainer.config import tokenizer_vocab_size
+    from trainer.driver.preflight import tokenizer_vocab_size
 
     path = _tokenizer_files(ws / "hub")[name]
     before = tree_digest(ws)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from trainer.config import CONF_DIR, ConfigError, RootConfig, load_config
+from trainer.driver.preflight import check_inputs
 
 GROUPS = ["model", "data", "optim", "parallel", "precision", "cluster", "logging"]
 EXTRA = {
@@ -103,10 +104,6 @@ BAD = [
         r"size \(2\) = 32",
     ),
     (["data.seq_len=512"], r"data.seq_len \(512\) exceeds model.block_size \(256\)"),
-    (
-        ["model.vocab_size=1000"],
-        r"model.vocab_size \(1000\) is smaller than the tokenizer's vocab \(8192",
-    ),
     (["parallel.zero_stage=4"], r"zero_stage \(4\) must be 0, 1, 2 or 3"),
     (["parallel.zero_stage=-1"], r"zero_stage \(-1\) must be 0, 1, 2 or 3"),
     (["precision.fp16=true"], r"bf16 and fp16 are both true"),
@@ -137,13 +134,46 @@ def test_bad_config_fails_with_one_line(overrides, message):
 def test_more_workers_than_the_machine_holds():
     n = (os.cpu_count() or 1) + 1
     with pytest.raises(ConfigError, match=rf"num_workers \({n}\).*this machine has"):
-        load_config([f"cluster.num_workers={n}", f"trainer.global_batch_size={8 * n}"])
+        check_inputs(
+            load_config([f"cluster.num_workers={n}", f"trainer.global_batch_size={8 * n}"])
+        )
 
 
 def test_online_wandb_needs_a_key(monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     with pytest.raises(ConfigError, match="WANDB_API_KEY"):
-        load_config(["logging.mode=online"])
+        check_inputs(load_config(["logging.mode=online"]))
+
+
+def test_vocab_checked_against_the_bpe_size(tmp_path):
+    # no tokenizer, nothing prepared: the BPE prepare will train has data.vocab_size tokens
+    cfg = load_config(["model.vocab_size=1000", f"data.out_dir={tmp_path}"], default_name="t")
+    with pytest.raises(
+        ConfigError,
+        match=r"model.vocab_size \(1000\) is smaller than the "
+        r"tokenizer's vocab \(8192, from data.vocab_size\)",
+    ) as e:
+        check_inputs(cfg)
+    assert "\n" not in str(e.value)
+
+
+def test_the_vocab_rule_is_written_once():
+    # every caller (preflight for a tokenizer, a manifest or a mixture; run.py for the data
+    # prepared on the cluster) words it through check_vocab_fits
+    from models.config import GPTConfig
+    from trainer.config import check_vocab_fits
+
+    check_vocab_fits(GPTConfig(vocab_size=600), 600, "x")
+    with pytest.raises(
+        ConfigError,
+        match=r"^model.vocab_size \(512\) is smaller than the "
+        r"tokenizer's vocab \(600, from data/x\)$",
+    ):
+        check_vocab_fits(GPTConfig(vocab_size=512), 600, "data/x")
+    root = Path(__file__).resolve().parents[2]
+    for path in ("trainer/config.py", "trainer/driver/preflight.py", "trainer/driver/run.py"):
+        text = (root / path).read_text()
+        assert text.count("smaller than the tokenizer's vocab") == (path == "trainer/config.py")
 
 
 def test_vocab_checked_against_prepared_manifest(tmp_path):
@@ -162,7 +192,7 @@ def test_vocab_checked_against_prepared_manifest(tmp_path):
         created="2026-01-01T00:00:00Z",
     ).save(str(tmp_path))
     with pytest.raises(ConfigError, match=r"vocab \(9000, from .*manifest.json\)"):
-        load_config([f"data.out_dir={tmp_path}"])
+        check_inputs(load_config([f"data.out_dir={tmp_path}"]))
 
 
 def test_vocab_checked_against_given_tokenizer(tmp_path):
@@ -171,15 +201,17 @@ def test_vocab_checked_against_given_tokenizer(tmp_path):
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(600)}, unk_token="w0"))
     tok.save(str(tmp_path / "tok.json"))
     with pytest.raises(ConfigError, match=r"vocab_size \(512\).*\(600, from"):
-        load_config(
-            [
-                "+experiment=smoke",
-                f"data.tokenizer={tmp_path / 'tok.json'}",
-                f"data.out_dir={tmp_path / 'd'}",
-            ]
+        check_inputs(
+            load_config(
+                [
+                    "+experiment=smoke",
+                    f"data.tokenizer={tmp_path / 'tok.json'}",
+                    f"data.out_dir={tmp_path / 'd'}",
+                ]
+            )
         )
     with pytest.raises(ConfigError, match="does not exist"):
-        load_config([f"data.tokenizer={tmp_path / 'missing.json'}"])
+        check_inputs(load_config([f"data.tokenizer={tmp_path / 'missing.json'}"]))
 
 
 def test_cli_prints_one_line_and_exits_2(capsys):

@@ -20,6 +20,7 @@ from cluster.launch import worker_env
 from models.gpt import GPTConfig
 from trainer.checkpoint import format as checkpoint
 from trainer.config import ConfigError, OptimConfig, ParallelConfig, PrecisionConfig, load_config
+from trainer.layout import make_layout
 from trainer.worker import engine as engine_mod
 from trainer.worker.engine import (
     accelerator_device_type,
@@ -32,7 +33,6 @@ from trainer.worker.engine import (
 )
 from trainer.worker.observability import metrics
 from trainer.worker.observability.metrics import StepTimes, UnknownGPUError, peak_flops_per_worker
-from trainer.worker.parallel import make_layout
 
 
 def _refuse(what):

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from trainer.worker.guard import GuardConfig, LossGuard, innermost_optimizer, skipped_optimizer_step
+from trainer.config import GuardConfig
+from trainer.worker.guard import LossGuard, innermost_optimizer, skipped_optimizer_step
 
 
 def test_non_finite_loss_is_bad_from_the_first_step():

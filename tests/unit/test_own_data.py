@@ -228,11 +228,14 @@ def test_small_given_tokenizer_is_accepted(
         assert Manifest.load(out).tokenizer.vocab_size == 66
 
     from trainer.config import ConfigError, load_config
+    from trainer.driver.preflight import check_inputs
 
     run = [*small, "data.vocab_size=66", f"data.out_dir={tmp_path / 'fresh'}"]
-    assert load_config([*run, "model.vocab_size=66"]).data.vocab_size == 66
+    cfg = load_config([*run, "model.vocab_size=66"])
+    check_inputs(cfg)
+    assert cfg.data.vocab_size == 66
     with pytest.raises(ConfigError, match=r"model.vocab_size \(65\) is smaller than the tokeni"):
-        load_config([*run, "model.vocab_size=65"])
+        check_inputs(load_config([*run, "model.vocab_size=65"]))
 
 
 def test_explicit_vocab_size_contradicting_the_tokenizer(

@@ -6,7 +6,8 @@ import pytest
 
 from models.gpt import GPTConfig
 from trainer.config import ConfigError, load_config
-from trainer.worker.parallel import Layout, check_model_fits, make_layout, tensor_parallel_config
+from trainer.layout import Layout, check_model_fits, make_layout
+from trainer.worker.parallel import tensor_parallel_config
 
 
 @pytest.mark.parametrize(

@@ -307,7 +307,7 @@ def load(
             )
     else:
         # Universal files are read by DeepSpeed with torch.load directly; they were written
-        # on the driver from this verified checkpoint (trainer/universal.py).
+        # on the driver from this verified checkpoint (trainer/checkpoint/universal.py).
         with patches.universal(engine):
             path, _ = engine.load_checkpoint(
                 str(universal_dir),

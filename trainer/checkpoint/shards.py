@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from trainer.worker.parallel import make_layout
+from trainer.layout import make_layout
 
 # The config fields (group, key) that lay a run's state out over its ranks. Any of them may
 # change on resume: reported on one line (compat.py), converted where the shards must change

@@ -1,14 +1,16 @@
 """I/O checks on the driver, before any worker starts: every failure is a ConfigError (one
 line naming the value and the rule) and nothing is written or changed.
 
-Before Ray: the fault-drill spec, the storage (run.root, data.out_dir, model.init_from can be
-reached and written: bucket, credentials, endpoint, permissions), the data sources, NVMe
-offload, the allocator. After Ray is up: the cluster can hold the workers, and a local path
+Right after the config is loaded (check_inputs): the tokenizer's vocab, model.init_from, the
+environment and this machine's CPUs/GPUs. Before Ray: the fault-drill spec, the storage
+(run.root, data.out_dir, model.init_from can be reached and written: bucket, credentials,
+endpoint, permissions), the data sources, NVMe offload, the allocator. After Ray is up: the cluster can hold the workers, and a local path
 used by a multi-node cluster is visible from every node.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -16,8 +18,87 @@ from typing import Optional
 
 from cluster.config import ClusterError
 from data_pipeline import storage
+from data_pipeline.config import DataConfig
 from data_pipeline.manifest import MANIFEST_FILE
-from trainer.config import ConfigError, RootConfig, check_eval_fits
+from trainer.config import ConfigError, RootConfig, check_eval_fits, check_vocab_fits
+
+
+def check_inputs(cfg: RootConfig) -> None:
+    """The checks of a valid config that read files, the environment or this machine (the
+    rules themselves are trainer/config.py's): model.init_from's config.json fits the model,
+    the tokenizer's vocab fits model.vocab_size, logging.mode=online has WANDB_API_KEY, and a
+    private local cluster fits this machine. Every command that validates a config runs it
+    right after load_config (train, --check, each job of a sweep), so before Ray starts."""
+    m, d, c = cfg.model, cfg.data, cfg.cluster
+    if m.init_from:
+        from trainer.init_from import check_hf_config
+
+        try:
+            check_hf_config(m, m.init_from)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"model.init_from: {e}") from None
+    # A mixture's datasets are prepared: check_mixture checks their vocab, before Ray.
+    if not d.mixture:
+        check_vocab_fits(m, *tokenizer_vocab_size(d))
+    if cfg.logging.mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        raise ConfigError("logging.mode=online needs WANDB_API_KEY in the environment")
+    if c.address is None:
+        cpus = os.cpu_count() or 1
+        need = c.num_workers * c.cpus_per_worker
+        if need > cpus:
+            raise ConfigError(
+                f"cluster.num_workers ({c.num_workers}) x cpus_per_worker ({c.cpus_per_worker}) "
+                f"= {need:g} CPUs, but this machine has {cpus}: the local cluster cannot hold them"
+            )
+        if c.use_gpu:
+            import torch
+
+            gpus = torch.cuda.device_count()
+            if c.num_workers * c.gpus_per_worker > gpus:
+                raise ConfigError(
+                    f"cluster.num_workers ({c.num_workers}) x gpus_per_worker "
+                    f"({c.gpus_per_worker}) GPUs requested, but this machine has {gpus}"
+                )
+
+
+def tokenizer_vocab_size(data: DataConfig) -> tuple[int, str]:
+    """The vocab size the data will have, and where that number comes from: the prepared
+    manifest, else a given tokenizer's own size (data.vocab_size is unused then), else the
+    BPE size data.vocab_size. An object-store tokenizer is read by prepare, after preflight
+    (0 here; trainer/driver/run.py checks the prepared manifest)."""
+    remote_tok = bool(data.tokenizer) and storage.is_remote(data.tokenizer)
+    if data.tokenizer and not remote_tok and not Path(data.tokenizer).exists():
+        raise ConfigError(f"data.tokenizer: file '{data.tokenizer}' does not exist")
+    if data.tokenizer and not remote_tok:  # another kind of tokenizer file: say which is wanted
+        from data_pipeline.tokenizer import EXPECTED, wrong_kind
+
+        if Path(data.tokenizer).is_dir():
+            raise ConfigError(f"data.tokenizer: {data.tokenizer!r} is a directory; {EXPECTED}")
+        kind = wrong_kind(data.tokenizer, Path(data.tokenizer).read_bytes())
+        if kind:
+            raise ConfigError(kind)
+    if not storage.is_remote(data.out_dir):  # object stores: read after preflight, by prepare
+        from data_pipeline.manifest import manifest_uri, read_manifest
+
+        try:
+            manifest = read_manifest(data.out_dir)
+        except (OSError, ValueError):
+            manifest = None  # prepare will rebuild or complain; use the configured size
+        if manifest is not None:
+            return int(manifest.tokenizer.vocab_size), manifest_uri(data.out_dir)
+    if remote_tok:
+        return 0, f"{data.tokenizer}, read by prepare"
+    if data.tokenizer:
+        try:
+            from tokenizers import Tokenizer
+
+            return Tokenizer.from_file(data.tokenizer).get_vocab_size(), data.tokenizer
+        except Exception as e:  # noqa: BLE001 - any parse failure is a user error here
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(
+                f"data.tokenizer: {data.tokenizer!r} is not a valid tokenizer.json ({reason})"
+            ) from None
+    return data.vocab_size, "data.vocab_size"
 
 
 def check_before_ray(cfg: RootConfig) -> None:
@@ -121,11 +202,7 @@ def check_mixture(cfg: RootConfig) -> dict:
         raise ConfigError(str(e)) from None
     first = mixture.names[0]
     vocab = manifests[first].tokenizer.vocab_size
-    if cfg.model.vocab_size < vocab:
-        raise ConfigError(
-            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocab "
-            f"({vocab}) of the mixture (source {first!r})"
-        )
+    check_vocab_fits(cfg.model, vocab, f"the mixture's source {first!r}")
     for name, manifest in manifests.items():
         where = f"data.mixture.sources.{name} ({mixture.sources[name].dir})"
         check_eval_fits(cfg, manifest.splits["val"].num_samples, where)
@@ -182,7 +259,7 @@ def check_cluster(cfg: RootConfig) -> None:
     from cluster.launch import check_capacity
 
     if cfg.cluster.address is None:
-        return  # a private local Ray: one machine, capacity checked in validate()
+        return  # a private local Ray: one machine, capacity checked in check_inputs()
     try:
         check_capacity(cfg.cluster)
     except ClusterError as e:

@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from cluster.config import ClusterError
 from data_pipeline import storage
-from trainer.config import ConfigError, RootConfig, check_eval_fits, config_warnings
+from trainer.config import (
+    ConfigError,
+    RootConfig,
+    check_eval_fits,
+    check_vocab_fits,
+    config_warnings,
+)
 from trainer.driver import plan, preflight
 from trainer.startup_trace import mark
 from trainer.worker.entry import WorkerConfig
@@ -144,12 +150,7 @@ def prepare_data(cfg: RootConfig, planned: Optional[PlannedPrepare] = None) -> s
 
 def check_prepared(cfg: RootConfig, manifest: Manifest) -> None:
     """The prepared dataset fits the model and the eval settings (ConfigError otherwise)."""
-    vocab = int(manifest.tokenizer.vocab_size)
-    if cfg.model.vocab_size < vocab:
-        raise ConfigError(
-            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocab "
-            f"({vocab}) in {cfg.data.out_dir}"
-        )
+    check_vocab_fits(cfg.model, int(manifest.tokenizer.vocab_size), cfg.data.out_dir)
     if manifest.seq_len != cfg.data.seq_len:
         raise ConfigError(
             f"data.seq_len ({cfg.data.seq_len}) differs from the prepared shards' seq_len "

@@ -11,34 +11,12 @@ clear message (`on_repeated`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional
+
+from trainer.config import GuardConfig  # the schema is config's; re-exported for callers
 
 # DeepSpeed patches live in ds_patches.py; the guarded skip is re-exported here for callers.
 from trainer.worker.ds_patches import innermost_optimizer, skipped_optimizer_step  # noqa: F401
-
-
-@dataclass(frozen=True, kw_only=True)
-class GuardConfig:
-    name: str = "default"
-    enabled: bool = True
-    spike_factor: float = 3.0  # a loss above this x running mean is a spike; 0 disables
-    warmup_steps: int = 20  # accepted steps before spikes are judged (losses fall fast early)
-    ema_beta: float = 0.95  # running mean of accepted losses
-    max_consecutive: int = 3  # bad steps in a row before on_repeated
-    on_repeated: str = "rollback"  # rollback | stop
-
-    def __post_init__(self) -> None:
-        if self.spike_factor != 0 and self.spike_factor <= 1:
-            raise ValueError(f"spike_factor ({self.spike_factor}) must be > 1 (or 0 to disable)")
-        if not 0 < self.ema_beta < 1:
-            raise ValueError(f"ema_beta ({self.ema_beta}) must be in (0, 1)")
-        if self.max_consecutive < 1:
-            raise ValueError(f"max_consecutive ({self.max_consecutive}) must be >= 1")
-        if self.on_repeated not in ("rollback", "stop"):
-            raise ValueError(f"on_repeated ('{self.on_repeated}') must be 'rollback' or 'stop'")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be >= 0")
 
 
 class TooManyBadSteps(RuntimeError):

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from cluster.config import ClusterConfig
 from data_pipeline import storage
 from trainer.config import ConfigError, RootConfig, SweepConfig, load_config
+from trainer.driver.preflight import check_inputs
 from trainer.driver.sweep import hydra_private
 
 # May differ between invocations of one sweep (not part of its definition): how many jobs run
@@ -241,6 +242,7 @@ class SweepPlan:
     def _validate(self, job: Job) -> RootConfig:
         try:
             cfg = load_config(self.job_args(job, None))
+            check_inputs(cfg)
         except ConfigError as e:
             raise ConfigError(f"{job.where()}: {e}") from None
         got = {
@@ -285,7 +287,9 @@ def check_sweep(overrides: Sequence[str]) -> list[RootConfig]:
     cfgs = []
     for num, job in enumerate(expand_basic(overrides)):
         try:
-            cfgs.append(load_config(job, default_name="sweep-check"))
+            cfg = load_config(job, default_name="sweep-check")
+            check_inputs(cfg)
+            cfgs.append(cfg)
         except ConfigError as e:
             raise ConfigError(f"sweep job {num} ({swept_label(job, overrides)}): {e}") from None
     return cfgs
