@@ -68,8 +68,9 @@ def _one_line(e: BaseException) -> str:
 def find_checkpoint(path: str | Path) -> str:
     """`path` itself if it is a checkpoint directory, else the run's latest verified checkpoint
     (trainer/checkpoint/index.py: the rule resume and rollback use; newer registered ones
-    that are damaged are named on stderr and skipped). Any storage URI."""
-    from trainer.checkpoint.index import latest
+    that are damaged are named on stderr and skipped); in a directory of checkpoints that
+    nothing registered (copied by hand), the newest complete one. Any storage URI."""
+    from trainer.checkpoint.index import complete_checkpoints, latest
 
     uri = storage.absolute(str(path))
     try:
@@ -84,6 +85,9 @@ def find_checkpoint(path: str | Path) -> str:
         found = newest.uri
         for damaged, problem in newest.damaged:
             print(f"export: skipping {storage.name(damaged)}: {problem}", file=sys.stderr)
+        if found is None and not newest.damaged:
+            complete = complete_checkpoints(uri)
+            found = storage.join(uri, complete[-1]) if complete else None
     except CheckpointError as e:
         raise ExportError(f"checkpoint {uri} is damaged: {e}") from None
     if found is None and storage.is_file(storage.join(uri, "config.json")):
