@@ -37,7 +37,7 @@ test-drills: setup
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=1800 -m drill $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -q -p no:cacheprovider tests/unit $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 tests/unit $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
