@@ -136,6 +136,12 @@ class Trainer:
 
     # -- build and resume ---------------------------------------------------------------------
     def build(self) -> None:
+        self.make_engine()
+        self.make_loaders()
+        self.make_controls()
+
+    def make_engine(self) -> None:
+        """The model, wrapped by DeepSpeed once, and its LR schedule."""
         cfg, t = self.cfg, self.cfg.trainer
         torch.set_num_threads(cfg.cluster.threads_per_worker)
         # First: an unknown GPU without trainer.peak_flops fails in seconds, not after a build.
@@ -168,18 +174,25 @@ class Trainer:
             **model_state_bytes(self.engine),
             "rss_after_build_mib": memory_stats(self.engine.device)["rss_mib"],
         }
-        data_dir = self.config.data_dir
+
+    def make_loaders(self) -> None:
+        """This rank's training loader and the validation loaders."""
+        cfg, t = self.cfg, self.cfg.trainer
         loader_args = dict(
             micro_batch=t.micro_batch_size, dp_rank=self.dp_rank, dp_size=cfg.dp_size, seed=t.seed
         )
         # A mixture's val loaders are its sources' ({"": ...} for one dataset).
         self.train_loader, self.val_loaders = build_loaders(
             cfg.data,
-            data_dir,
+            self.config.data_dir,
             global_batch=t.global_batch_size,
             val_batch=t.micro_batch_size * t.eval_batches * cfg.dp_size,
             **loader_args,
         )
+
+    def make_controls(self) -> None:
+        """The loss guard, the run files, the checkpoint manager and the stop control."""
+        cfg, t = self.cfg, self.cfg.trainer
         self.guard = LossGuard(cfg.guard)
         self.judge = StepJudge(self.guard, mean_across_ranks)
         self.fault = faults.from_env()
