@@ -1,6 +1,9 @@
-"""Checkpoint stall on object storage: how long the step loop waits per checkpoint saved into an
-s3:// run directory, against the checkpoint's bytes, with raygpt's checkpoint manager
-(trainer/checkpoint/manager.py) saving synchronously and in the background.
+"""Checkpoint stall: how long the step loop waits per checkpoint saved into a run directory on
+local disk and on s3://, against the checkpoint's bytes, with raygpt's checkpoint manager
+(trainer/checkpoint/manager.py) saving synchronously (SYNC: DeepSpeed writes, hashing, the
+upload and the registration in the step loop) and as it does by default (ASYNC: the loop waits
+for an in-memory snapshot; the rest runs in the background). "of SYNC": ASYNC's stall as a
+share of SYNC's on the same storage (the GPU issue's target: at most 10%).
 
 The store is a local moto server (tests/s3server.py): same machine, in-memory, so the upload
 rate is moto's (a Python server sharing the two cores), not a network's; the stall it causes is
@@ -9,9 +12,9 @@ environment is set, cluster.fit, DeepSpeed ZeRO-2 on CPU, gloo, fp32 by default)
 model, take one optimizer step (so Adam's moments exist) and then save checkpoints. Per
 checkpoint, on rank 0:
 
-  stall s     how long CheckpointManager.save blocks: DeepSpeed save to local disk and the
-              integrity record, then (SYNC) the upload, a barrier and the registration, or
-              (ASYNC) the hand-off to the upload thread
+  stall s     how long CheckpointManager.save blocks: SYNC, DeepSpeed's files written, hashed
+              and persisted, a barrier and the registration; ASYNC, the in-memory snapshot
+              (DeepSpeed's state serialized, RNG and trainer state) and the hand-off
   upload s    save() -> this rank's files persisted and the checkpoint registered
               (ASYNC: while steps go on; moto and the steps share the two cores)
   MB/s        the checkpoint's bytes (all ranks) / rank 0's upload seconds
@@ -44,12 +47,10 @@ MODES = ("SYNC", "ASYNC")
 def stall_worker(config: dict[str, Any], context: Any) -> None:
     """Runs in each Ray Train worker: build, one step, then checkpoints in each mode."""
     import torch
-    import torch.distributed as dist
 
-    from data_pipeline import storage
     from models.gpt import GPT
     from trainer.checkpoint.manager import CheckpointManager
-    from trainer.worker.ds_patches import LOAD_PATCHES
+    from trainer.worker.ds_patches import ENGINE_PATCHES
     from trainer.worker.engine import build_engine, train_step
 
     cfg, seq, rank = config["cfg"], config["seq"], context.rank
@@ -66,30 +67,52 @@ def stall_worker(config: dict[str, Any], context: Any) -> None:
 
     step()
     base_step = median(step() for _ in range(3))
-    manager = CheckpointManager(config["root"], rank, cfg.trainer, LOAD_PATCHES)
     rows, n = [], 0
-    for mode in config["modes"]:
-        manager.asynchronous = mode == "ASYNC"
-        for _ in range(config["repeats"]):
-            n += 1
-            dist.barrier()
-            t0 = time.perf_counter()
-            name = manager.save(n, engine, {}, {"run_name": "stall", "config": cfg.to_dict()})
-            t1 = time.perf_counter()
-            during = [step() for _ in range(config["steps_during"])] if mode == "ASYNC" else []
-            manager.wait()  # this rank's files persisted (rank 0: registered too)
-            t2 = time.perf_counter()
-            dist.barrier()  # every rank's files are in the bucket
-            nbytes = sum(storage.walk_files(storage.join(config["root"], name)).values())
-            rows.append({
-                "mode": mode, "bytes": nbytes, "stall_s": t1 - t0,
-                "upload_s": (t2 - t0) if mode == "ASYNC" else (t1 - t0),
-                "step_slowdown": (sum(during) / len(during) / base_step) if during else None,
-                "steps_during": len(during),
-            })  # fmt: skip
-    manager.close()
+    for where, root in config["roots"].items():
+        manager = CheckpointManager(root, rank, cfg.trainer, ENGINE_PATCHES)
+        for mode in config["modes"]:
+            manager.asynchronous = mode == "ASYNC"
+            rows += save_repeatedly(manager, engine, step, base_step, config, where, mode, n)
+            n = len(rows)
+        manager.close()
     if rank == 0:
         Path(config["out"]).write_text(json.dumps({"base_step_s": base_step, "rows": rows}))
+
+
+def save_repeatedly(
+    manager: Any,
+    engine: Any,
+    step: Any,
+    base_step: float,
+    config: dict,
+    where: str,
+    mode: str,
+    n: int,
+) -> list[dict[str, Any]]:
+    """config["repeats"] checkpoints (steps n+1, n+2, ...) in one mode; each row: the step
+    loop's stall, the time until this rank's files are in storage, the steps' slowdown."""
+    import torch.distributed as dist
+
+    from data_pipeline import storage
+
+    rows = []
+    for k in range(1, config["repeats"] + 1):
+        dist.barrier()
+        t0 = time.perf_counter()
+        name = manager.save(n + k, engine, {}, {"run_name": "stall"})
+        t1 = time.perf_counter()
+        during = [step() for _ in range(config["steps_during"])] if mode == "ASYNC" else []
+        manager.wait()  # this rank's files persisted (rank 0: registered too)
+        t2 = time.perf_counter()
+        dist.barrier()  # every rank's files are in storage
+        nbytes = sum(storage.walk_files(storage.join(manager.run_uri, name)).values())
+        rows.append({
+            "storage": where, "mode": mode, "bytes": nbytes, "stall_s": t1 - t0,
+            "upload_s": (t2 - t0) if mode == "ASYNC" else (t1 - t0),
+            "step_slowdown": (sum(during) / len(during) / base_step) if during else None,
+            "steps_during": len(during),
+        })  # fmt: skip
+    return rows
 
 
 def measure(model: str, overrides: list[str], args: argparse.Namespace, s3) -> dict[str, Any]:
@@ -105,12 +128,12 @@ def measure(model: str, overrides: list[str], args: argparse.Namespace, s3) -> d
         "trainer.micro_batch_size=2", "trainer.global_batch_size=4",
     ])  # fmt: skip
     out = Path(tempfile.mkdtemp(prefix="raygpt-stall-")) / "rows.json"
-    root = s3.unique_uri("stall")
+    roots = {"local disk": str(out.parent / "run"), "S3 (moto)": s3.unique_uri("stall")}
     config = {
         "cfg": cfg, "seq": seq, "modes": MODES, "repeats": args.repeats,
-        "steps_during": args.steps_during, "out": str(out), "root": root,
+        "steps_during": args.steps_during, "out": str(out), "roots": roots,
     }  # fmt: skip
-    fit(stall_worker, config, FitOptions(cfg.cluster, root, storage.remote_env()))
+    fit(stall_worker, config, FitOptions(cfg.cluster, str(out.parent), storage.remote_env()))
     result = json.loads(out.read_text())
     result["model"], result["params"] = model, estimate_num_params(cfg.model)
     return result
@@ -118,21 +141,26 @@ def measure(model: str, overrides: list[str], args: argparse.Namespace, s3) -> d
 
 def summarize(result: dict[str, Any]) -> list[list[Any]]:
     table = []
-    for mode in MODES:
-        rows = [r for r in result["rows"] if r["mode"] == mode]
-        if not rows:
-            continue
+    for where in dict.fromkeys(r["storage"] for r in result["rows"]):
+        sync = [
+            r["stall_s"] for r in result["rows"] if r["storage"] == where and r["mode"] == "SYNC"
+        ]
+        for mode in MODES:
+            rows = [r for r in result["rows"] if r["storage"] == where and r["mode"] == mode]
+            if not rows:
+                continue
 
-        def med(k: str, rows: list[dict[str, Any]] = rows) -> float:
-            return median(r[k] for r in rows)
+            def med(k: str, rows: list[dict[str, Any]] = rows) -> float:
+                return median(r[k] for r in rows)
 
-        slow = [r["step_slowdown"] for r in rows if r["step_slowdown"] is not None]
-        table.append([
-            result["model"], f"{result['params'] / 1e6:.1f}M", mode,
-            f"{rows[0]['bytes'] / 2**20:.0f} MiB", med("stall_s"),
-            med("upload_s"), rows[0]["bytes"] / 1e6 / med("upload_s"),
-            f"{median(slow):.2f}" if slow else "-",
-        ])  # fmt: skip
+            slow = [r["step_slowdown"] for r in rows if r["step_slowdown"] is not None]
+            table.append([
+                result["model"], f"{result['params'] / 1e6:.1f}M", where, mode,
+                f"{rows[0]['bytes'] / 2**20:.0f} MiB", med("stall_s"),
+                f"{100 * med('stall_s') / median(sync):.0f}%" if sync else "-",
+                med("upload_s"), rows[0]["bytes"] / 1e6 / med("upload_s"),
+                f"{median(slow):.2f}" if slow else "-",
+            ])  # fmt: skip
     return table
 
 
@@ -157,7 +185,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     sys.path.insert(0, str(common.ROOT / "tests"))
     from s3server import s3_server
 
-    common.header("checkpoint stall on object storage (moto S3 on this machine)")
+    common.header("checkpoint stall, local disk and object storage (moto S3 on this machine)")
     common.print_command("bench.checkpoint_stall", argv)
     models = {"gpt-tiny": MODELS["gpt-tiny"]} if args.quick else MODELS
     results = []
@@ -171,7 +199,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     table = [row for r in results for row in summarize(r)]
     common.print_table(
         f"Checkpoint stall per save, rank 0 (medians; 2 workers, ZeRO-2 {args.precision})",
-        ["model", "params", "upload", "ckpt bytes", "stall s", "upload s", "MB/s", "step x"],
+        ["model", "params", "storage", "save", "ckpt bytes", "stall s", "of SYNC", "upload s",
+         "MB/s", "step x"],
         table,
         caption="stall: the step loop's wait in CheckpointManager.save. ASYNC uploads behind "
         "the next steps (step x: their time over a step without an upload).",

@@ -225,6 +225,7 @@ def run_engine(args: argparse.Namespace, cfg) -> dict[str, Any]:
     from models.gpt import estimate_flops_per_token, estimate_num_params
     from trainer.checkpoint import format as checkpoint
     from trainer.config import GuardConfig
+    from trainer.worker.ds_patches import ENGINE_PATCHES as PATCHES
     from trainer.worker.engine import (
         accelerator_device_type,
         build_engine,
@@ -303,13 +304,13 @@ def run_engine(args: argparse.Namespace, cfg) -> dict[str, Any]:
         if args.checkpoint:
             at_save = eval_losses(engine, val)
             c0 = time.perf_counter()
-            local = checkpoint.save_local(engine, 0, {"step": 1, "config": {}})
+            local = checkpoint.save_local(engine, 0, {"step": 1, "config": {}}, PATCHES).finish()
             res["ckpt_save_s"] = time.perf_counter() - c0
             res["ckpt_bytes"] = sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
             train_step(engine, train, tp=1)  # moves the weights away from the saved ones
             moved = eval_losses(engine, val)
             c0 = time.perf_counter()
-            state = checkpoint.load(engine, local, 0)
+            state = checkpoint.load(engine, local, 0, PATCHES)
             res["ckpt_load_s"] = time.perf_counter() - c0
             restored = eval_losses(engine, val)
             shutil.rmtree(local, ignore_errors=True)

@@ -141,3 +141,29 @@ def test_a_run_directory_of_an_earlier_raygpt_still_resumes(tmp_path, smoke_data
     got = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "legacy" / "metrics.jsonl")}
     want = json.loads((fixture / "uninterrupted_losses.json").read_text())["loss"]
     assert [got[5], got[6]] == [want["5"], want["6"]]  # fp32, one worker: exact
+
+
+def test_a_kill_during_a_background_checkpoint_write_leaves_the_previous_one(tmp_path, smoke_data):
+    """Checkpoints are written in the background (trainer/checkpoint/manager.py): the step
+    loop goes on while checkpoint 4 is held before its files reach the run directory, the
+    next save waits for it, and kill -9 then leaves checkpoint 3 the latest; the same command
+    resumes from it to the losses of an uninterrupted run."""
+    ref = Run(args(tmp_path, smoke_data, "ref"), tmp_path / "ref.log")
+    assert ref.wait() == 0, ref.output[-3000:]
+    run_dir = tmp_path / "killed"
+    first = Run(args(tmp_path, smoke_data, "killed"), tmp_path / "1.log", fault="pause@upload:4")
+    wait_for(lambda: marker_pid(run_dir, "upload", 4, 0), 300, "the write of checkpoint 4", first)
+    # Training went on past the held write: step 5 is logged while checkpoint 4 is in flight.
+    wait_for(lambda: len(read_jsonl(run_dir / "metrics.jsonl")) >= 5, 120, "step 5", first)
+    assert registered(run_dir)[-1] == "checkpoint_00000003"
+    first.proc.send_signal(signal.SIGKILL)
+    assert first.wait(60) == -signal.SIGKILL
+    assert registered(run_dir)[-1] == "checkpoint_00000003"
+    assert not (run_dir / "checkpoint_00000004" / "files" / "rank_0.json").exists()
+
+    second = Run(args(tmp_path, smoke_data, "killed"), tmp_path / "2.log")
+    assert second.wait() == 0, second.output[-3000:]
+    assert "resumed from" in second.output and "checkpoint_00000003 at step 3" in second.output
+    got = {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl")}
+    want = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "ref" / "metrics.jsonl")}
+    assert got == want  # fp32, one worker: exact (the last row of a step wins)

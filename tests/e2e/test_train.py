@@ -36,8 +36,12 @@ def test_two_workers_zero2_bf16_trains_and_logs(tmp_path, smoke_data):
 
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, 21))
-    for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "consumed_samples"):
+    for key in ("time", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "consumed_samples"):
         assert all(key in m for m in metrics), key
+    # Each row's wall clock (a checkpoint step's stall shows between two rows).
+    times = [m["time"] for m in metrics]
+    assert times == sorted(times) and times[-1] - times[0] < 3600
+    assert abs(times[-1] - (run_dir / "metrics.jsonl").stat().st_mtime) < 600
     # Step-time breakdown (seconds per step; ZeRO-2 on CPU: gradient reduction is measured).
     phases = ["data", "forward", "backward", "comm", "optimizer"]
     for m in metrics:

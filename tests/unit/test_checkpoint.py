@@ -19,6 +19,7 @@ from trainer.checkpoint import index
 from trainer.checkpoint.compat import LAYOUT_FIELDS, check_resume_compatible, compare_configs
 from trainer.checkpoint.format import CheckpointError, verify_checkpoint
 from trainer.config import ConfigError, load_config
+from trainer.worker.ds_patches import ENGINE_PATCHES as PATCHES
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_SHAPE_FIELDS = (
@@ -42,50 +43,33 @@ def find_resume_checkpoint(run_dir: Path):
     return Path(found) if found else None
 
 
-class NoPatches:
-    """The DeepSpeed patches a load is handed, as the engine's owner hands them
-    (trainer/worker/ds_patches.py): the checkpoint engine's load swapped for one load."""
+class TorchSaves:
+    """DeepSpeed's TorchCheckpointEngine: save is a torch.save."""
 
-    @staticmethod
-    def weights_only(engine, load):
-        import contextlib
+    zipfile_serialization = True
 
-        @contextlib.contextmanager
-        def swap():
-            ce = getattr(engine, "checkpoint_engine", None)
-            if ce is None:
-                yield
-                return
-            original, ce.load = ce.load, load
-            try:
-                yield
-            finally:
-                ce.load = original
-
-        return swap()
-
-    @staticmethod
-    def universal(engine):
-        import contextlib
-
-        return contextlib.nullcontext()
-
-
-PATCHES = checkpoint.LoadPatches(weights_only=NoPatches.weights_only, universal=NoPatches.universal)
+    def save(self, state_dict, path):
+        torch.save(state_dict, path)
 
 
 class FakeEngine:
-    """Writes what DeepSpeed's save_checkpoint writes for one rank (rank 0 adds `latest`)."""
+    """Writes what DeepSpeed's save_checkpoint writes for one rank, as DeepSpeed does: the
+    state files through its checkpoint engine, `latest` (rank 0) directly."""
 
     def __init__(self, rank: int):
         self.rank = rank
+        self.checkpoint_engine = TorchSaves()
 
     def save_checkpoint(self, save_dir: str, tag: str) -> None:
         d = Path(save_dir) / tag
         d.mkdir(parents=True, exist_ok=True)
-        torch.save({"w": torch.arange(1000.0) + self.rank}, d / f"zero_pp_rank_{self.rank}.pt")
+        shared = torch.arange(1000.0) + self.rank
+        state = {"w": shared, "view": shared[10:20]}  # a view shares its tensor's storage
+        self.checkpoint_engine.save(state, str(d / f"zero_pp_rank_{self.rank}.pt"))
         if self.rank == 0:
-            torch.save({"module": torch.ones(50)}, d / "mp_rank_00_model_states.pt")
+            self.checkpoint_engine.save(
+                {"module": torch.ones(50)}, d / "mp_rank_00_model_states.pt"
+            )
             (Path(save_dir) / "latest").write_text(tag)
 
 
@@ -106,7 +90,7 @@ def make_checkpoint(dest: Path, state: dict, world: int = 2) -> Path:
     """Each rank saves into its own local dir (save_local); the dirs are merged, as Ray does."""
     dest.mkdir(parents=True)
     for rank in range(world):
-        local = checkpoint.save_local(FakeEngine(rank), rank, state)
+        local = checkpoint.save_local(FakeEngine(rank), rank, state, PATCHES).finish()
         shutil.copytree(local, dest, dirs_exist_ok=True)
         shutil.rmtree(local)
     return dest
@@ -119,6 +103,32 @@ def ckpt(tmp_path, cfg) -> Path:
 
 
 # ------------------------------------------------------------------------- integrity
+
+
+def test_the_state_files_are_a_snapshot_in_memory_until_finished(tmp_path):
+    """The step loop waits for save_local only: DeepSpeed's state files are serialized into
+    memory, as torch.save writes them, and written (and hashed) by finish()."""
+    engine = FakeEngine(0)
+    local = checkpoint.save_local(engine, 0, {"step": 3}, PATCHES)
+    zero = local.dir / "ds" / "ds" / "zero_pp_rank_0.pt"
+    assert not zero.exists() and (local.dir / "ds" / "latest").is_file()
+    assert (local.dir / "trainer_state.json").is_file() and (local.dir / "rng/rank_0.pt").is_file()
+    assert engine.checkpoint_engine.save.__func__ is TorchSaves.save  # restored after the save
+    engine.save_checkpoint(str(tmp_path / "direct"), "ds")  # what DeepSpeed itself writes
+    local.finish()
+    # The same file but for the zip's folder name (torch names it after a file, "archive" in
+    # a buffer): the same records, tensors and shared storage.
+    direct = torch.load(tmp_path / "direct" / "ds" / "zero_pp_rank_0.pt", weights_only=True)
+    loaded = torch.load(zero, weights_only=True)
+    assert loaded.keys() == direct.keys()
+    assert all(torch.equal(loaded[k], direct[k]) for k in direct)
+    assert loaded["view"].untyped_storage().data_ptr() == loaded["w"].untyped_storage().data_ptr()
+    record = json.loads((local.dir / "files" / "rank_0.json").read_text())["files"]
+    assert (
+        record["ds/ds/zero_pp_rank_0.pt"]["sha256"] == hashlib.sha256(zero.read_bytes()).hexdigest()
+    )
+    verify_checkpoint(local.dir)
+    shutil.rmtree(local.dir)
 
 
 def test_save_local_records_every_file_of_each_rank(ckpt):

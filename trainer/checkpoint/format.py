@@ -14,6 +14,7 @@ is loaded from it: a file that is missing, truncated or altered fails with one l
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ import re
 import tempfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -79,13 +80,54 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_local(engine, rank: int, trainer_state: dict[str, Any]) -> Path:
-    """Writes this worker's share of a checkpoint into a fresh local directory.
+@dataclass
+class LocalSave:
+    """One worker's share of a checkpoint, snapshotted: `dir` holds what was written to disk
+    at once (RNG, rank 0's trainer state, DeepSpeed's small `latest` file and scripts) and
+    `buffered` the DeepSpeed state files, serialized in memory, not yet written. `finish`
+    writes them and the integrity record; it may run on another thread while training goes
+    on, since nothing in it refers to live tensors."""
 
-    Ends with files/rank_<rank>.json: the size and sha256 of every file this worker wrote.
+    dir: Path
+    rank: int
+    buffered: dict[Path, bytes] = field(default_factory=dict)
+
+    def finish(self) -> Path:
+        """Writes the buffered files, then files/rank_<rank>.json (the buffered files' sha256
+        taken from their bytes, the others' read back); returns the directory."""
+        known = {}
+        for path, data in self.buffered.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            known[path.relative_to(self.dir).as_posix()] = (
+                len(data),
+                hashlib.sha256(data).hexdigest(),
+            )
+        self.buffered = {}
+        write_file_record(self.dir, self.rank, known)
+        return self.dir
+
+
+def save_local(
+    engine, rank: int, trainer_state: dict[str, Any], patches: Optional[EnginePatches] = None
+) -> LocalSave:
+    """Snapshots this worker's share of a checkpoint into a fresh local directory.
+
+    With `patches` (the engine owner's buffered_saves) DeepSpeed's state files are serialized
+    into memory instead of written: the caller writes them with LocalSave.finish, in the
+    background if it likes. Without, they are written here; finish() still writes the record.
     """
     d = Path(tempfile.mkdtemp(prefix="raygpt-ckpt-"))
-    engine.save_checkpoint(str(d / "ds"), tag=DS_TAG)
+    out = LocalSave(d, rank)
+    buffering = (
+        patches.buffered_saves(
+            engine, lambda path, data: out.buffered.__setitem__(Path(path), data)
+        )
+        if patches is not None
+        else contextlib.nullcontext()
+    )
+    with buffering:
+        engine.save_checkpoint(str(d / "ds"), tag=DS_TAG)
     (d / "rng").mkdir()
     torch.save(rng_state(), d / "rng" / f"rank_{rank}.pt")
     if rank == 0:
@@ -95,8 +137,7 @@ def save_local(engine, rank: int, trainer_state: dict[str, Any]) -> Path:
             "tokenizer": _tokenizer_info(trainer_state),
         }
         (d / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
-    write_file_record(d, rank)
-    return d
+    return out
 
 
 def _world_size(trainer_state: dict[str, Any]) -> int:
@@ -132,14 +173,19 @@ def file_sha256(path: Path | str) -> str:
     return digest.hexdigest()
 
 
-def write_file_record(ckpt_dir: Path, rank: int) -> Path:
-    """files/rank_<rank>.json: relative path -> {size, sha256} of every file under ckpt_dir."""
-    ckpt_dir = Path(ckpt_dir)
-    files = {
-        p.relative_to(ckpt_dir).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
-        for p in sorted(ckpt_dir.rglob("*"))
-        if p.is_file() and p.relative_to(ckpt_dir).parts[0] != FILES_DIR
-    }
+def write_file_record(
+    ckpt_dir: Path, rank: int, known: Optional[dict[str, tuple[int, str]]] = None
+) -> Path:
+    """files/rank_<rank>.json: relative path -> {size, sha256} of every file under ckpt_dir.
+    known: (size, sha256) of files whose bytes were hashed as they were written (not re-read)."""
+    ckpt_dir, known = Path(ckpt_dir), known or {}
+    files = {}
+    for p in sorted(ckpt_dir.rglob("*")):
+        rel = p.relative_to(ckpt_dir)
+        if not p.is_file() or rel.parts[0] == FILES_DIR:
+            continue
+        size, sha = known.get(rel.as_posix()) or (p.stat().st_size, file_sha256(p))
+        files[rel.as_posix()] = {"size": size, "sha256": sha}
     out = ckpt_dir / FILES_DIR / f"rank_{rank}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"rank": rank, "files": files}, indent=1) + "\n")
@@ -270,21 +316,24 @@ def safe_torch_load(path: Any, map_location: Any = None, mmap: bool = False) -> 
 
 
 @dataclass(frozen=True)
-class LoadPatches:
-    """What DeepSpeed needs patched to load a checkpoint, handed in by the engine's owner
-    (trainer/worker/ds_patches.py holds every patch), so this package imports no worker code:
-    weights_only(engine, load) makes its checkpoint engine load with `load`; universal(engine)
-    makes engine.load_checkpoint read a universal checkpoint."""
+class EnginePatches:
+    """What DeepSpeed needs patched to save and load a checkpoint, handed in by the engine's
+    owner (trainer/worker/ds_patches.py holds every patch), so this package imports no worker
+    code: weights_only(engine, load) makes its checkpoint engine load with `load`;
+    universal(engine) makes engine.load_checkpoint read a universal checkpoint;
+    buffered_saves(engine, sink) hands each file its checkpoint engine would write to
+    sink(path, bytes) instead of writing it."""
 
     weights_only: Callable[[Any, Callable], AbstractContextManager[None]]
     universal: Callable[[Any], AbstractContextManager[None]]
+    buffered_saves: Callable[[Any, Callable[[str, bytes], None]], AbstractContextManager[None]]
 
 
 def load(
     engine,
     ckpt_dir: Path,
     rank: int,
-    patches: LoadPatches,
+    patches: EnginePatches,
     *,
     universal_dir: Optional[Path] = None,
 ) -> dict[str, Any]:

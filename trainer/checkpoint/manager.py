@@ -1,15 +1,15 @@
-"""The checkpoint manager: when to save, writing (in the background on object storage),
+"""The checkpoint manager: when to save, writing (in the background on every storage),
 registering, what to keep, and loading back every state part.
 
 One checkpoint is saved in four moves, the same on Ray Train workers and in-process:
-1. every rank writes its share into a local temporary directory (format.py's save_local: DeepSpeed
-   engine state, RNG, rank 0's trainer state with every part's state_dict, an integrity record);
-2. every rank moves (local storage) or uploads (s3://, gs://) its files into
-   `<run>/checkpoint_<step>/`, its integrity record last; on object storage this runs on a
-   background thread while training goes on;
-3. rank 0 registers the checkpoint in the run's index (trainer/checkpoint/index.py) once every
-   rank's record is in storage: synchronously after a barrier, or, in the background, when it
-   sees the records;
+1. every rank snapshots its share (format.py's save_local): DeepSpeed's state files serialized
+   into memory, RNG and rank 0's trainer state (every part's state_dict) into a local temporary
+   directory; this is all the step loop waits for (and for the previous checkpoint to finish);
+2. on a background thread, every rank writes and hashes the snapshot (its integrity record),
+   then moves (local storage) or uploads (s3://, gs://) its files into
+   `<run>/checkpoint_<step>/`, its integrity record last;
+3. rank 0 registers the checkpoint in the run's index (trainer/checkpoint/index.py) once it
+   sees every rank's record in storage (synchronous saves, bench/'s baseline: after a barrier);
 4. rank 0 deletes the oldest registered checkpoints beyond trainer.keep_last (after the index no
    longer names them) and copies every keep_every-th one into kept/.
 
@@ -100,7 +100,7 @@ class CheckpointManager:
         run_uri: str,
         rank: int,
         t: TrainerConfig,
-        patches: fmt.LoadPatches,
+        patches: fmt.EnginePatches,
         *,
         universal: Optional[dict[str, str]] = None,
         pause: Optional[Callable[[str, int], None]] = None,
@@ -110,7 +110,7 @@ class CheckpointManager:
         self.policy = CheckpointPolicy(t)
         self.universal = universal or {}
         self.pause = pause or (lambda point, step: None)
-        self.asynchronous = storage.is_remote(run_uri)  # the step loop does not wait for it
+        self.asynchronous = True  # the step loop waits for a snapshot only (bench/: False)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-upload")
         self._pending: list[Future[None]] = []
 
@@ -147,21 +147,26 @@ class CheckpointManager:
 
     # -- saving -------------------------------------------------------------------------------
     def save(self, step: int, engine: Any, parts: dict[str, Any], extra: dict[str, Any]) -> str:
-        """Writes checkpoint_<step> (every rank calls it at the same step); returns its name.
-        extra: what else rank 0's trainer_state.json records (run name, config)."""
+        """Takes checkpoint_<step> (every rank calls it at the same step); returns its name.
+        extra: what else rank 0's trainer_state.json records (run name, config).
+
+        The step loop waits for the previous checkpoint to be finished, then for a snapshot of
+        this one in memory; with `asynchronous` (the default) writing, hashing, uploading and
+        registering run on this rank's background thread while training goes on."""
+        self.wait()  # one checkpoint in flight at a time (and its failure surfaces here)
         name = index.checkpoint_name(step)
         state = {
             "step": step,
             **extra,
             "parts": {k: part.state_dict() for k, part in parts.items()},
         }
-        local = fmt.save_local(engine, self.rank, state)
+        local = fmt.save_local(engine, self.rank, state, self.patches)
         self.pause("save", step)
         world = _world()
         if self.asynchronous:
-            self._pending.append(self._pool.submit(self._persist_and_register, local, name, world))
+            self._pending.append(self._pool.submit(self._finish, local, name, world))
         else:
-            self._persist(local, name, step)
+            self._persist(local, name)
             _barrier()  # every rank's files are in the run directory
             if self.rank == 0:
                 self._register(name)
@@ -173,23 +178,27 @@ class CheckpointManager:
                 keep_for_good(self.run_uri, name)
         return name
 
-    def _persist_and_register(self, local: Path, name: str, world: int) -> None:
-        self._persist(local, name, index.step_of(name))
+    def _finish(self, local: fmt.LocalSave, name: str, world: int) -> None:
+        """In the background: write, hash and persist this rank's files; rank 0 then registers
+        the checkpoint once every rank's are in storage."""
+        self._persist(local, name)
         if self.rank == 0:
             self._await_records(name, world)
             self._register(name)
 
-    def _persist(self, local: Path, name: str, step: int) -> None:
-        """This rank's files into <run>/<name>, its integrity record last."""
-        self.pause("upload", step)
+    def _persist(self, local: fmt.LocalSave, name: str) -> None:
+        """This rank's files (written and hashed first) into <run>/<name>, its integrity record
+        last."""
+        self.pause("upload", index.step_of(name))
         dest = storage.join(self.run_uri, name)
-        record = Path(fmt.FILES_DIR) / f"rank_{self.rank}.json"
-        files = sorted(p.relative_to(local) for p in local.rglob("*") if p.is_file())
         try:
+            root = local.finish()
+            record = Path(fmt.FILES_DIR) / f"rank_{self.rank}.json"
+            files = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
             for rel in [f for f in files if f != record] + [record]:
-                _put(local / rel, storage.join(dest, rel.as_posix()))
+                _put(root / rel, storage.join(dest, rel.as_posix()))
         finally:
-            shutil.rmtree(local, ignore_errors=True)
+            shutil.rmtree(local.dir, ignore_errors=True)
 
     def _await_records(self, name: str, world: int) -> None:
         """Rank 0, in the background: waits until every rank's integrity record of `name` is in

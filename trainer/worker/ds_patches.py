@@ -16,6 +16,8 @@ read. Callers import the context managers and installers from here.
   (weights_only_load).
 - universal checkpoints: engine._config.load_universal_checkpoint for one load
   (universal_checkpoint_load).
+- snapshot saves: the engine's checkpoint_engine.save serializes into memory for one save
+  (buffered_saves).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from trainer.checkpoint.format import LoadPatches
+from trainer.checkpoint.format import EnginePatches
 
 MUON_MODULES = (
     "deepspeed.runtime.zero.muon.original_muon",
@@ -153,5 +155,40 @@ def universal_checkpoint_load(engine) -> Iterator[None]:
         engine._config.load_universal_checkpoint = False
 
 
-# What trainer/checkpoint/ needs patched to load a checkpoint, handed to its manager.
-LOAD_PATCHES = LoadPatches(weights_only=weights_only_load, universal=universal_checkpoint_load)
+@contextlib.contextmanager
+def buffered_saves(engine, sink: Callable[[str, bytes], None]) -> Iterator[None]:
+    """DeepSpeed writes every state file of a checkpoint (model, optimizer shards, pipeline
+    layers) through engine.checkpoint_engine.save(state_dict, path), a torch.save. Inside this
+    context each is serialized into memory, exactly as torch.save would write it, and handed to
+    sink(path, bytes) instead: the step loop waits for a snapshot, not for the disk
+    (trainer/checkpoint/manager.py writes the bytes in the background). Storage shared between
+    tensors stays shared, as in the file."""
+    import io
+
+    import torch
+
+    ce = getattr(engine, "checkpoint_engine", None)
+    if ce is None:
+        yield
+        return
+    zipfile = getattr(ce, "zipfile_serialization", True)
+
+    def save(state_dict, path: str) -> None:
+        buffer = io.BytesIO()
+        torch.save(state_dict, buffer, _use_new_zipfile_serialization=zipfile)
+        sink(path, buffer.getvalue())
+
+    original = ce.save
+    ce.save = save
+    try:
+        yield
+    finally:
+        ce.save = original
+
+
+# What trainer/checkpoint/ needs patched to save and load a checkpoint, handed to its manager.
+ENGINE_PATCHES = EnginePatches(
+    weights_only=weights_only_load,
+    universal=universal_checkpoint_load,
+    buffered_saves=buffered_saves,
+)

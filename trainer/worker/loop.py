@@ -31,7 +31,7 @@ from trainer.config import RootConfig
 from trainer.startup_trace import mark
 from trainer.worker import faults
 from trainer.worker.control import StepControl, comm_device
-from trainer.worker.ds_patches import LOAD_PATCHES
+from trainer.worker.ds_patches import ENGINE_PATCHES
 from trainer.worker.engine import (
     accelerator_device_type,
     build_engine,
@@ -201,7 +201,7 @@ class Trainer:
             cfg.run_uri,
             self.rank,
             t,
-            LOAD_PATCHES,
+            ENGINE_PATCHES,
             universal=self.config.universal,
             pause=lambda point, step: faults.maybe_pause(
                 self.fault, point, step, self.rank, self.files.local
@@ -311,6 +311,7 @@ class Trainer:
             loss = mean_across_ranks([x.float().item() for x in losses])
         consumed = self.train_loader.consumed_samples
         self.last_metrics = {
+            "time": time.time(),  # wall clock: a checkpoint step's stall shows between rows
             "loss": loss,
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),

@@ -83,7 +83,10 @@ class RunLogger:
         self._metrics.write(json.dumps(row) + "\n")
         self._aggregate(row)
         if self.wandb is not None:
-            self.wandb.log({wandb_key(k): v for k, v in row.items() if k != "step"}, step=step)
+            # W&B stamps each row's wall clock itself (_timestamp)
+            self.wandb.log(
+                {wandb_key(k): v for k, v in row.items() if k not in ("step", "time")}, step=step
+            )
         self._console(step, {"step": step, **metrics})
 
     def log_eval(
