@@ -337,13 +337,19 @@ class TokenShards:
         return storage.join(self.data_dir, self._names[index])
 
     def _source(self, index: int) -> Any:
-        """What pq.ParquetFile opens for shard `index`: a local path, a ShardCache copy, or a
-        kept handle of the remote file."""
+        """What pq.ParquetFile opens for shard `index`: a local path, an open ShardCache copy, or
+        a kept handle of the remote file."""
         uri = self._uri(index)
-        if self.file_cache is not None:
+        for _ in range(3 if self.file_cache is not None else 0):
             path = self.file_cache.fetch(uri, f"{self._version}|{uri}")
-            if path is not None:
-                return str(path)
+            if path is None:
+                break
+            try:
+                # Opened here: a copy evicted after this (another thread's or process's fetch
+                # making room) stays readable through the handle.
+                return pa.OSFile(str(path))
+            except FileNotFoundError:
+                continue  # evicted between fetch and open: fetch it again
         if not storage.is_remote(uri):
             return uri
         with self._handles_lock:
