@@ -6,6 +6,7 @@ import copy
 import hashlib
 import json
 import shutil
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -59,13 +60,14 @@ class FakeEngine:
     def __init__(self, rank: int):
         self.rank = rank
         self.checkpoint_engine = TorchSaves()
+        self.weights = torch.arange(1000.0) + rank
 
     def save_checkpoint(self, save_dir: str, tag: str) -> None:
         d = Path(save_dir) / tag
         d.mkdir(parents=True, exist_ok=True)
-        shared = torch.arange(1000.0) + self.rank
-        state = {"w": shared, "view": shared[10:20]}  # a view shares its tensor's storage
-        self.checkpoint_engine.save(state, str(d / f"zero_pp_rank_{self.rank}.pt"))
+        # the live training state (a view shares its tensor's storage)
+        self.state = {"w": self.weights, "view": self.weights[10:20]}
+        self.checkpoint_engine.save(self.state, str(d / f"zero_pp_rank_{self.rank}.pt"))
         if self.rank == 0:
             self.checkpoint_engine.save(
                 {"module": torch.ones(50)}, d / "mp_rank_00_model_states.pt"
@@ -106,22 +108,22 @@ def ckpt(tmp_path, cfg) -> Path:
 
 
 def test_the_state_files_are_a_snapshot_in_memory_until_finished(tmp_path):
-    """The step loop waits for save_local only: DeepSpeed's state files are serialized into
-    memory, as torch.save writes them, and written (and hashed) by finish()."""
+    """The step loop waits for save_local only: DeepSpeed's state files are snapshotted in
+    memory and written by finish(), byte for byte the files DeepSpeed writes, whatever the
+    training did to the tensors in between."""
     engine = FakeEngine(0)
+    engine.save_checkpoint(str(tmp_path / "direct"), "ds")  # what DeepSpeed itself writes
     local = checkpoint.save_local(engine, 0, {"step": 3}, PATCHES)
     zero = local.dir / "ds" / "ds" / "zero_pp_rank_0.pt"
     assert not zero.exists() and (local.dir / "ds" / "latest").is_file()
     assert (local.dir / "trainer_state.json").is_file() and (local.dir / "rng/rank_0.pt").is_file()
     assert engine.checkpoint_engine.save.__func__ is TorchSaves.save  # restored after the save
-    engine.save_checkpoint(str(tmp_path / "direct"), "ds")  # what DeepSpeed itself writes
+    engine.state["w"].add_(1.0)  # the next steps change the live tensors
     local.finish()
-    # The same file but for the zip's folder name (torch names it after a file, "archive" in
-    # a buffer): the same records, tensors and shared storage.
-    direct = torch.load(tmp_path / "direct" / "ds" / "zero_pp_rank_0.pt", weights_only=True)
+    for name in ("zero_pp_rank_0.pt", "mp_rank_00_model_states.pt"):
+        direct = (tmp_path / "direct" / "ds" / name).read_bytes()
+        assert (local.dir / "ds" / "ds" / name).read_bytes() == direct, name
     loaded = torch.load(zero, weights_only=True)
-    assert loaded.keys() == direct.keys()
-    assert all(torch.equal(loaded[k], direct[k]) for k in direct)
     assert loaded["view"].untyped_storage().data_ptr() == loaded["w"].untyped_storage().data_ptr()
     record = json.loads((local.dir / "files" / "rank_0.json").read_text())["files"]
     assert (
@@ -129,6 +131,26 @@ def test_the_state_files_are_a_snapshot_in_memory_until_finished(tmp_path):
     )
     verify_checkpoint(local.dir)
     shutil.rmtree(local.dir)
+
+
+def test_a_host_snapshot_copies_tensors_keeps_sharing_and_types():
+    from trainer.worker.ds_patches import host_snapshot
+
+    w = torch.nn.Parameter(torch.arange(6.0))
+    state = OrderedDict(w=w, view=w.detach()[2:4], groups=[{"lr": 0.1, "params": (0, 1)}], n=3)
+    snap = host_snapshot(state)
+    assert type(snap) is OrderedDict and list(snap) == list(state)
+    assert isinstance(snap["w"], torch.nn.Parameter) and snap["w"].requires_grad
+    assert snap["view"].untyped_storage().data_ptr() == snap["w"].untyped_storage().data_ptr()
+    assert snap["view"].untyped_storage().data_ptr() != w.untyped_storage().data_ptr()
+    with torch.no_grad():
+        w.add_(10.0)
+    state["groups"][0]["lr"] = 0.5
+    assert snap["w"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0] and snap["view"].tolist() == [
+        2.0,
+        3.0,
+    ]
+    assert snap["groups"] == [{"lr": 0.1, "params": (0, 1)}] and snap["n"] == 3
 
 
 def test_save_local_records_every_file_of_each_rank(ckpt):

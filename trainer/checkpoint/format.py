@@ -84,27 +84,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class LocalSave:
     """One worker's share of a checkpoint, snapshotted: `dir` holds what was written to disk
     at once (RNG, rank 0's trainer state, DeepSpeed's small `latest` file and scripts) and
-    `buffered` the DeepSpeed state files, serialized in memory, not yet written. `finish`
-    writes them and the integrity record; it may run on another thread while training goes
-    on, since nothing in it refers to live tensors."""
+    `buffered` how to write DeepSpeed's state files from their in-memory snapshot (path ->
+    write(path)). `finish` writes them and the integrity record; it may run on another thread
+    while training goes on, since the snapshot shares nothing with the live tensors."""
 
     dir: Path
     rank: int
-    buffered: dict[Path, bytes] = field(default_factory=dict)
+    buffered: dict[Path, Callable[[str], None]] = field(default_factory=dict)
 
     def finish(self) -> Path:
-        """Writes the buffered files, then files/rank_<rank>.json (the buffered files' sha256
-        taken from their bytes, the others' read back); returns the directory."""
-        known = {}
-        for path, data in self.buffered.items():
+        """Writes the buffered files, then files/rank_<rank>.json; returns the directory."""
+        for path, write in self.buffered.items():
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-            known[path.relative_to(self.dir).as_posix()] = (
-                len(data),
-                hashlib.sha256(data).hexdigest(),
-            )
+            write(str(path))
         self.buffered = {}
-        write_file_record(self.dir, self.rank, known)
+        write_file_record(self.dir, self.rank)
         return self.dir
 
 
@@ -113,8 +107,8 @@ def save_local(
 ) -> LocalSave:
     """Snapshots this worker's share of a checkpoint into a fresh local directory.
 
-    With `patches` (the engine owner's buffered_saves) DeepSpeed's state files are serialized
-    into memory instead of written: the caller writes them with LocalSave.finish, in the
+    With `patches` (the engine owner's buffered_saves) DeepSpeed's state files are snapshotted
+    in memory instead of written: the caller writes them with LocalSave.finish, in the
     background if it likes. Without, they are written here; finish() still writes the record.
     """
     d = Path(tempfile.mkdtemp(prefix="raygpt-ckpt-"))
@@ -173,19 +167,14 @@ def file_sha256(path: Path | str) -> str:
     return digest.hexdigest()
 
 
-def write_file_record(
-    ckpt_dir: Path, rank: int, known: Optional[dict[str, tuple[int, str]]] = None
-) -> Path:
-    """files/rank_<rank>.json: relative path -> {size, sha256} of every file under ckpt_dir.
-    known: (size, sha256) of files whose bytes were hashed as they were written (not re-read)."""
-    ckpt_dir, known = Path(ckpt_dir), known or {}
-    files = {}
-    for p in sorted(ckpt_dir.rglob("*")):
-        rel = p.relative_to(ckpt_dir)
-        if not p.is_file() or rel.parts[0] == FILES_DIR:
-            continue
-        size, sha = known.get(rel.as_posix()) or (p.stat().st_size, file_sha256(p))
-        files[rel.as_posix()] = {"size": size, "sha256": sha}
+def write_file_record(ckpt_dir: Path, rank: int) -> Path:
+    """files/rank_<rank>.json: relative path -> {size, sha256} of every file under ckpt_dir."""
+    ckpt_dir = Path(ckpt_dir)
+    files = {
+        p.relative_to(ckpt_dir).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in sorted(ckpt_dir.rglob("*"))
+        if p.is_file() and p.relative_to(ckpt_dir).parts[0] != FILES_DIR
+    }
     out = ckpt_dir / FILES_DIR / f"rank_{rank}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"rank": rank, "files": files}, indent=1) + "\n")
@@ -321,12 +310,14 @@ class EnginePatches:
     owner (trainer/worker/ds_patches.py holds every patch), so this package imports no worker
     code: weights_only(engine, load) makes its checkpoint engine load with `load`;
     universal(engine) makes engine.load_checkpoint read a universal checkpoint;
-    buffered_saves(engine, sink) hands each file its checkpoint engine would write to
-    sink(path, bytes) instead of writing it."""
+    buffered_saves(engine, sink) snapshots each state its checkpoint engine would write and
+    hands sink(path, write) a function that writes that file later."""
 
     weights_only: Callable[[Any, Callable], AbstractContextManager[None]]
     universal: Callable[[Any], AbstractContextManager[None]]
-    buffered_saves: Callable[[Any, Callable[[str, bytes], None]], AbstractContextManager[None]]
+    buffered_saves: Callable[
+        [Any, Callable[[str, Callable[[str], None]], None]], AbstractContextManager[None]
+    ]
 
 
 def load(

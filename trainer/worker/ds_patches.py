@@ -16,8 +16,8 @@ read. Callers import the context managers and installers from here.
   (weights_only_load).
 - universal checkpoints: engine._config.load_universal_checkpoint for one load
   (universal_checkpoint_load).
-- snapshot saves: the engine's checkpoint_engine.save serializes into memory for one save
-  (buffered_saves).
+- snapshot saves: the engine's checkpoint_engine.save snapshots into host memory for one save
+  (buffered_saves), the file written later.
 """
 
 from __future__ import annotations
@@ -156,15 +156,12 @@ def universal_checkpoint_load(engine) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def buffered_saves(engine, sink: Callable[[str, bytes], None]) -> Iterator[None]:
+def buffered_saves(engine, sink: Callable[[str, Callable[[str], None]], None]) -> Iterator[None]:
     """DeepSpeed writes every state file of a checkpoint (model, optimizer shards, pipeline
     layers) through engine.checkpoint_engine.save(state_dict, path), a torch.save. Inside this
-    context each is serialized into memory, exactly as torch.save would write it, and handed to
-    sink(path, bytes) instead: the step loop waits for a snapshot, not for the disk
-    (trainer/checkpoint/manager.py writes the bytes in the background). Storage shared between
-    tensors stays shared, as in the file."""
-    import io
-
+    context each state dict is snapshotted in host memory instead (host_snapshot) and
+    sink(path, write) receives a `write(path)` that torch.saves the snapshot: the same file,
+    byte for byte, written later (trainer/checkpoint/manager.py runs it in the background)."""
     import torch
 
     ce = getattr(engine, "checkpoint_engine", None)
@@ -174,9 +171,8 @@ def buffered_saves(engine, sink: Callable[[str, bytes], None]) -> Iterator[None]
     zipfile = getattr(ce, "zipfile_serialization", True)
 
     def save(state_dict, path: str) -> None:
-        buffer = io.BytesIO()
-        torch.save(state_dict, buffer, _use_new_zipfile_serialization=zipfile)
-        sink(path, buffer.getvalue())
+        snapshot = host_snapshot(state_dict)
+        sink(path, lambda p: torch.save(snapshot, p, _use_new_zipfile_serialization=zipfile))
 
     original = ce.save
     ce.save = save
@@ -184,6 +180,46 @@ def buffered_saves(engine, sink: Callable[[str, bytes], None]) -> Iterator[None]
         yield
     finally:
         ce.save = original
+
+
+def host_snapshot(obj: Any, memo: Any = None) -> Any:
+    """A copy of a state dict whose tensors own a copy of their storage in host memory (pinned
+    for a GPU's): torch.save writes of it exactly what it would have written of `obj` then,
+    whatever the training does to `obj` afterwards. Tensors that shared a storage share its
+    copy (as torch.save keys them: by the storage itself); containers are rebuilt, other values
+    deep-copied."""
+    import copy
+
+    import torch
+
+    memo = {} if memo is None else memo
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        new = memo.get(storage._cdata)
+        if new is None:
+            if storage.device.type == "cpu":
+                new = storage.clone()
+            else:
+                new = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=True)
+                new = new.untyped_storage()
+                new.copy_(storage)
+            memo[storage._cdata] = new
+        out = torch.empty(0, dtype=obj.dtype, device=new.device)
+        out.set_(new, obj.storage_offset(), obj.size(), obj.stride())
+        if isinstance(obj, torch.nn.Parameter):
+            return torch.nn.Parameter(out, requires_grad=obj.requires_grad)
+        return out.requires_grad_(obj.requires_grad) if obj.requires_grad else out
+    if isinstance(obj, dict):
+        out = copy.copy(obj)
+        out.clear()
+        out.update((k, host_snapshot(v, memo)) for k, v in obj.items())
+        return out
+    if isinstance(obj, list):
+        return [host_snapshot(v, memo) for v in obj]
+    if isinstance(obj, tuple):
+        items = [host_snapshot(v, memo) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    return copy.deepcopy(obj)
 
 
 # What trainer/checkpoint/ needs patched to save and load a checkpoint, handed to its manager.
