@@ -443,14 +443,16 @@ class Trainer:
             self.logger = None
 
     def close(self) -> None:
-        if hasattr(self, "checkpoints"):  # every save persisted (and registered) before exit
-            self.checkpoints.close()
-        if getattr(self, "logger", None):
-            self.logger.close()
-        if hasattr(self, "files"):
-            self.files.close()
-        if hasattr(self, "val_loaders"):  # read threads end with the run, not the process
-            close_loaders(self.train_loader, *self.val_loaders.values())
+        try:
+            if hasattr(self, "checkpoints"):  # every save persisted (and registered) before exit
+                self.checkpoints.close()
+        finally:  # a failed background write is raised, after the rest is closed
+            if getattr(self, "logger", None):
+                self.logger.close()
+            if hasattr(self, "files"):
+                self.files.close()
+            if hasattr(self, "val_loaders"):  # read threads end with the run, not the process
+                close_loaders(self.train_loader, *self.val_loaders.values())
 
 
 def utc_now() -> str:
