@@ -11,10 +11,13 @@ import functools
 import os
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from cluster import ray_private
 from cluster.config import ClusterConfig, ClusterError
+
+if TYPE_CHECKING:
+    from cluster.fit import FitOptions
 
 
 @functools.cache
@@ -213,7 +216,10 @@ def stop_on_sigterm(request: Callable[[str], Any]) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def fit_on_ray(fn: Callable[[Any, Any], None], payload: Any, options: Any) -> None:
+RAY_TRAIN_DIR = "ray_train"  # Ray Train's own files, under the run's storage
+
+
+def fit_on_ray(fn: Callable[[Any, Any], None], payload: Any, options: FitOptions) -> None:
     """fn(payload, context) on cluster.num_workers Ray Train workers (cluster/fit.py's fit).
 
     Ray Train's own bookkeeping (its run state, the check that every node reaches the storage)
@@ -247,9 +253,6 @@ def fit_on_ray(fn: Callable[[Any, Any], None], payload: Any, options: Any) -> No
     )
     with stop_on_sigterm(lambda reason: stop_signal.request.remote(reason)):
         trainer.fit()
-
-
-RAY_TRAIN_DIR = "ray_train"  # Ray Train's own files, under the run's storage
 
 
 def _ray_worker(config: dict[str, Any]) -> None:

@@ -340,16 +340,9 @@ class TokenShards:
         """What pq.ParquetFile opens for shard `index`: a local path, an open ShardCache copy, or
         a kept handle of the remote file."""
         uri = self._uri(index)
-        for _ in range(3 if self.file_cache is not None else 0):
-            path = self.file_cache.fetch(uri, f"{self._version}|{uri}")
-            if path is None:
-                break
-            try:
-                # Opened here: a copy evicted after this (another thread's or process's fetch
-                # making room) stays readable through the handle.
-                return pa.OSFile(str(path))
-            except FileNotFoundError:
-                continue  # evicted between fetch and open: fetch it again
+        cached = self._open_cached(uri) if self.file_cache is not None else None
+        if cached is not None:
+            return cached
         if not storage.is_remote(uri):
             return uri
         with self._handles_lock:
@@ -363,6 +356,20 @@ class TokenShards:
             while len(self._handles) > HANDLES_KEPT:
                 self._handles.popitem(last=False)
         return handle
+
+    def _open_cached(self, uri: str) -> Optional[pa.OSFile]:
+        """The ShardCache copy of `uri`, opened at once: a copy evicted after this (another
+        thread's or process's fetch making room) stays readable through the handle; one evicted
+        between fetch and open is fetched again. None: the file is too big for the cache."""
+        for _ in range(3):
+            path = self.file_cache.fetch(uri, f"{self._version}|{uri}")
+            if path is None:
+                return None
+            try:
+                return pa.OSFile(str(path))
+            except FileNotFoundError:
+                continue
+        return None
 
     def _read_footer(self, index: int) -> tuple[pq.FileMetaData, np.ndarray]:
         """Shard `index`'s footer and its row groups' first rows (+ the end)."""

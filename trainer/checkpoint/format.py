@@ -14,7 +14,6 @@ is loaded from it: a file that is missing, truncated or altered fails with one l
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -103,24 +102,18 @@ class LocalSave:
 
 
 def save_local(
-    engine, rank: int, trainer_state: dict[str, Any], patches: Optional[EnginePatches] = None
+    engine, rank: int, trainer_state: dict[str, Any], patches: EnginePatches
 ) -> LocalSave:
     """Snapshots this worker's share of a checkpoint into a fresh local directory.
 
-    With `patches` (the engine owner's buffered_saves) DeepSpeed's state files are snapshotted
-    in memory instead of written: the caller writes them with LocalSave.finish, in the
-    background if it likes. Without, they are written here; finish() still writes the record.
+    DeepSpeed's state files are snapshotted in memory (the engine owner's buffered_saves), not
+    written: the caller writes them with LocalSave.finish, in the background if it likes.
     """
     d = Path(tempfile.mkdtemp(prefix="raygpt-ckpt-"))
     out = LocalSave(d, rank)
-    buffering = (
-        patches.buffered_saves(
-            engine, lambda path, data: out.buffered.__setitem__(Path(path), data)
-        )
-        if patches is not None
-        else contextlib.nullcontext()
-    )
-    with buffering:
+    with patches.buffered_saves(
+        engine, lambda path, write: out.buffered.__setitem__(Path(path), write)
+    ):
         engine.save_checkpoint(str(d / "ds"), tag=DS_TAG)
     (d / "rng").mkdir()
     torch.save(rng_state(), d / "rng" / f"rank_{rank}.pt")

@@ -117,8 +117,9 @@ class CheckpointManager:
     # -- loading ------------------------------------------------------------------------------
     def resume(self, engine: Any, parts: dict[str, Any]) -> Optional[tuple[str, dict[str, Any]]]:
         """Loads the run's latest verified checkpoint into `engine` and `parts`: (its URI, its
-        trainer state, see `load`), or None for a fresh start. Rank 0 first sets aside directories newer than it that were never
-        registered (a worker group that failed while writing one)."""
+        trainer state, see `load`), or None for a fresh start. Rank 0 first sets aside the
+        directories newer than it that were never registered (a worker group that failed while
+        writing one)."""
         found = index.latest(self.run_uri, hashes=False)
         if self.rank == 0:
             after = index.step_of(found.name) if found.name else -1
