@@ -10,7 +10,7 @@ PIP    := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup train test test-drills test-fast lint format bench clean
+.PHONY: setup train test test-drills ci test-fast lint format bench clean
 
 setup: $(VENV)/.installed
 
@@ -33,8 +33,13 @@ test: setup
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 -n 2 --dist loadfile -m "not serial and not drill" $(PYTEST_ARGS)
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 -m "serial and not drill" $(PYTEST_ARGS)
 
+# The drills on two pytest workers, one file each at a time: each drill file starts its own Ray
+# (own ports and temp dirs, tests/ray_nodes.py) and its own S3 server when it needs one.
 test-drills: setup
-	$(PY) -m pytest -q -p no:cacheprovider --timeout=1800 -m drill $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=1800 -n 2 --dist loadfile -m drill $(PYTEST_ARGS)
+
+# What CI runs on every landing (.ci/run): the suite, then every drill.
+ci: test test-drills
 
 test-fast: setup
 	$(PY) -m pytest -q -p no:cacheprovider -n 2 tests/unit $(PYTEST_ARGS)
