@@ -19,6 +19,7 @@ import torch.utils.checkpoint
 from torch.nn import functional as F
 
 from models.config import GPTConfig, shape_of  # noqa: F401  (re-exported)
+from models.loss import chunked_head_cross_entropy
 
 # -----------------------------------------------------------------------------
 # Building blocks
@@ -167,6 +168,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        # Tokens per chunk of the loss (models/loss.py); 0: the loss of the whole logits, which
+        # forward returns. A training run sets it from outside (trainer.loss_chunk_tokens).
+        self.loss_chunk = 0
 
         self.apply(self.init_module_weights)
 
@@ -205,7 +209,7 @@ class GPT(nn.Module):
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         B, T = idx.size()  # (B, T)
         if T > self.config.block_size:
             raise ValueError(
@@ -225,6 +229,9 @@ class GPT(nn.Module):
             else:
                 x = block(x)  # (B, T, C)
         x = self.ln_f(x)  # (B, T, C)
+        if targets is not None and self.loss_chunk:
+            # head + loss a chunk of tokens at a time: no (B, T, V) logits, so none returned
+            return None, chunked_head_cross_entropy(self.lm_head, x, targets, self.loss_chunk)
         logits = self.lm_head(x)  # (B, T, V)
 
         loss = None

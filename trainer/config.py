@@ -253,6 +253,9 @@ class TrainerConfig:
     # contiguous transposed copy (trainer/worker/kernels.py): oneDNN runs the transposed product at
     # about half rate. Not with TP/PP/ZeRO-3 or on GPUs.
     contiguous_weight_grad: bool = False
+    # The loss computed this many tokens at a time (models/loss.py): never the whole (micro
+    # batch x seq x vocab) fp32 logits. 0: one F.cross_entropy over the whole logits.
+    loss_chunk_tokens: int = 4096
 
     def __post_init__(self) -> None:
         for k in ("max_steps", "micro_batch_size", "global_batch_size", "keep_last"):
@@ -263,7 +266,7 @@ class TrainerConfig:
                 f"eval_batches ({self.eval_batches}) must be >= 1: the final eval always runs "
                 "(eval_interval=0 turns off only the periodic ones)"
             )
-        for k in ("eval_interval", "checkpoint_interval", "sample_tokens"):
+        for k in ("eval_interval", "checkpoint_interval", "sample_tokens", "loss_chunk_tokens"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{k} ({getattr(self, k)}) must be >= 0")
         if self.stop_at_step is not None and not 1 <= self.stop_at_step <= self.max_steps:

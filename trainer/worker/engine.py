@@ -251,12 +251,15 @@ def build_engine(
     grad_accum: int,
     compile: bool = False,
     contiguous_weight_grad: bool = False,
+    loss_chunk: int = 0,
 ):
     """Wraps `model` in a DeepSpeed engine for `layout` (the process group must exist): the
     module pieces of trainer/worker/parallel.py (apply_pp, apply_compile) applied from outside,
     the optimizer of build_optimizer, and the one config of deepspeed_config.
     compile: torch.compile the model's blocks first (apply_compile).
-    contiguous_weight_grad: trainer/worker/kernels.py's Linear backward for the large layers."""
+    contiguous_weight_grad: trainer/worker/kernels.py's Linear backward for the large layers.
+    loss_chunk: tokens per chunk of the loss (models/loss.py; trainer.loss_chunk_tokens), 0 for
+    the loss of the whole logits."""
     import deepspeed
 
     without_muon_import()
@@ -266,6 +269,7 @@ def build_engine(
     ds_config = deepspeed_config(
         model.config, parallel, precision, optim, **sizes, device_type=device
     )
+    model.loss_chunk = loss_chunk
     module = apply_pp(model, layout, parallel)
     if contiguous_weight_grad:
         use_contiguous_weight_grad(module)
@@ -338,7 +342,7 @@ def train_step(
     last = len(micro_batches) - 1
     for i, (x, y) in enumerate(micro_batches):
         with timer.phase("forward"):
-            _, loss = engine(x, y)
+            loss = engine(x, y)[1]  # the logits (when returned) are not kept through backward
         if poison and i == 0:
             loss = loss * float("nan")
         losses.append(loss.detach())

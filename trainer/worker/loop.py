@@ -163,6 +163,7 @@ class Trainer:
             cfg.optim,
             compile=t.compile,
             contiguous_weight_grad=t.contiguous_weight_grad,
+            loss_chunk=t.loss_chunk_tokens,
             **sizes,
         )
         self.scheduler = build_scheduler(self.engine.optimizer, cfg.optim, t.max_steps)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.gpt import GPT, GPTConfig
+from models.loss import chunked_cross_entropy
 from trainer.config import ParallelConfig
 from trainer.layout import Layout, check_model_fits, make_layout  # noqa: F401
 
@@ -89,7 +90,11 @@ def _tied_head(stage: EmbeddingStage, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, stage.wte.weight)  # (B, T, vocab)
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    """The pipeline's loss of the last stage's logits; chunk > 0: `chunk` tokens at a time
+    (models/loss.py), so no fp32 copy of the whole logits exists."""
+    if chunk:
+        return chunked_cross_entropy(logits, targets, chunk)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
 
 
@@ -177,7 +182,7 @@ def apply_ac(model: GPTConfig, parallel: ParallelConfig, layout: Layout) -> dict
 def apply_pp(gpt: GPT, layout: Layout, parallel: ParallelConfig) -> nn.Module:
     """The GPT as layout.pp pipeline stages (a DeepSpeed PipelineModule; `gpt` itself with one
     stage). Every rank built the same `gpt` (same seed), so each stage starts from exactly the
-    weights a single process would have."""
+    weights a single process would have. The loss is chunked as the GPT's (gpt.loss_chunk)."""
     if layout.pp == 1:
         return gpt
     from deepspeed.pipe import PipelineModule
@@ -185,7 +190,7 @@ def apply_pp(gpt: GPT, layout: Layout, parallel: ParallelConfig) -> nn.Module:
     return PipelineModule(
         layers=pipeline_layers(gpt),
         num_stages=layout.pp,
-        loss_fn=lm_loss,
+        loss_fn=functools.partial(lm_loss, chunk=gpt.loss_chunk),
         partition_method=parallel.pipeline_partition,
         activation_checkpoint_func=functools.partial(
             torch.utils.checkpoint.checkpoint, use_reentrant=False
