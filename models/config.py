@@ -42,7 +42,11 @@ class GPTConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
-    activation_checkpointing: bool = False
+    # true: every block recomputes its activations in backward (the GPT does it itself);
+    # false: none; "auto": a training run checkpoints the fewest leading blocks its memory
+    # estimate needs to fit the device (trainer/memory_plan.py). Held as True, False or "auto"
+    # (a bool given here, or "true"/"false" as OmegaConf's str field passes it).
+    activation_checkpointing: str = "auto"
     # A local Hugging Face model dir (config.json + model.safetensors) to start from. Read by the
     # trainer before the engine is built; the model itself never touches the filesystem.
     init_from: Optional[str] = None
@@ -64,6 +68,15 @@ class GPTConfig:
         _one_of("norm", self.norm, _NORMS)
         _one_of("mlp", self.mlp, _MLPS)
         _one_of("gelu_approximate", self.gelu_approximate, ("tanh", "none"))
+        ac = self.activation_checkpointing
+        if not isinstance(ac, bool):
+            ac = {"true": True, "false": False, "auto": "auto"}.get(str(ac).lower())
+            if ac is None:
+                raise ValueError(
+                    f"activation_checkpointing ({self.activation_checkpointing!r}) must be "
+                    "true, false or 'auto'"
+                )
+            object.__setattr__(self, "activation_checkpointing", ac)
         if self.d_model % self.n_head != 0:
             raise ValueError(
                 f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})"

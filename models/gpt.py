@@ -220,8 +220,10 @@ class GPT(nn.Module):
             pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
             x = x + self.wpe(pos)  # (B, T, C)
         x = self.drop(x)
-        checkpointing = (
-            self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
+        checkpointing = (  # "auto" is a training run's, applied from outside
+            self.config.activation_checkpointing is True
+            and self.training
+            and torch.is_grad_enabled()
         )
         for block in self.blocks:
             if checkpointing:

@@ -28,6 +28,7 @@ from trainer.worker.optimizer import build_optimizer
 from trainer.worker.parallel import (
     Layout,
     apply_ac,
+    apply_ac_blocks,
     apply_compile,
     apply_pp,
     apply_tp,
@@ -45,11 +46,13 @@ def deepspeed_config(
     micro_batch: int,
     grad_accum: int,
     device_type: str = "cpu",
+    ac_blocks: int = 0,
 ) -> dict[str, Any]:
     """The one DeepSpeed JSON config of a run: the batch, clipping and precision keys merged
     with the fragments of trainer/worker/parallel.py's apply_zero, apply_tp and apply_ac. Pure:
     unit-tested without a process group. device_type: the accelerator's ("cuda" | "cpu",
-    accelerator_device_type())."""
+    accelerator_device_type()). ac_blocks: the blocks activation_checkpointing "auto" chose
+    (parallel.py plan_ac)."""
     base: dict[str, Any] = {
         "train_batch_size": micro_batch * grad_accum * layout.dp,
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -71,7 +74,7 @@ def deepspeed_config(
         base,
         apply_zero(parallel, device_type=device_type),
         apply_tp(layout),
-        apply_ac(model, parallel, layout),
+        apply_ac(model, parallel, layout, ac_blocks),
     )
 
 
@@ -252,6 +255,7 @@ def build_engine(
     compile: bool = False,
     contiguous_weight_grad: bool = False,
     loss_chunk: int = 0,
+    ac_blocks: int = 0,
 ):
     """Wraps `model` in a DeepSpeed engine for `layout` (the process group must exist): the
     module pieces of trainer/worker/parallel.py (apply_pp, apply_compile) applied from outside,
@@ -259,7 +263,9 @@ def build_engine(
     compile: torch.compile the model's blocks first (apply_compile).
     contiguous_weight_grad: trainer/worker/kernels.py's Linear backward for the large layers.
     loss_chunk: tokens per chunk of the loss (models/loss.py; trainer.loss_chunk_tokens), 0 for
-    the loss of the whole logits."""
+    the loss of the whole logits.
+    ac_blocks: checkpoint the first this many blocks from outside the model (plan_ac's choice
+    for activation_checkpointing "auto"; a pipeline checkpoints its layers instead, apply_ac)."""
     import deepspeed
 
     without_muon_import()
@@ -267,9 +273,11 @@ def build_engine(
     sizes = dict(layout=layout, micro_batch=micro_batch, grad_accum=grad_accum)
     device = accelerator_device_type()
     ds_config = deepspeed_config(
-        model.config, parallel, precision, optim, **sizes, device_type=device
+        model.config, parallel, precision, optim, **sizes, device_type=device, ac_blocks=ac_blocks
     )
     model.loss_chunk = loss_chunk
+    if layout.pp == 1:
+        apply_ac_blocks(model, ac_blocks)
     module = apply_pp(model, layout, parallel)
     if contiguous_weight_grad:
         use_contiguous_weight_grad(module)
