@@ -102,13 +102,15 @@ class CausalSelfAttention(nn.Module):
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         if self.rotary is not None:
             q, k = self.rotary(q, k)
-        n_rep = q.size(1) // k.size(1)
-        if n_rep > 1:
-            # grouped-query: kv head j serves query heads j*n_rep .. (j+1)*n_rep-1
-            k = k.repeat_interleave(n_rep, dim=1)  # (B, H, T, D)
-            v = v.repeat_interleave(n_rep, dim=1)  # (B, H, T, D)
+        # grouped-query (KV < H): kv head j serves query heads j*H/KV .. (j+1)*H/KV-1, read
+        # by SDPA in place (enable_gqa) rather than copied H/KV times
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q,
+            k,
+            v,
+            is_causal=True,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=k.size(1) != q.size(1),
         )  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, H*D)
         return self.resid_drop(self.o_proj(y))  # (B, T, C)

@@ -1,8 +1,8 @@
 """The memory options train the same numbers as without them on real DeepSpeed engines, at
-ZeRO stages 0 and 3 (ZeRO-1/2 reduce as 0 does here, one process): the chunked loss with several chunks per micro batch
-(trainer.loss_chunk_tokens, models/loss.py) and activation checkpointing of the first blocks
-from outside the model (activation_checkpointing "auto", trainer/worker/parallel.py
-apply_ac_blocks), which also keeps the parameter names. fp32, one process (gloo) in a child
+ZeRO stages 0 and 3 (ZeRO-1/2 reduce as 0 does here, one process): the chunked loss with
+several chunks per micro batch (trainer.loss_chunk_tokens, models/loss.py) and activation
+checkpointing of the first blocks from outside the model (activation_checkpointing "auto",
+trainer/worker/parallel.py apply_ac_blocks), which also keeps the parameter names. fp32, one process (gloo) in a child
 process, so no process group is left behind in the test session."""
 
 from __future__ import annotations
