@@ -393,8 +393,26 @@ def check_group_options(overrides: list[str]) -> None:
     compose.check_group_options(list(overrides), conf_dir=CONF_DIR, error=ConfigError)
 
 
+# Group choices a user may expect that raygpt does not build: why, and what to use instead.
+NOT_BUILT = {
+    ("precision", "fp8"): "FP8 training is not built (it needs FP8 tensor cores, Hopper or "
+    "newer, and FP8 linear layers raygpt does not have): use precision=bf16 on GPUs, fp32 on "
+    "CPUs",
+}
+
+
+def check_not_built(overrides: list[str]) -> None:
+    """A choice of NOT_BUILT is one line saying so, rather than a missing conf/ file."""
+    for line in overrides:
+        key, _, value = line.partition("=")
+        why = NOT_BUILT.get((key.lstrip("+~"), value.strip()))
+        if why:
+            raise ConfigError(f"{key.lstrip('+~')}={value.strip()}: {why}")
+
+
 def compose_config(overrides: list[str]) -> DictConfig:
     """Composes conf/config.yaml with Hydra overrides, every group typed (ConfigError)."""
+    check_not_built(overrides)
     return compose.compose(list(overrides), GROUPS, conf_dir=CONF_DIR, error=ConfigError)
 
 
@@ -500,6 +518,12 @@ def validate(cfg: RootConfig) -> None:
             f"{dp_only[0]} with tensor_parallel {par.tensor_parallel}, pipeline_parallel "
             f"{par.pipeline_parallel}, zero_stage {par.zero_stage}: it is supported with "
             "data parallelism at ZeRO stage 0-2 only (TP/PP/ZeRO-3 hooks inside the blocks)"
+        )
+    if cfg.cluster.gpus_per_worker > 1:
+        raise ConfigError(
+            f"cluster.gpus_per_worker ({cfg.cluster.gpus_per_worker:g}) > 1: DeepSpeed drives one "
+            "GPU per process (cuda:LOCAL_RANK), so the others would idle; give each GPU its own "
+            "worker: cluster.gpus_per_worker=1 and cluster.num_workers = the GPUs in all"
         )
     if t.contiguous_weight_grad and cfg.cluster.use_gpu:
         raise ConfigError(
