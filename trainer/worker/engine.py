@@ -99,7 +99,8 @@ def init_weights(model: GPT, seed: int, gather=None) -> None:
     the weights do not depend on how the model was built: whole, or partitioned as it is built
     (ZeRO-3), which draws from the global RNG differently, nor on the device the parameters
     live on (the draws are made on the CPU, where the generator is, and copied to the
-    parameters' device: a GPU build gets a CPU build's values). `gather(params)` is a context
+    parameters' device: a GPU build gets a CPU build's values), nor on their dtype (drawn in
+    fp32, then cast: a bf16 build gets a fp32 build's values in bf16). `gather(params)` is a context
     that makes a module's parameters whole while it is initialised."""
     for name, module in model.named_modules():
         own = list(module.parameters(recurse=False))
@@ -112,15 +113,22 @@ def init_weights(model: GPT, seed: int, gather=None) -> None:
 
 @contextlib.contextmanager
 def _drawn_on_cpu(module: torch.nn.Module):
-    """Inside: each of the module's own parameters that is not on the CPU is replaced by a CPU
-    parameter of its shape and dtype (a CPU torch.Generator cannot fill a CUDA tensor); after:
-    the values drawn into it are copied into the parameter's own storage on its device, and
-    the parameter is back. CPU parameters are initialised in place, as they always were."""
+    """Inside: each of the module's own parameters that is not an fp32 CPU tensor is replaced
+    by an fp32 CPU parameter of its shape (a CPU torch.Generator cannot fill a CUDA tensor, and
+    a bf16 draw need not round like an fp32 draw cast to bf16); after: the values drawn into it
+    are copied (cast) into the parameter's own storage on its device, and the parameter is
+    back. So a bf16 ZeRO-3 partitioned build holds bit for bit the bf16 cast of a whole fp32
+    build, which is what DeepSpeed makes of a whole build. fp32 CPU parameters are initialised
+    in place, as they always were."""
     params = module._parameters
-    away = {k: p for k, p in params.items() if p is not None and p.device.type != "cpu"}
+    away = {
+        k: p
+        for k, p in params.items()
+        if p is not None and (p.device.type != "cpu" or p.dtype != torch.float32)
+    }
     for k, p in away.items():
         params[k] = torch.nn.Parameter(
-            torch.empty(p.data.shape, dtype=p.dtype), requires_grad=p.requires_grad
+            torch.empty(p.data.shape, dtype=torch.float32), requires_grad=p.requires_grad
         )
     try:
         yield
