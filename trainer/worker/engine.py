@@ -33,6 +33,7 @@ from trainer.worker.parallel import (
     apply_pp,
     apply_tp,
     apply_zero,
+    compile_on,
 )
 
 
@@ -70,6 +71,16 @@ def deepspeed_config(
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if (
+        device_type == "cuda"
+        and precision.bf16
+        and precision.fp32_grad_accum
+        and parallel.zero_stage in (1, 2)
+        and layout.pp == 1
+    ):
+        # DeepSpeed takes it at ZeRO-1 (its BF16_Optimizer) and 2 (a separate fp32 accumulation);
+        # ZeRO-0 raises on it and ZeRO-3 ignores it. Pipelines keep their bf16 ZeRO-1 optimizer.
+        base["data_types"] = {"grad_accum_dtype": "fp32"}
     return merge_config(
         base,
         apply_zero(parallel, device_type=device_type),
@@ -260,7 +271,7 @@ def build_engine(
     layout: Layout,
     micro_batch: int,
     grad_accum: int,
-    compile: bool = False,
+    compile: bool | str = False,
     contiguous_weight_grad: bool = False,
     loss_chunk: int = 0,
     ac_blocks: int = 0,
@@ -268,7 +279,7 @@ def build_engine(
     """Wraps `model` in a DeepSpeed engine for `layout` (the process group must exist): the
     module pieces of trainer/worker/parallel.py (apply_pp, apply_compile) applied from outside,
     the optimizer of build_optimizer, and the one config of deepspeed_config.
-    compile: torch.compile the model's blocks first (apply_compile).
+    compile: torch.compile the model's blocks first (apply_compile); "auto": compile_on.
     contiguous_weight_grad: trainer/worker/kernels.py's Linear backward for the large layers.
     loss_chunk: tokens per chunk of the loss (models/loss.py; trainer.loss_chunk_tokens), 0 for
     the loss of the whole logits.
@@ -289,14 +300,24 @@ def build_engine(
     module = apply_pp(model, layout, parallel)
     if contiguous_weight_grad:
         use_contiguous_weight_grad(module)
-    module = apply_compile(module, compile)
+    module = apply_compile(
+        module, compile_on(compile, device, layout, parallel), eager_first=ac_blocks
+    )
+    use_tf32(precision, device)
     engine, _, _, _ = deepspeed.initialize(
         model=module,
-        optimizer=build_optimizer(module, optim),
+        optimizer=build_optimizer(module, optim, device_type=device),
         config=ds_config,
         dist_init_required=False,
     )
     return engine
+
+
+def use_tf32(precision: PrecisionConfig, device_type: str) -> None:
+    """precision.tf32 on CUDA: fp32 matmuls in TF32 (torch's float32 matmul precision "high").
+    The CPU keeps "highest", torch's default (oneDNN would otherwise use reduced precision)."""
+    if device_type == "cuda" and precision.tf32:
+        torch.set_float32_matmul_precision("high")
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

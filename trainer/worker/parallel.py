@@ -129,7 +129,9 @@ def pipeline_layers(gpt: GPT) -> list:
 
 def apply_zero(parallel: ParallelConfig, *, device_type: str = "cpu") -> dict[str, Any]:
     """ZeRO's fragment: the stage, its buckets and offload. device_type: the accelerator's
-    ("cuda" | "cpu"); offloaded state is pinned for copies to a GPU only."""
+    ("cuda" | "cpu"): it decides the "auto" settings (trainer/config.py ZERO_BY_DEVICE), and
+    offloaded state is pinned for copies to a GPU only."""
+    parallel = parallel.on(device_type)
     zero: dict[str, Any] = {"stage": parallel.zero_stage}
     if parallel.zero_stage > 0:
         zero.update(
@@ -140,8 +142,8 @@ def apply_zero(parallel: ParallelConfig, *, device_type: str = "cpu") -> dict[st
         )
     if parallel.zero_stage == 3:
         zero.update(
-            stage3_prefetch_bucket_size=parallel.allgather_bucket_size,
-            stage3_param_persistence_threshold=0,
+            stage3_prefetch_bucket_size=parallel.prefetch_bucket_size,
+            stage3_param_persistence_threshold=parallel.param_persistence_threshold,
             stage3_gather_16bit_weights_on_model_save=False,
             sub_group_size=parallel.sub_group_size,
         )
@@ -261,11 +263,22 @@ def apply_pp(gpt: GPT, layout: Layout, parallel: ParallelConfig) -> nn.Module:
     )
 
 
-def apply_compile(model: nn.Module, enabled: bool) -> nn.Module:
+def apply_compile(model: nn.Module, enabled: bool, eager_first: int = 0) -> nn.Module:
     """torch.compile (inductor) of each transformer block, in place (Module.compile), when
     enabled: parameter names, state_dict keys and so checkpoints stay as they are, and
-    DeepSpeed's hooks around the blocks stay eager."""
+    DeepSpeed's hooks around the blocks stay eager. The first eager_first blocks stay eager:
+    those apply_ac_blocks checkpointed (its hooks inside a compiled module call are not
+    proven yet)."""
     if enabled:
-        for block in model.blocks:
+        for block in model.blocks[eager_first:]:
             block.compile()
     return model
+
+
+def compile_on(setting: bool | str, device_type: str, layout: Layout, parallel: ParallelConfig):
+    """trainer.compile resolved: "auto" compiles on CUDA with data parallelism at ZeRO 0-2
+    (TP, PP and ZeRO-3 put hooks inside the blocks; trainer/config.py refuses true there)."""
+    if setting != "auto":
+        return bool(setting)
+    dp_only = layout.tp == 1 and layout.pp == 1 and parallel.zero_stage < 3
+    return device_type == "cuda" and dp_only
