@@ -19,6 +19,18 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name} ({value!r}) must be one of {choices}")
 
 
+def tristate(name: str, value) -> bool | str:
+    """A true | false | "auto" setting as True, False or "auto": a bool given in code, or the
+    string an OmegaConf str field makes of it ("True", "true", "auto"). Dataclasses type such
+    fields str (OmegaConf takes no unions) and hold the normalised value."""
+    if isinstance(value, bool):
+        return value
+    out = {"true": True, "false": False, "auto": "auto"}.get(str(value).lower())
+    if out is None:
+        raise ValueError(f"{name} ({value!r}) must be true, false or 'auto'")
+    return out
+
+
 @dataclass(frozen=True, kw_only=True)
 class GPTConfig:
     name: str = "custom"
@@ -42,7 +54,11 @@ class GPTConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
-    activation_checkpointing: bool = False
+    # true: every block recomputes its activations in backward (the GPT does it itself);
+    # false: none; "auto": a training run checkpoints the fewest leading blocks its memory
+    # estimate needs to fit the device (trainer/memory_plan.py). Held as True, False or "auto"
+    # (a bool given here, or "true"/"false" as OmegaConf's str field passes it).
+    activation_checkpointing: str = "auto"
     # A local Hugging Face model dir (config.json + model.safetensors) to start from. Read by the
     # trainer before the engine is built; the model itself never touches the filesystem.
     init_from: Optional[str] = None
@@ -64,6 +80,11 @@ class GPTConfig:
         _one_of("norm", self.norm, _NORMS)
         _one_of("mlp", self.mlp, _MLPS)
         _one_of("gelu_approximate", self.gelu_approximate, ("tanh", "none"))
+        object.__setattr__(
+            self,
+            "activation_checkpointing",
+            tristate("activation_checkpointing", self.activation_checkpointing),
+        )
         if self.d_model % self.n_head != 0:
             raise ValueError(
                 f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})"

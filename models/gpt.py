@@ -19,6 +19,7 @@ import torch.utils.checkpoint
 from torch.nn import functional as F
 
 from models.config import GPTConfig, shape_of  # noqa: F401  (re-exported)
+from models.loss import chunked_head_cross_entropy
 
 # -----------------------------------------------------------------------------
 # Building blocks
@@ -101,13 +102,15 @@ class CausalSelfAttention(nn.Module):
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         if self.rotary is not None:
             q, k = self.rotary(q, k)
-        n_rep = q.size(1) // k.size(1)
-        if n_rep > 1:
-            # grouped-query: kv head j serves query heads j*n_rep .. (j+1)*n_rep-1
-            k = k.repeat_interleave(n_rep, dim=1)  # (B, H, T, D)
-            v = v.repeat_interleave(n_rep, dim=1)  # (B, H, T, D)
+        # grouped-query (KV < H): kv head j serves query heads j*H/KV .. (j+1)*H/KV-1, read
+        # by SDPA in place (enable_gqa) rather than copied H/KV times
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q,
+            k,
+            v,
+            is_causal=True,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=k.size(1) != q.size(1),
         )  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, H*D)
         return self.resid_drop(self.o_proj(y))  # (B, T, C)
@@ -167,6 +170,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        # Tokens per chunk of the loss (models/loss.py); 0: the loss of the whole logits, which
+        # forward returns. A training run sets it from outside (trainer.loss_chunk_tokens).
+        self.loss_chunk = 0
 
         self.apply(self.init_module_weights)
 
@@ -205,7 +211,7 @@ class GPT(nn.Module):
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         B, T = idx.size()  # (B, T)
         if T > self.config.block_size:
             raise ValueError(
@@ -216,8 +222,10 @@ class GPT(nn.Module):
             pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
             x = x + self.wpe(pos)  # (B, T, C)
         x = self.drop(x)
-        checkpointing = (
-            self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
+        checkpointing = (  # "auto" is a training run's, applied from outside
+            self.config.activation_checkpointing is True
+            and self.training
+            and torch.is_grad_enabled()
         )
         for block in self.blocks:
             if checkpointing:
@@ -225,6 +233,9 @@ class GPT(nn.Module):
             else:
                 x = block(x)  # (B, T, C)
         x = self.ln_f(x)  # (B, T, C)
+        if targets is not None and self.loss_chunk:
+            # head + loss a chunk of tokens at a time: no (B, T, V) logits, so none returned
+            return None, chunked_head_cross_entropy(self.lm_head, x, targets, self.loss_chunk)
         logits = self.lm_head(x)  # (B, T, V)
 
         loss = None

@@ -24,7 +24,7 @@ from cluster.config import ClusterConfig
 from data_pipeline import compose, storage
 from data_pipeline.compose import CONF_DIR, one_line, plain_name_error
 from data_pipeline.config import DataConfig
-from models.config import GPTConfig
+from models.config import GPTConfig, tristate
 from trainer.layout import Layout, check_model_fits, make_layout
 
 
@@ -46,9 +46,12 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     # torch.optim.AdamW(fused=True): one fused kernel per parameter group instead of a loop
     # of element-wise ops (CPU and CUDA); DeepSpeed gets it as the client optimizer.
-    fused: bool = False
+    # true | false | "auto": on CUDA (at gpt2-124m the unfused step took 40-46 ms of 88-98),
+    # off on the CPU (as before: the same numbers as the reference loop).
+    fused: str = "auto"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "fused", tristate("fused", self.fused))
         if self.name != "adamw":
             raise ValueError(f"name ('{self.name}') must be 'adamw'")
         if not self.lr > 0:
@@ -69,6 +72,33 @@ class OptimConfig:
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip ({self.grad_clip}) must be >= 0 (0 disables)")
 
+    def fused_on(self, device_type: str) -> bool:
+        """Whether AdamW runs fused on this accelerator ("cuda" | "cpu")."""
+        return device_type == "cuda" if self.fused == "auto" else self.fused
+
+
+# ParallelConfig's "auto" (None) ZeRO settings by accelerator: on CUDA DeepSpeed's own defaults
+# (tuned for NVLink/InfiniBand nodes: 5e8-element buckets, the gradient reduction overlapped
+# with backward on its own stream, ZeRO-3 parameters under 1e5 elements - biases, norms - kept
+# whole instead of gathered at every use, 5e7-element prefetch); on the CPU (gloo, no streams)
+# what raygpt always ran. Not yet measured on a GPU: bench/README.md, "GPU defaults".
+ZERO_BY_DEVICE: dict[str, dict] = {
+    "cuda": dict(
+        overlap_comm=True,
+        reduce_bucket_size=500_000_000,
+        allgather_bucket_size=500_000_000,
+        param_persistence_threshold=100_000,
+        prefetch_bucket_size=50_000_000,
+    ),
+    "cpu": dict(
+        overlap_comm=False,
+        reduce_bucket_size=50_000_000,
+        allgather_bucket_size=50_000_000,
+        param_persistence_threshold=0,
+        prefetch_bucket_size=50_000_000,
+    ),
+}
+
 
 @dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
@@ -84,9 +114,15 @@ class ParallelConfig:
     # ZeRO-3 optimizer steps this many parameters at a time; with offload, one sub-group's fp32
     # weights, gradients and Adam moments (16 bytes/param) are in host memory at once.
     sub_group_size: int = 1_000_000_000
-    overlap_comm: bool = False
-    reduce_bucket_size: int = 50_000_000
-    allgather_bucket_size: int = 50_000_000
+    # ZeRO-1/2/3 communication; "auto" / None: by accelerator (ZERO_BY_DEVICE above).
+    overlap_comm: str = "auto"  # true | false | "auto"
+    reduce_bucket_size: Optional[int] = None  # elements
+    allgather_bucket_size: Optional[int] = None  # elements
+    # ZeRO-3: parameters of at most this many elements stay whole on every rank
+    # (stage3_param_persistence_threshold), and the next modules' parameters are gathered
+    # ahead in buckets of this many elements (stage3_prefetch_bucket_size).
+    param_persistence_threshold: Optional[int] = None
+    prefetch_bucket_size: Optional[int] = None
     # ZeRO-3 only: build the model already partitioned (deepspeed.zero.Init), for models one
     # worker cannot hold. The weights equal a whole build's; DeepSpeed's gradient reduction
     # order differs slightly (fp32 losses drift ~1e-5 relative over 10 steps of gpt-tiny).
@@ -101,6 +137,7 @@ class ParallelConfig:
     pipeline_checkpoint_interval: int = 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "overlap_comm", tristate("overlap_comm", self.overlap_comm))
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage ({self.zero_stage}) must be 0, 1, 2 or 3")
         if self.partitioned_init and self.zero_stage != 3:
@@ -151,8 +188,23 @@ class ParallelConfig:
             raise ValueError(f"sub_group_size ({self.sub_group_size}) must be >= 1")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3 (got zero_stage 0)")
-        if self.reduce_bucket_size < 1 or self.allgather_bucket_size < 1:
-            raise ValueError("reduce_bucket_size and allgather_bucket_size must be >= 1")
+        for k in ("reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size"):
+            if getattr(self, k) is not None and getattr(self, k) < 1:
+                raise ValueError(f"{k} ({getattr(self, k)}) must be >= 1 (or null: by device)")
+        if self.param_persistence_threshold is not None and self.param_persistence_threshold < 0:
+            raise ValueError(
+                f"param_persistence_threshold ({self.param_persistence_threshold}) must be >= 0 "
+                "(or null: by device)"
+            )
+
+    def on(self, device_type: str) -> ParallelConfig:
+        """This config with its "auto" / None ZeRO settings those of `device_type`
+        (ZERO_BY_DEVICE)."""
+        auto = ZERO_BY_DEVICE["cuda" if device_type == "cuda" else "cpu"]
+        given = {k: getattr(self, k) for k in auto}
+        return dataclasses.replace(
+            self, **{k: auto[k] if v in (None, "auto") else v for k, v in given.items()}
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,6 +213,11 @@ class PrecisionConfig:
     bf16: bool = True
     fp16: bool = False
     initial_scale_power: int = 16  # fp16 dynamic loss scale starts at 2**this
+    # On CUDA only (the CPU runs as before): fp32 matmuls in TF32 (torch's "high" float32
+    # matmul precision), and bf16 at ZeRO-1/2 accumulates micro-batch gradients in fp32
+    # (DeepSpeed's data_types.grad_accum_dtype; ZeRO-0 and 3 do not take it).
+    tf32: bool = True
+    fp32_grad_accum: bool = True
 
     def __post_init__(self) -> None:
         if self.bf16 and self.fp16:
@@ -246,15 +303,20 @@ class TrainerConfig:
     # torch.profiler trace of these steps into run_dir/profile/ (e.g. [5,6]).
     profile_steps: list[int] = field(default_factory=list)
     # torch.compile (inductor) of every transformer block, applied from outside the model
-    # before DeepSpeed wraps it (trainer/worker/engine.py compile_blocks); needs a C++ compiler on
-    # CPU. Not with pipeline parallelism.
-    compile: bool = False
+    # before DeepSpeed wraps it (trainer/worker/parallel.py apply_compile); needs a C++ compiler
+    # on CPU. true | false | "auto": on CUDA with data parallelism at ZeRO 0-2, off elsewhere
+    # (true there is refused: TP/PP/ZeRO-3 put hooks inside the blocks).
+    compile: str = "auto"
     # CPU bf16: each nn.Linear with >= 1024 features computes its weight gradient from a
     # contiguous transposed copy (trainer/worker/kernels.py): oneDNN runs the transposed product at
     # about half rate. Not with TP/PP/ZeRO-3 or on GPUs.
     contiguous_weight_grad: bool = False
+    # The loss computed this many tokens at a time (models/loss.py): never the whole (micro
+    # batch x seq x vocab) fp32 logits. 0: one F.cross_entropy over the whole logits.
+    loss_chunk_tokens: int = 4096
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "compile", tristate("compile", self.compile))
         for k in ("max_steps", "micro_batch_size", "global_batch_size", "keep_last"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} ({getattr(self, k)}) must be >= 1")
@@ -263,7 +325,7 @@ class TrainerConfig:
                 f"eval_batches ({self.eval_batches}) must be >= 1: the final eval always runs "
                 "(eval_interval=0 turns off only the periodic ones)"
             )
-        for k in ("eval_interval", "checkpoint_interval", "sample_tokens"):
+        for k in ("eval_interval", "checkpoint_interval", "sample_tokens", "loss_chunk_tokens"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{k} ({getattr(self, k)}) must be >= 0")
         if self.stop_at_step is not None and not 1 <= self.stop_at_step <= self.max_steps:
@@ -390,8 +452,26 @@ def check_group_options(overrides: list[str]) -> None:
     compose.check_group_options(list(overrides), conf_dir=CONF_DIR, error=ConfigError)
 
 
+# Group choices a user may expect that raygpt does not build: why, and what to use instead.
+NOT_BUILT = {
+    ("precision", "fp8"): "FP8 training is not built (it needs FP8 tensor cores, Hopper or "
+    "newer, and FP8 linear layers raygpt does not have): use precision=bf16 on GPUs, fp32 on "
+    "CPUs",
+}
+
+
+def check_not_built(overrides: list[str]) -> None:
+    """A choice of NOT_BUILT is one line saying so, rather than a missing conf/ file."""
+    for line in overrides:
+        key, _, value = line.partition("=")
+        why = NOT_BUILT.get((key.lstrip("+~"), value.strip()))
+        if why:
+            raise ConfigError(f"{key.lstrip('+~')}={value.strip()}: {why}")
+
+
 def compose_config(overrides: list[str]) -> DictConfig:
     """Composes conf/config.yaml with Hydra overrides, every group typed (ConfigError)."""
+    check_not_built(overrides)
     return compose.compose(list(overrides), GROUPS, conf_dir=CONF_DIR, error=ConfigError)
 
 
@@ -487,7 +567,7 @@ def validate(cfg: RootConfig) -> None:
     dp_only = [
         name
         for name, on in (
-            ("trainer.compile", t.compile),
+            ("trainer.compile", t.compile is True),
             ("trainer.contiguous_weight_grad", t.contiguous_weight_grad),
         )
         if on
@@ -497,6 +577,12 @@ def validate(cfg: RootConfig) -> None:
             f"{dp_only[0]} with tensor_parallel {par.tensor_parallel}, pipeline_parallel "
             f"{par.pipeline_parallel}, zero_stage {par.zero_stage}: it is supported with "
             "data parallelism at ZeRO stage 0-2 only (TP/PP/ZeRO-3 hooks inside the blocks)"
+        )
+    if cfg.cluster.gpus_per_worker > 1:
+        raise ConfigError(
+            f"cluster.gpus_per_worker ({cfg.cluster.gpus_per_worker:g}) > 1: DeepSpeed drives one "
+            "GPU per process (cuda:LOCAL_RANK), so the others would idle; give each GPU its own "
+            "worker: cluster.gpus_per_worker=1 and cluster.num_workers = the GPUs in all"
         )
     if t.contiguous_weight_grad and cfg.cluster.use_gpu:
         raise ConfigError(

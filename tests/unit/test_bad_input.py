@@ -656,3 +656,45 @@ def base_model():
     from models.gpt import GPTConfig
 
     return GPTConfig()
+
+
+# ---------------------------------------------------------------------------- GPU settings
+
+GPU_CASES = [
+    (["precision=fp8"], "precision=fp8: FP8 training is not built"),
+    (
+        ["model.activation_checkpointing=sometimes"],
+        "activation_checkpointing ('sometimes') must be true, false or 'auto'",
+    ),
+    (
+        ["trainer.compile=true", "parallel=pp2", "cluster.num_workers=2"],
+        "trainer.compile with tensor_parallel 1, pipeline_parallel 2",
+    ),
+    (
+        ["trainer.compile=true", "parallel=tp2", "cluster.num_workers=2"],
+        "trainer.compile with tensor_parallel 2, pipeline_parallel 1",
+    ),
+    (["cluster.gpus_per_worker=2"], "cluster.gpus_per_worker (2) > 1: DeepSpeed drives one GPU"),
+    (
+        ["cluster.num_workers=1", "cluster.gpus_per_worker=1"],
+        "no datasheet peak FLOP/s for GPU 'NVIDIA B200'",
+    ),
+]
+
+
+@pytest.mark.parametrize("overrides,named", GPU_CASES, ids=[c[0][-1] for c in GPU_CASES])
+def test_gpu_settings_that_cannot_be_served_are_one_line(ws, capsys, monkeypatch, overrides, named):
+    """A GPU this machine has that the peak-FLOPs table does not know (faked here: this machine
+    has none) is asked about once, by the driver, before Ray."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA B200")
+    before = tree_digest(ws)
+    rc = train_main([*train_args(ws, "new"), "cluster.cpus_per_worker=1", *overrides])
+    line = one_error(capsys)
+    assert rc == 2 and named in line, line
+    if "gpus_per_worker=1" in overrides:
+        assert "set trainer.peak_flops=<dense fp32 FLOP/s of one GPU>" in line, line
+    assert tree_digest(ws) == before

@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-LEAVES = ["trainer.config", "trainer.layout", "data_pipeline.config", "cluster.config"]
+LEAVES = [
+    "trainer.config",
+    "trainer.layout",
+    "trainer.memory_plan",
+    "data_pipeline.config",
+    "cluster.config",
+]
 FORBIDDEN = ("torch", "deepspeed", "ray", "trainer.worker", "trainer.driver")
 
 

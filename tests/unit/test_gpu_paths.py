@@ -297,6 +297,32 @@ def test_init_weights_draws_on_the_cpu_for_parameters_elsewhere(monkeypatch):
     assert torch.equal(reference.blocks[0].attn.q_proj.weight.data, want)
 
 
+def test_init_weights_draws_bf16_parameters_in_fp32_then_casts(monkeypatch):
+    """A bf16 build (DeepSpeed's zero.Init makes its parameters bf16) gets the bf16 cast of an
+    fp32 build's values: every draw is made into an fp32 tensor, in the parameter's storage."""
+    from models.gpt import GPT, GPTConfig
+
+    cfg = GPTConfig(n_layer=1, d_model=16, n_head=2, vocab_size=32, block_size=8)
+    reference = GPT(cfg)
+    init_weights(reference, seed=3)
+    model = GPT(cfg).bfloat16()
+    storages = {n: p.data_ptr() for n, p in model.named_parameters()}
+    dtypes = []
+    real_normal = torch.nn.init.normal_
+
+    def normal_(tensor, *args, **kwargs):
+        dtypes.append(tensor.dtype)
+        return real_normal(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "normal_", normal_)
+    init_weights(model, seed=3)
+    monkeypatch.undo()
+    assert dtypes and set(dtypes) == {torch.float32}
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == storages
+    for (n, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert p.dtype == torch.bfloat16 and torch.equal(p.data, q.data.bfloat16()), n
+
+
 # ---------------------------------------------------------------- refused before Ray starts
 
 

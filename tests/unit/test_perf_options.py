@@ -9,12 +9,15 @@ import pytest
 from trainer.config import ConfigError, OptimConfig, TrainerConfig, load_config
 
 
-def test_fields_default_off_and_compose():
-    assert OptimConfig().fused is False and TrainerConfig().compile is False
+def test_fields_default_auto_off_on_the_cpu_and_compose():
+    # "auto": on CUDA only (tests/unit/test_gpu_defaults.py); the CPU runs as before
+    assert OptimConfig().fused == "auto" and TrainerConfig().compile == "auto"
+    assert OptimConfig().fused_on("cpu") is False
     cfg = load_config(["optim.fused=true", "trainer.compile=true", "parallel=ddp"])
     assert cfg.optim.fused is True and cfg.trainer.compile is True
     defaults = load_config([])
-    assert defaults.optim.fused is False and defaults.trainer.compile is False
+    assert defaults.optim.fused == "auto" and defaults.trainer.compile == "auto"
+    assert load_config(["optim.fused=false", "trainer.compile=false"]).trainer.compile is False
     # on the default layout (each layout it does not apply to is refused below)
     assert load_config(["trainer.contiguous_weight_grad=true"]).trainer.contiguous_weight_grad
 

@@ -26,8 +26,8 @@ from trainer.config import ConfigError, RootConfig, check_eval_fits, check_vocab
 def check_inputs(cfg: RootConfig) -> None:
     """The checks of a valid config that read files, the environment or this machine (the
     rules themselves are trainer/config.py's): model.init_from's config.json fits the model,
-    the tokenizer's vocab fits model.vocab_size, logging.mode=online has WANDB_API_KEY, and a
-    private local cluster fits this machine. Every command that validates a config runs it
+    the tokenizer's vocab fits model.vocab_size, logging.mode=online has WANDB_API_KEY, a
+    private local cluster fits this machine, and GPU workers' GPUs have a known peak. Every command that validates a config runs it
     right after load_config (train, --check, each job of a sweep), so before Ray starts."""
     m, d, c = cfg.model, cfg.data, cfg.cluster
     if m.init_from:
@@ -59,6 +59,26 @@ def check_inputs(cfg: RootConfig) -> None:
                     f"cluster.num_workers ({c.num_workers}) x gpus_per_worker "
                     f"({c.gpus_per_worker}) GPUs requested, but this machine has {gpus}"
                 )
+    if c.use_gpu and not cfg.trainer.peak_flops:
+        check_gpu_peak(cfg.precision.dtype_name)
+
+
+def check_gpu_peak(dtype: str) -> None:
+    """Every GPU this machine has needs a datasheet peak (MFU) unless trainer.peak_flops is
+    set: asked here, once, before Ray, instead of by every worker (each attempt of
+    cluster.max_failures would stop on it). A driver without GPUs (a remote cluster's head
+    node) leaves the question to the workers."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    from trainer.worker.observability.metrics import UnknownGPUError, gpu_peak_flops
+
+    for index in range(torch.cuda.device_count()):
+        try:
+            gpu_peak_flops(dtype, index)
+        except UnknownGPUError as e:
+            raise ConfigError(str(e)) from None
 
 
 def tokenizer_vocab_size(data: DataConfig) -> tuple[int, str]:

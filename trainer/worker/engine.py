@@ -28,10 +28,12 @@ from trainer.worker.optimizer import build_optimizer
 from trainer.worker.parallel import (
     Layout,
     apply_ac,
+    apply_ac_blocks,
     apply_compile,
     apply_pp,
     apply_tp,
     apply_zero,
+    compile_on,
 )
 
 
@@ -45,11 +47,13 @@ def deepspeed_config(
     micro_batch: int,
     grad_accum: int,
     device_type: str = "cpu",
+    ac_blocks: int = 0,
 ) -> dict[str, Any]:
     """The one DeepSpeed JSON config of a run: the batch, clipping and precision keys merged
     with the fragments of trainer/worker/parallel.py's apply_zero, apply_tp and apply_ac. Pure:
     unit-tested without a process group. device_type: the accelerator's ("cuda" | "cpu",
-    accelerator_device_type())."""
+    accelerator_device_type()). ac_blocks: the blocks activation_checkpointing "auto" chose
+    (parallel.py plan_ac)."""
     base: dict[str, Any] = {
         "train_batch_size": micro_batch * grad_accum * layout.dp,
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -67,11 +71,21 @@ def deepspeed_config(
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if (
+        device_type == "cuda"
+        and precision.bf16
+        and precision.fp32_grad_accum
+        and parallel.zero_stage in (1, 2)
+        and layout.pp == 1
+    ):
+        # DeepSpeed takes it at ZeRO-1 (its BF16_Optimizer) and 2 (a separate fp32 accumulation);
+        # ZeRO-0 raises on it and ZeRO-3 ignores it. Pipelines keep their bf16 ZeRO-1 optimizer.
+        base["data_types"] = {"grad_accum_dtype": "fp32"}
     return merge_config(
         base,
         apply_zero(parallel, device_type=device_type),
         apply_tp(layout),
-        apply_ac(model, parallel, layout),
+        apply_ac(model, parallel, layout, ac_blocks),
     )
 
 
@@ -96,7 +110,8 @@ def init_weights(model: GPT, seed: int, gather=None) -> None:
     the weights do not depend on how the model was built: whole, or partitioned as it is built
     (ZeRO-3), which draws from the global RNG differently, nor on the device the parameters
     live on (the draws are made on the CPU, where the generator is, and copied to the
-    parameters' device: a GPU build gets a CPU build's values). `gather(params)` is a context
+    parameters' device: a GPU build gets a CPU build's values), nor on their dtype (drawn in
+    fp32, then cast: a bf16 build gets a fp32 build's values in bf16). `gather(params)` is a context
     that makes a module's parameters whole while it is initialised."""
     for name, module in model.named_modules():
         own = list(module.parameters(recurse=False))
@@ -109,15 +124,22 @@ def init_weights(model: GPT, seed: int, gather=None) -> None:
 
 @contextlib.contextmanager
 def _drawn_on_cpu(module: torch.nn.Module):
-    """Inside: each of the module's own parameters that is not on the CPU is replaced by a CPU
-    parameter of its shape and dtype (a CPU torch.Generator cannot fill a CUDA tensor); after:
-    the values drawn into it are copied into the parameter's own storage on its device, and
-    the parameter is back. CPU parameters are initialised in place, as they always were."""
+    """Inside: each of the module's own parameters that is not an fp32 CPU tensor is replaced
+    by an fp32 CPU parameter of its shape (a CPU torch.Generator cannot fill a CUDA tensor, and
+    a bf16 draw need not round like an fp32 draw cast to bf16); after: the values drawn into it
+    are copied (cast) into the parameter's own storage on its device, and the parameter is
+    back. So a bf16 ZeRO-3 partitioned build holds bit for bit the bf16 cast of a whole fp32
+    build, which is what DeepSpeed makes of a whole build. fp32 CPU parameters are initialised
+    in place, as they always were."""
     params = module._parameters
-    away = {k: p for k, p in params.items() if p is not None and p.device.type != "cpu"}
+    away = {
+        k: p
+        for k, p in params.items()
+        if p is not None and (p.device.type != "cpu" or p.dtype != torch.float32)
+    }
     for k, p in away.items():
         params[k] = torch.nn.Parameter(
-            torch.empty(p.data.shape, dtype=p.dtype), requires_grad=p.requires_grad
+            torch.empty(p.data.shape, dtype=torch.float32), requires_grad=p.requires_grad
         )
     try:
         yield
@@ -249,14 +271,20 @@ def build_engine(
     layout: Layout,
     micro_batch: int,
     grad_accum: int,
-    compile: bool = False,
+    compile: bool | str = False,
     contiguous_weight_grad: bool = False,
+    loss_chunk: int = 0,
+    ac_blocks: int = 0,
 ):
     """Wraps `model` in a DeepSpeed engine for `layout` (the process group must exist): the
     module pieces of trainer/worker/parallel.py (apply_pp, apply_compile) applied from outside,
     the optimizer of build_optimizer, and the one config of deepspeed_config.
-    compile: torch.compile the model's blocks first (apply_compile).
-    contiguous_weight_grad: trainer/worker/kernels.py's Linear backward for the large layers."""
+    compile: torch.compile the model's blocks first (apply_compile); "auto": compile_on.
+    contiguous_weight_grad: trainer/worker/kernels.py's Linear backward for the large layers.
+    loss_chunk: tokens per chunk of the loss (models/loss.py; trainer.loss_chunk_tokens), 0 for
+    the loss of the whole logits.
+    ac_blocks: checkpoint the first this many blocks from outside the model (plan_ac's choice
+    for activation_checkpointing "auto"; a pipeline checkpoints its layers instead, apply_ac)."""
     import deepspeed
 
     without_muon_import()
@@ -264,19 +292,32 @@ def build_engine(
     sizes = dict(layout=layout, micro_batch=micro_batch, grad_accum=grad_accum)
     device = accelerator_device_type()
     ds_config = deepspeed_config(
-        model.config, parallel, precision, optim, **sizes, device_type=device
+        model.config, parallel, precision, optim, **sizes, device_type=device, ac_blocks=ac_blocks
     )
+    model.loss_chunk = loss_chunk
+    if layout.pp == 1:
+        apply_ac_blocks(model, ac_blocks)
     module = apply_pp(model, layout, parallel)
     if contiguous_weight_grad:
         use_contiguous_weight_grad(module)
-    module = apply_compile(module, compile)
+    module = apply_compile(
+        module, compile_on(compile, device, layout, parallel), eager_first=ac_blocks
+    )
+    use_tf32(precision, device)
     engine, _, _, _ = deepspeed.initialize(
         model=module,
-        optimizer=build_optimizer(module, optim),
+        optimizer=build_optimizer(module, optim, device_type=device),
         config=ds_config,
         dist_init_required=False,
     )
     return engine
+
+
+def use_tf32(precision: PrecisionConfig, device_type: str) -> None:
+    """precision.tf32 on CUDA: fp32 matmuls in TF32 (torch's float32 matmul precision "high").
+    The CPU keeps "highest", torch's default (oneDNN would otherwise use reduced precision)."""
+    if device_type == "cuda" and precision.tf32:
+        torch.set_float32_matmul_precision("high")
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -338,7 +379,7 @@ def train_step(
     last = len(micro_batches) - 1
     for i, (x, y) in enumerate(micro_batches):
         with timer.phase("forward"):
-            _, loss = engine(x, y)
+            loss = engine(x, y)[1]  # the logits (when returned) are not kept through backward
         if poison and i == 0:
             loss = loss * float("nan")
         losses.append(loss.detach())

@@ -54,6 +54,7 @@ from trainer.worker.observability.metrics import (
 )
 from trainer.worker.observability.profiler import StepProfiler
 from trainer.worker.observability.run_files import RunFiles
+from trainer.worker.parallel import plan_ac
 from trainer.worker.schedule import build_scheduler
 
 
@@ -156,6 +157,18 @@ class Trainer:
         # Same seed on every rank -> identical initial weights (ZeRO-3: built partitioned).
         mark("worker: peak known")
         model = build_model(cfg.model, cfg.parallel, cfg.precision, cfg.optim, seed=t.seed, **sizes)
+        ac_blocks, ac_choice = plan_ac(
+            cfg.model,
+            cfg.parallel,
+            cfg.precision,
+            self.layout,
+            micro_batch=t.micro_batch_size,
+            seq_len=cfg.data.seq_len,
+            loss_chunk=t.loss_chunk_tokens,
+            device_type=accelerator_device_type(),
+        )
+        if ac_choice and self.rank == 0:
+            print(ac_choice, flush=True)
         self.engine = build_engine(
             model,
             cfg.parallel,
@@ -163,6 +176,8 @@ class Trainer:
             cfg.optim,
             compile=t.compile,
             contiguous_weight_grad=t.contiguous_weight_grad,
+            loss_chunk=t.loss_chunk_tokens,
+            ac_blocks=ac_blocks,
             **sizes,
         )
         self.scheduler = build_scheduler(self.engine.optimizer, cfg.optim, t.max_steps)

@@ -8,6 +8,7 @@ bf16); the learning rate is set per step by trainer/worker/schedule.py.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +49,10 @@ OPTIMIZERS: dict[str, Callable[[ParamGroups, OptimConfig], torch.optim.Optimizer
 }
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
-    """The optimizer optim.name names over `model`'s parameter groups (param_groups)."""
+def build_optimizer(
+    model: torch.nn.Module, optim: OptimConfig, device_type: str = "cpu"
+) -> torch.optim.Optimizer:
+    """The optimizer optim.name names over `model`'s parameter groups (param_groups), its
+    "auto" settings decided for the accelerator `device_type` ("cuda" | "cpu")."""
+    optim = dataclasses.replace(optim, fused=optim.fused_on(device_type))
     return OPTIMIZERS[optim.name](param_groups(model, optim.weight_decay), optim)

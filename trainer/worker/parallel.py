@@ -3,8 +3,9 @@
 - `make_layout`, `Layout`, `check_model_fits`: the layout arithmetic, in trainer/layout.py.
 - `apply_zero`, `apply_tp`, `apply_ac`: each returns its DeepSpeed config fragment, which
   trainer/worker/engine.py deepspeed_config merges into the one config of a run.
-- `apply_pp`, `apply_compile`: each returns the transformed module, which build_engine hands
-  to deepspeed.initialize.
+- `apply_pp`, `apply_ac_blocks`, `apply_compile`: each returns the transformed module, which
+  build_engine hands to deepspeed.initialize. `plan_ac` decides the blocks of
+  activation_checkpointing "auto" (trainer/memory_plan.py).
 - `tensor_parallel_config`: DeepSpeed AutoTP partition specs matched by our module names (the
   export splits and joins tensor-parallel shards by the same specs).
 - `pipeline_layers`: the GPT's own modules (embedding, blocks, final norm + head) as pipeline
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
@@ -21,8 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.gpt import GPT, GPTConfig
-from trainer.config import ParallelConfig
+from models.loss import chunked_cross_entropy
+from trainer.config import ParallelConfig, PrecisionConfig
 from trainer.layout import Layout, check_model_fits, make_layout  # noqa: F401
+from trainer.memory_plan import checkpointed_blocks, describe, estimate_memory
 
 # --------------------------------------------------------------------------- tensor parallel
 
@@ -89,7 +93,11 @@ def _tied_head(stage: EmbeddingStage, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, stage.wte.weight)  # (B, T, vocab)
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    """The pipeline's loss of the last stage's logits; chunk > 0: `chunk` tokens at a time
+    (models/loss.py), so no fp32 copy of the whole logits exists."""
+    if chunk:
+        return chunked_cross_entropy(logits, targets, chunk)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
 
 
@@ -121,7 +129,9 @@ def pipeline_layers(gpt: GPT) -> list:
 
 def apply_zero(parallel: ParallelConfig, *, device_type: str = "cpu") -> dict[str, Any]:
     """ZeRO's fragment: the stage, its buckets and offload. device_type: the accelerator's
-    ("cuda" | "cpu"); offloaded state is pinned for copies to a GPU only."""
+    ("cuda" | "cpu"): it decides the "auto" settings (trainer/config.py ZERO_BY_DEVICE), and
+    offloaded state is pinned for copies to a GPU only."""
+    parallel = parallel.on(device_type)
     zero: dict[str, Any] = {"stage": parallel.zero_stage}
     if parallel.zero_stage > 0:
         zero.update(
@@ -132,8 +142,8 @@ def apply_zero(parallel: ParallelConfig, *, device_type: str = "cpu") -> dict[st
         )
     if parallel.zero_stage == 3:
         zero.update(
-            stage3_prefetch_bucket_size=parallel.allgather_bucket_size,
-            stage3_param_persistence_threshold=0,
+            stage3_prefetch_bucket_size=parallel.prefetch_bucket_size,
+            stage3_param_persistence_threshold=parallel.param_persistence_threshold,
             stage3_gather_16bit_weights_on_model_save=False,
             sub_group_size=parallel.sub_group_size,
         )
@@ -160,24 +170,83 @@ def apply_tp(layout: Layout) -> dict[str, Any]:
     return {"tensor_parallel": tensor_parallel_config(layout.tp), "train_batch_size": None}
 
 
-def apply_ac(model: GPTConfig, parallel: ParallelConfig, layout: Layout) -> dict[str, Any]:
+def apply_ac(
+    model: GPTConfig, parallel: ParallelConfig, layout: Layout, auto_blocks: int = 0
+) -> dict[str, Any]:
     """Activation checkpointing's fragment. A pipeline checkpoints every
-    parallel.pipeline_checkpoint_interval layers (0: every layer if model.activation_checkpointing):
-    DeepSpeed's pipeline.activation_checkpoint_interval, which its pipeline engine sets on the
+    parallel.pipeline_checkpoint_interval layers (0: every layer if model.activation_checkpointing
+    is true, or is "auto" and plan_ac chose auto_blocks > 0): DeepSpeed's
+    pipeline.activation_checkpoint_interval, which its pipeline engine sets on the
     PipelineModule (apply_pp builds it with torch's non-reentrant checkpoint). Without a pipeline
-    the GPT checkpoints each block in its own forward (models/gpt.py, by
-    model.activation_checkpointing): inside the block's module call, so ZeRO-3's hooks gather
-    the parameters again for the recompute and parameter names stay those of the checkpoints."""
+    the GPT checkpoints each block in its own forward when model.activation_checkpointing is
+    true (models/gpt.py), and apply_ac_blocks checkpoints the first auto_blocks ("auto"): both
+    around the block's module call, so ZeRO-3's hooks gather the parameters again for the
+    recompute and parameter names stay those of the checkpoints."""
     if layout.pp == 1:
         return {}
-    interval = parallel.pipeline_checkpoint_interval or int(model.activation_checkpointing)
+    on = model.activation_checkpointing is True or auto_blocks > 0
+    interval = parallel.pipeline_checkpoint_interval or int(on)
     return {"pipeline": {"activation_checkpoint_interval": interval}} if interval else {}
+
+
+def plan_ac(
+    model: GPTConfig,
+    parallel: ParallelConfig,
+    precision: PrecisionConfig,
+    layout: Layout,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    loss_chunk: int,
+    device_type: str,
+) -> tuple[int, str | None]:
+    """(blocks to checkpoint from outside the model, the line to print once) for
+    model.activation_checkpointing "auto": trainer/memory_plan.py's choice for this device's
+    memory (device_memory). (0, None) for true and false, which the GPT applies itself."""
+    if model.activation_checkpointing != "auto":
+        return 0, None
+    from models.gpt import estimate_num_params
+
+    estimate = estimate_memory(
+        model,
+        parallel,
+        precision,
+        layout,
+        num_params=estimate_num_params(model),
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        loss_chunk=loss_chunk,
+    )
+    memory = device_memory(device_type)
+    blocks = checkpointed_blocks(estimate, memory)
+    return blocks, describe(estimate, blocks, memory, device_type)
+
+
+def device_memory(device_type: str) -> int:
+    """The memory one worker may fill, in bytes: the GPU's total memory on CUDA; on the CPU the
+    host's RAM divided among the node's workers (LOCAL_WORLD_SIZE)."""
+    if device_type == "cuda":
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def apply_ac_blocks(gpt: GPT, blocks: int) -> GPT:
+    """Activation checkpointing of gpt's first `blocks` blocks, in place and from outside the
+    model: torch's composable checkpoint (non-reentrant) puts it in the block's forward hooks,
+    so module structure and parameter names stay as they are (checkpoints) and the recompute
+    calls the block as a module again (ZeRO-3's hooks gather its parameters)."""
+    from torch.distributed._composable import checkpoint
+
+    for block in gpt.blocks[:blocks]:
+        checkpoint(block)
+    return gpt
 
 
 def apply_pp(gpt: GPT, layout: Layout, parallel: ParallelConfig) -> nn.Module:
     """The GPT as layout.pp pipeline stages (a DeepSpeed PipelineModule; `gpt` itself with one
     stage). Every rank built the same `gpt` (same seed), so each stage starts from exactly the
-    weights a single process would have."""
+    weights a single process would have. The loss is chunked as the GPT's (gpt.loss_chunk)."""
     if layout.pp == 1:
         return gpt
     from deepspeed.pipe import PipelineModule
@@ -185,7 +254,7 @@ def apply_pp(gpt: GPT, layout: Layout, parallel: ParallelConfig) -> nn.Module:
     return PipelineModule(
         layers=pipeline_layers(gpt),
         num_stages=layout.pp,
-        loss_fn=lm_loss,
+        loss_fn=functools.partial(lm_loss, chunk=gpt.loss_chunk),
         partition_method=parallel.pipeline_partition,
         activation_checkpoint_func=functools.partial(
             torch.utils.checkpoint.checkpoint, use_reentrant=False
@@ -194,11 +263,22 @@ def apply_pp(gpt: GPT, layout: Layout, parallel: ParallelConfig) -> nn.Module:
     )
 
 
-def apply_compile(model: nn.Module, enabled: bool) -> nn.Module:
+def apply_compile(model: nn.Module, enabled: bool, eager_first: int = 0) -> nn.Module:
     """torch.compile (inductor) of each transformer block, in place (Module.compile), when
     enabled: parameter names, state_dict keys and so checkpoints stay as they are, and
-    DeepSpeed's hooks around the blocks stay eager."""
+    DeepSpeed's hooks around the blocks stay eager. The first eager_first blocks stay eager:
+    those apply_ac_blocks checkpointed (its hooks inside a compiled module call are not
+    proven yet)."""
     if enabled:
-        for block in model.blocks:
+        for block in model.blocks[eager_first:]:
             block.compile()
     return model
+
+
+def compile_on(setting: bool | str, device_type: str, layout: Layout, parallel: ParallelConfig):
+    """trainer.compile resolved: "auto" compiles on CUDA with data parallelism at ZeRO 0-2
+    (TP, PP and ZeRO-3 put hooks inside the blocks; trainer/config.py refuses true there)."""
+    if setting != "auto":
+        return bool(setting)
+    dp_only = layout.tp == 1 and layout.pp == 1 and parallel.zero_stage < 3
+    return device_type == "cuda" and dp_only
