@@ -236,7 +236,21 @@ class Lease:
 
     def acquire(self) -> Lease:
         """Takes the lease or raises LeaseHeld (one line); takes over an expired one (its
-        holder in self.took_over, and one line on stderr)."""
+        holder in self.took_over, and one line on stderr). StorageError (one line) where the
+        lease cannot be written."""
+        try:
+            self._acquire()
+        except storage.StorageError:
+            raise
+        except OSError as e:
+            raise storage.StorageError(
+                f"{self.what}: cannot write its lease {self.uri}: {storage.one_line(e)}"
+            ) from None
+        self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def _acquire(self) -> None:
         for _ in range(5):
             if not self.remote and self._create_exclusive():
                 break
@@ -264,9 +278,6 @@ class Lease:
                 raise self._refuse(back)  # another taker won the race
         else:
             raise LeaseHeld(f"{self.what}: could not take its lease {self.uri} (contended)")
-        self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
-        self._thread.start()
-        return self
 
     def _beat(self) -> None:
         warned = False

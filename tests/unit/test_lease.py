@@ -172,3 +172,44 @@ def test_a_bad_ttl_setting_is_one_line(monkeypatch, tmp_path):
         Lease(str(tmp_path / "x"), "run 'r'")
     monkeypatch.setenv(lease.TTL_ENV, "5")
     assert Lease(str(tmp_path / "x"), "run 'r'").ttl == 5.0
+
+
+SMOKE = ["+experiment=smoke", "precision=fp32", "logging.mode=disabled"]
+
+
+def errors_of(capsys) -> list[str]:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return [ln for ln in err.splitlines() if ln.startswith("error:")]
+
+
+def test_a_sweep_or_a_prepare_of_a_held_directory_is_refused_in_one_line(tmp_path, capsys):
+    """The lease of a sweep directory and of a prepare's data.out_dir, held by a live process
+    (this one): the command is refused with exit 2, one line naming the holder, nothing written
+    (the lease is all the directory holds)."""
+    from data_pipeline.prepare import main as prepare_main
+    from trainer.train import main as train_main
+
+    runs = tmp_path / "runs"
+    holder = lease.dir_lease(str(runs / "sweep-sw"), "sweep 'sweep-sw'").acquire()
+    try:
+        rc = train_main(["-m", *SMOKE, f"run.root={runs}", "run.name=sw", "optim.lr=1e-3,2e-3"])
+        errors = errors_of(capsys)
+        assert rc == 2 and len(errors) == 1, errors
+        assert f"sweep 'sweep-sw' ({runs / 'sweep-sw'}) is in use by host " in errors[0]
+        assert f"pid {os.getpid()} since " in errors[0] and "choose another sweep.name" in errors[0]
+        assert [p.name for p in runs.rglob("*")] == ["sweep-sw", lease.LEASE_FILE]
+    finally:
+        holder.release()
+
+    out = tmp_path / "data"
+    holder = lease.sibling_lease(str(out), "prepare").acquire()
+    try:
+        rc = prepare_main([f"data.out_dir={out}"])
+        errors = errors_of(capsys)
+        assert rc == 2 and len(errors) == 1, errors
+        assert f"error: prepare of {out} is in use by host " in errors[0]
+        assert "or use another data.out_dir" in errors[0]
+        assert [p.name for p in tmp_path.iterdir()] == ["data.lease.json"]  # no out_dir
+    finally:
+        holder.release()
