@@ -219,6 +219,30 @@ def stop_on_sigterm(request: Callable[[str], Any]) -> Iterator[None]:
 RAY_TRAIN_DIR = "ray_train"  # Ray Train's own files, under the run's storage
 
 
+# Below this, `ray job stop` kills the job before it can reach its next stop decision, save a
+# checkpoint and upload it (cluster/submit.py sets STOP_GRACE_S, 120 s).
+MIN_STOP_GRACE_S = 30
+
+
+def stop_grace_warning() -> Optional[str]:
+    """One warning line when this process is the driver of a submitted Ray job whose stop grace
+    (RAY_JOB_STOP_WAIT_TIME_S, Ray's default 3 s) is under MIN_STOP_GRACE_S, naming the remedy;
+    None otherwise (not a job, or a long enough grace)."""
+    from cluster.submit import STOP_GRACE_S
+
+    grace = ray_private.job_stop_grace_s()
+    if grace is None or grace >= MIN_STOP_GRACE_S:
+        return None
+    var = ray_private.JOB_STOP_WAIT_VAR
+    setting = f"{var}={grace:g}" if os.environ.get(var) else f"no {var}, Ray's default"
+    return (
+        f"warning: this Ray job is killed {grace:g} s after `ray job stop` ({setting}), too "
+        "soon to save a stop checkpoint: the stop falls back to the previous checkpoint; submit "
+        f'with --runtime-env-json \'{{"env_vars": {{"{var}": "{STOP_GRACE_S}"}}}}\' or '
+        "with `python -m cluster.submit`"
+    )
+
+
 def fit_on_ray(fn: Callable[[Any, Any], None], payload: Any, options: FitOptions) -> None:
     """fn(payload, context) on cluster.num_workers Ray Train workers (cluster/fit.py's fit).
 

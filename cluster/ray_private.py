@@ -151,6 +151,37 @@ def job_env_vars() -> dict[str, str]:
         return {}
 
 
+# Ray's JobSupervisor SIGKILLs a stopped job this many seconds after its SIGTERM unless the
+# variable below is set where the supervisor runs (ray/dashboard/modules/job/job_supervisor.py:
+# DEFAULT_RAY_JOB_STOP_WAIT_TIME_S, read from os.environ when it stops the job).
+DEFAULT_JOB_STOP_WAIT_S = 3
+JOB_STOP_WAIT_VAR = "RAY_JOB_STOP_WAIT_TIME_S"
+
+
+def job_stop_grace_s() -> Optional[float]:
+    """How long `ray job stop` waits after SIGTERM before it kills this driver's job, or None
+    when this process is not the driver of a submitted job (RAY_JOB_CONFIG_JSON_ENV_VAR with a
+    job_submission_id in its metadata). The supervisor reads the grace from its own environment
+    (the job's runtime_env env_vars, or the node's environment) and starts the driver with a
+    copy of that environment, so the driver's own value is the one that applies."""
+    try:
+        from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR as var
+    except ImportError:  # another Ray version
+        var = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+    try:
+        job = json.loads(os.environ.get(var) or "{}")
+        submitted = bool((job.get("metadata") or {}).get("job_submission_id"))
+    except (ValueError, AttributeError):
+        submitted = False
+    if not submitted:
+        return None
+    value = os.environ.get(JOB_STOP_WAIT_VAR) or job_env_vars().get(JOB_STOP_WAIT_VAR)
+    try:
+        return float(int(value)) if value else float(DEFAULT_JOB_STOP_WAIT_S)
+    except ValueError:  # the supervisor's own int() fails on it: no grace to count on
+        return float(DEFAULT_JOB_STOP_WAIT_S)
+
+
 # Worker-log lines that say nothing about the run, dropped from the driver's console (each
 # pattern one exact message; everything else Ray prints is passed on unchanged).
 NOISE = (

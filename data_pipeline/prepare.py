@@ -73,6 +73,7 @@ import pyarrow.parquet as pq
 
 from data_pipeline import storage
 from data_pipeline.config import DataConfig, DataError
+from data_pipeline.lease import sibling_lease
 from data_pipeline.ledger import LEDGER_DIR, Ledger, plan_settings
 from data_pipeline.manifest import (
     MANIFEST_FILE,
@@ -721,6 +722,10 @@ def _check_out_dir(
     return None
 
 
+# What a prepare refused because another prepare writes the same out_dir can do.
+PREPARE_REMEDY = "or use another data.out_dir"
+
+
 def prepare(
     cfg: DataConfig,
     *,
@@ -751,7 +756,11 @@ def prepare(
             Ledger(storage.join(out, version_of(settings))).remove()
         return planned.existing
     build = _build_remote if storage.is_remote(out) else _build_local
-    manifest = build(cfg, settings, planned.plan, out, planned.overwrite)
+    with sibling_lease(out, f"prepare of {out}", remedy=PREPARE_REMEDY):  # one writer
+        current = read_manifest(out)  # another prepare finished it while we planned
+        if current is not None and current.settings == settings and not planned.overwrite:
+            return current
+        manifest = build(cfg, settings, planned.plan, out, planned.overwrite)
     warning = held_out_warning(cfg, manifest)
     if warning:
         log.warning("%s", warning)

@@ -67,9 +67,11 @@ def _read_config(hf_dir: Path | str) -> dict[str, Any]:
 
 
 def check_hf_config(cfg: GPTConfig, hf_dir: str) -> None:
-    """ValueError (one line) unless the HF config in hf_dir has cfg's architecture and shapes.
+    """ValueError (one line) unless the HF config in hf_dir has cfg's architecture and shapes
+    and its weights are there as safetensors (check_hf_weights).
 
-    Reads config.json only, so the driver can validate before any worker starts.
+    Reads config.json and the listing only, so the driver can validate before any worker
+    starts and before the run directory exists.
     """
     hf = _read_config(hf_dir)  # its errors name the path already
     try:
@@ -83,6 +85,47 @@ def check_hf_config(cfg: GPTConfig, hf_dir: str) -> None:
                 f"init_from {hf_dir}: model.{field} is {ours.get(field)!r} but the Hugging Face "
                 f"checkpoint has {theirs.get(field)!r}"
             )
+    check_hf_weights(hf_dir)
+
+
+# Weight files of other formats, named when they are all a directory holds.
+OTHER_WEIGHTS = (
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "tf_model.h5",
+    "flax_model.msgpack",
+)
+
+
+def check_hf_weights(hf_dir: str) -> None:
+    """ValueError (one line) unless hf_dir holds its weights as safetensors: model.safetensors,
+    or model.safetensors.index.json and every shard it lists. Reads the listing (and the
+    index), so the driver can check before the run directory exists."""
+    names = set(storage.listdir(hf_dir))
+    if WEIGHTS_FILE in names:
+        return
+    if INDEX_FILE in names:
+        index = storage.join(hf_dir, INDEX_FILE)
+        try:
+            shards = sorted(set(json.loads(storage.read_text(index))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(
+                f"{index} is not a safetensors index ({storage.one_line(e)})"
+            ) from None
+        missing = [s for s in shards if s not in names]
+        if missing:
+            raise ValueError(
+                f"{hf_dir}: {INDEX_FILE} lists {len(missing)} shard(s) the directory lacks "
+                f"(first: {missing[0]}): copy the whole model directory"
+            )
+        return
+    other = [n for n in OTHER_WEIGHTS if n in names]
+    found = f"it has only {', '.join(other)}" if other else "it has no weights"
+    raise ValueError(
+        f"{hf_dir} has no {WEIGHTS_FILE} (or {INDEX_FILE}): {found}; raygpt reads safetensors "
+        "only: save the model with `save_pretrained(OUT, safe_serialization=True)` and set "
+        "model.init_from=OUT"
+    )
 
 
 def _load_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:

@@ -32,6 +32,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     multirun = any(a in ("-m", "--multirun") for a in argv)
     check = "--check" in argv
     overrides = [a for a in argv if a not in FLAGS]
+    if not check:
+        from cluster.launch import stop_grace_warning
+
+        warning = stop_grace_warning()  # a Ray job under Ray's 3 s stop grace: say so first
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     try:
         if multirun:
             from trainer.driver.sweep.multirun import run_sweep
@@ -74,9 +80,7 @@ def train(cfg: RootConfig) -> int:
         from trainer.driver.errors import explain
 
         print(f"error: training failed: {explain(e)}", file=sys.stderr)
-        print(
-            f"       worker logs: {cfg.run_uri}  (and Ray's logs under /tmp/ray)", file=sys.stderr
-        )
+        print(f"       {logs_hint(cfg)}", file=sys.stderr)
         return 1
     print_summary(summary)
     from trainer.startup_trace import mark
@@ -90,6 +94,14 @@ def train(cfg: RootConfig) -> int:
         )
         return 143  # 128 + SIGTERM: stopped early, not finished
     return 0 if summary else 1
+
+
+def logs_hint(cfg: RootConfig) -> str:
+    """Where to look after a failed run: the run directory, and Ray's logs only when the run
+    went through Ray (an in-process run has none)."""
+    if cfg.cluster.in_process:
+        return f"run files: {cfg.run_uri}  (trained in this process, without Ray: no Ray logs)"
+    return f"worker logs: {cfg.run_uri}  (and Ray's logs under /tmp/ray)"
 
 
 def exit_now(code: int) -> None:

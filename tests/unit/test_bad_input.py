@@ -559,6 +559,43 @@ def test_a_file_of_the_wrong_kind_is_one_line_at_every_command(ws, capsys, edge,
     assert tree_digest(ws) == before
 
 
+@pytest.mark.parametrize("holds", ["pytorch_model.bin", "nothing", "a shard short"])
+def test_init_from_without_safetensors_weights_is_one_line_before_the_run_dir(ws, capsys, holds):
+    """model.init_from a Hugging Face folder whose config fits but whose safetensors weights
+    are not there: refused by preflight, exit 2, no run directory created (issue 23)."""
+    import json as _json
+
+    from models.hf import hf_config
+
+    hf = ws / "hf"
+    hf.mkdir()
+    model = load_config(train_args(ws, "fresh")).model
+    (hf / "config.json").write_text(_json.dumps(hf_config(model)))
+    if holds == "pytorch_model.bin":
+        (hf / "pytorch_model.bin").write_bytes(b"x")
+    elif holds == "a shard short":
+        index = {
+            "weight_map": {
+                "a": "model-00001-of-00002.safetensors",
+                "b": "model-00002-of-00002.safetensors",
+            }
+        }
+        (hf / "model.safetensors.index.json").write_text(_json.dumps(index))
+        (hf / "model-00001-of-00002.safetensors").write_bytes(b"x")
+    before = tree_digest(ws)
+    rc = train_main([*train_args(ws, "fresh"), f"model.init_from={hf}"])
+    line = one_error(capsys)
+    assert rc == 2 and str(hf) in line, line
+    want = {
+        "pytorch_model.bin": "it has only pytorch_model.bin; raygpt reads safetensors only",
+        "nothing": "has no model.safetensors (or model.safetensors.index.json): it has no weights",
+        "a shard short": "lists 1 shard(s) the directory lacks (first: model-00002-of-00002",
+    }[holds]
+    assert want in line, line
+    assert not (ws / "runs" / "fresh").exists()
+    assert tree_digest(ws) == before
+
+
 # ---------------------------------------------------------------------------- remedies
 
 

@@ -156,3 +156,55 @@ def test_bad_options_refused_before_the_check(monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "error: --stop-grace-s (0) must be >= 1"
     assert submit.main(["--address", "u", "--", "bash", "run.sh"]) == 2
     assert "must be `python -m trainer.train [-m] [overrides]`" in capsys.readouterr().err
+
+
+def job_config(env_vars: dict[str, str] | None, submission_id: str = "raysubmit_x") -> str:
+    """What Ray's JobSupervisor hands the driver of a submitted job in RAY_JOB_CONFIG_JSON_ENV_VAR
+    (ray/dashboard/modules/job/job_supervisor.py's _get_driver_env_vars)."""
+    runtime_env = {} if env_vars is None else {"env_vars": env_vars}
+    metadata = {"job_submission_id": submission_id, "job_name": submission_id}
+    return json.dumps({"runtime_env": runtime_env, "metadata": metadata})
+
+
+@pytest.mark.parametrize(
+    "env_vars, warned",
+    [
+        (None, "no RAY_JOB_STOP_WAIT_TIME_S, Ray's default"),
+        ({"RAY_JOB_STOP_WAIT_TIME_S": "10"}, "RAY_JOB_STOP_WAIT_TIME_S=10"),
+        ({"RAY_JOB_STOP_WAIT_TIME_S": "120"}, None),
+    ],
+)
+def test_a_job_under_a_short_stop_grace_says_so_in_its_first_line(
+    env_vars, warned, tmp_path, capsys, monkeypatch
+):
+    from cluster.launch import stop_grace_warning
+
+    monkeypatch.delenv("RAY_JOB_STOP_WAIT_TIME_S", raising=False)
+    assert stop_grace_warning() is None  # not inside a Ray job
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", job_config(env_vars))
+    for k, v in (env_vars or {}).items():  # the supervisor's environment, copied to the driver
+        monkeypatch.setenv(k, v)
+    # A bad override: main() refuses it, after the warning line.
+    rc = main([*SMOKE, f"run.root={tmp_path}", "trainer.max_steps=-1"])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 2 and err[-1].startswith("error:")
+    if warned is None:
+        assert stop_grace_warning() is None and len(err) == 1
+        return
+    assert len(err) == 2 and warned in err[0], err
+    assert err[0].startswith("warning: this Ray job is killed ")
+    assert """--runtime-env-json '{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "120"}}'""" in err[0]
+    assert "`python -m cluster.submit`" in err[0]
+
+
+def test_a_failed_in_process_run_does_not_point_to_rays_logs(tmp_path):
+    from trainer.config import load_config
+    from trainer.train import logs_hint
+
+    base = [*SMOKE, f"run.root={tmp_path}", "run.name=r"]
+    here = load_config([*base, "cluster.num_workers=1", "cluster.launch=auto"])
+    assert here.cluster.in_process
+    assert "Ray" in logs_hint(here) and "/tmp/ray" not in logs_hint(here)
+    assert logs_hint(here).startswith(f"run files: {here.run_uri}")
+    on_ray = load_config([*base, "cluster.num_workers=1", "cluster.launch=ray"])
+    assert "Ray's logs under /tmp/ray" in logs_hint(on_ray)

@@ -49,23 +49,39 @@ def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, An
     for line in config_warnings(cfg):
         print(line, file=sys.stderr, flush=True)
     preflight.check_before_ray(cfg)
-    run_plan = plan.plan_run(cfg)
-    data = plan_data(cfg)
-    job_env = storage.remote_env(other_machines=True)
-    try:
-        with connected(cfg.cluster, job_env=job_env):  # no Ray for an in-process run
-            mark("driver: ray up")
-            if not cfg.cluster.in_process:
-                preflight.check_cluster(cfg)
-            config = _worker_config(cfg, run_plan, data, progress_bar)
-            mark("driver: fit")
-            with _progress(cfg, progress_bar):
-                fit(train_worker, config, FitOptions(cfg.cluster, cfg.run_uri, job_env))
-        mark("driver: fit returned")
-    except ClusterError as e:
-        raise ConfigError(str(e)) from None
-    mark("driver: ray down")
-    return read_summary(cfg, config.invocation)
+    with run_lease(cfg):  # one driver per run directory, until this run ends
+        run_plan = plan.plan_run(cfg)
+        data = plan_data(cfg)
+        job_env = storage.remote_env(other_machines=True)
+        try:
+            with connected(cfg.cluster, job_env=job_env):  # no Ray for an in-process run
+                mark("driver: ray up")
+                if not cfg.cluster.in_process:
+                    preflight.check_cluster(cfg)
+                config = _worker_config(cfg, run_plan, data, progress_bar)
+                mark("driver: fit")
+                with _progress(cfg, progress_bar):
+                    fit(train_worker, config, FitOptions(cfg.cluster, cfg.run_uri, job_env))
+            mark("driver: fit returned")
+        except ClusterError as e:
+            raise ConfigError(str(e)) from None
+        mark("driver: ray down")
+        return read_summary(cfg, config.invocation)
+
+
+def run_lease(cfg: RootConfig):
+    """The run directory's lease (data_pipeline/lease.py), held by this driver for the whole
+    run: a second training of the same run.root + run.name is refused in one line (LeaseHeld,
+    a StorageError: exit 2) before it reads or writes anything there. Ray Train's restarts of
+    the workers happen under it; the workers never touch it."""
+    from data_pipeline.lease import dir_lease
+
+    return dir_lease(
+        cfg.run_uri,
+        f"run {cfg.run.name!r} ({cfg.run_uri})",
+        remedy="stop it (Ctrl-C, SIGTERM or `ray job stop`: it checkpoints first), or choose "
+        "another run.name",
+    )
 
 
 def _worker_config(

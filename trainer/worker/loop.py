@@ -58,6 +58,10 @@ from trainer.worker.parallel import plan_ac
 from trainer.worker.schedule import build_scheduler
 
 
+def new_wandb_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -78,7 +82,7 @@ class TrainState:
 
     def __init__(self) -> None:
         self.step = 0
-        self.wandb_id = uuid.uuid4().hex[:12]
+        self.wandb_id = new_wandb_id()
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "wandb_id": self.wandb_id}
@@ -100,6 +104,7 @@ class Trainer:
         self.state = TrainState()
         self.val_loss: Optional[float] = None
         self.last_metrics: dict[str, Any] = {}
+        self.rewound: dict[str, int] = {}  # run-file rows set aside at resume (RunFiles.rewind)
 
     # -- the sequence -------------------------------------------------------------------------
     def train(self) -> None:
@@ -237,17 +242,28 @@ class Trainer:
             uri, saved = found
             how = " (universal checkpoint)" if saved["universal"] else ""
             print(f"resumed from {uri}{how} at step {self.state.step}")
+        # Rows an earlier invocation logged after that checkpoint are set aside, not repeated.
+        self.rewound = self.files.rewind(self.state.step)
+        if self.rewound and self.rank == 0:
+            aside = ", ".join(f"{n} of {rel}" for rel, n in self.rewound.items())
+            print(f"rewound the run files to step {self.state.step}: set aside {aside} rows")
 
     def start_logging(self) -> None:
         cfg, t = self.cfg, self.cfg.trainer
         self.logger: Optional[RunLogger] = None
         if self.rank == 0:
+            fork_from = None
+            if self.state.step and set(self.rewound) & {"metrics.jsonl", "eval.jsonl"}:
+                # W&B has those rows too: one clean history in a run forked at the checkpoint.
+                fork_from = f"{self.state.wandb_id}?_step={self.state.step}"
+                self.state.wandb_id = new_wandb_id()
             self.logger = RunLogger(
                 self.files.local,
                 cfg.logging,
                 run_name=cfg.run.name,
                 group=cfg.run.group,
                 wandb_id=self.state.wandb_id,
+                fork_from=fork_from,
                 config=cfg.to_dict(),
                 max_steps=t.max_steps,
                 start_step=self.state.step,

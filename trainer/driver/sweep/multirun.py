@@ -20,6 +20,8 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
+from data_pipeline import storage
+from data_pipeline.lease import Lease, dir_lease
 from trainer.config import CONF_DIR, ConfigError
 from trainer.driver.sweep import hydra_private, launcher
 from trainer.driver.sweep.plan import SweepPlan, locate_bad_job, override_key
@@ -35,12 +37,20 @@ class SweepSession:
     def __init__(self, check: bool):
         self.check = check  # validate only: no Ray, no storage
         self.runner: Optional[SweepRunner] = None
+        self.lease: Optional[Lease] = None  # the sweep directory's, while the sweep runs
 
     def start(self, config: DictConfig) -> SweepRunner:
         """The sweep of this invocation, made from the master config on the first call."""
         if self.runner is None:
             plan = SweepPlan.from_hydra(config)
             record = SweepRecord(plan) if self.check else SweepRecord.load(plan)
+            if not self.check:  # one sweep process per sweep directory
+                what = f"sweep {plan.name!r} ({plan.dir})"
+                remedy = "stop it (Ctrl-C or SIGTERM), or choose another sweep.name"
+                try:
+                    self.lease = dir_lease(plan.dir, what, remedy=remedy).acquire()
+                except storage.StorageError as e:
+                    raise ConfigError(str(e)) from None
             self.runner = SweepRunner(plan, record, check=self.check)
             self.runner.install_signal_handlers()
         return self.runner
@@ -101,6 +111,8 @@ def run_sweep(overrides: list[str], *, check: bool = False) -> int:
                     code = code or 1
     finally:
         shutil.rmtree(hydra_dir, ignore_errors=True)
+        if session.lease is not None:
+            session.lease.release()
     if session.runner is None:
         return code
     return code or session.runner.exit_code()

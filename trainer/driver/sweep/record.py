@@ -16,6 +16,7 @@ from dataclasses import asdict
 from typing import Any, Optional
 
 from data_pipeline import storage
+from data_pipeline.lease import LEASE_FILE
 from trainer.config import ConfigError
 from trainer.driver.sweep.plan import Job, SweepPlan, defining, definition_change, utc_now
 
@@ -51,7 +52,8 @@ class SweepRecord:
             try:
                 text = storage.read_text(state_uri)
             except FileNotFoundError:
-                if storage.exists(plan.dir) and storage.listdir(plan.dir):
+                # A lease left by a killed sweep is no sign of another kind of directory.
+                if storage.exists(plan.dir) and set(storage.listdir(plan.dir)) - {LEASE_FILE}:
                     raise ConfigError(
                         f"sweep '{plan.name}': {plan.dir} exists and is not a sweep directory "
                         f"(no {STATE_FILE}): choose another sweep.name"

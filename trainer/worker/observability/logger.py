@@ -46,7 +46,16 @@ class RunLogger:
         max_steps: int,
         start_step: int,
         console_lines: bool = True,
+        fork_from: Optional[str] = None,
     ):
+        """fork_from: "<W&B id>?_step=<s>" when this invocation resumes at step s a run that
+        logged later steps (set aside in the run files): W&B then gets a new run, `wandb_id`,
+        forked from that one at s (W&B's fork_from: the old run's history up to s, then this
+        invocation's rows), so one W&B run holds each step once and the old one stays as it
+        was, like the set-aside rows. W&B's rewind of a run in place (resume_from) is in private
+        preview and its docs recommend forking. Where the W&B server refuses the fork (forking
+        is in preview on some deployments), the new run starts without the old history (one
+        warning line; its config names the run it continues, `resumed_from`)."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.max_steps, self.start_step = max_steps, start_step
@@ -64,19 +73,33 @@ class RunLogger:
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
-            self.wandb = wandb.init(
+            init = dict(
                 project=logging.project,
                 entity=logging.entity,
                 group=group or logging.group,
                 name=run_name,
                 id=wandb_id,
-                resume="allow",
                 mode=logging.mode,
                 dir=str(self.run_dir),
                 tags=list(logging.tags),
                 config=config,
                 settings=wandb.Settings(console="off", x_disable_stats=True),
             )
+            if fork_from is None:
+                self.wandb = wandb.init(**init, resume="allow")
+            else:
+                try:
+                    self.wandb = wandb.init(**init, fork_from=fork_from)
+                except Exception as e:  # noqa: BLE001 - the server's refusal, in any form
+                    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    print(
+                        f"warning: W&B refused to fork run {fork_from} ({reason}): logging to "
+                        f"a new W&B run {wandb_id} (config resumed_from) without its history",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    init["config"] = {**config, "resumed_from": fork_from}
+                    self.wandb = wandb.init(**init)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
