@@ -30,7 +30,9 @@ from trainer.worker.parallel import (
     apply_ac,
     apply_compile,
     apply_pp,
+    apply_sp,
     apply_tp,
+    apply_tp_blocks,
     apply_zero,
 )
 
@@ -51,7 +53,8 @@ def deepspeed_config(
     unit-tested without a process group. device_type: the accelerator's ("cuda" | "cpu",
     accelerator_device_type())."""
     base: dict[str, Any] = {
-        "train_batch_size": micro_batch * grad_accum * layout.dp,
+        # DeepSpeed counts sequence-parallel ranks as data-parallel ones (Layout.deepspeed_dp)
+        "train_batch_size": micro_batch * grad_accum * layout.deepspeed_dp,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": optim.grad_clip,
@@ -266,7 +269,9 @@ def build_engine(
     ds_config = deepspeed_config(
         model.config, parallel, precision, optim, **sizes, device_type=device
     )
-    module = apply_pp(model, layout, parallel)
+    rank = torch.distributed.get_rank()
+    module = apply_sp(apply_tp_blocks(model, layout, rank), layout, rank)
+    module = apply_pp(module, layout, parallel)
     if contiguous_weight_grad:
         use_contiguous_weight_grad(module)
     module = apply_compile(module, compile)
