@@ -10,7 +10,8 @@ Each layout runs in its own gloo process group of SP processes (one thread each)
 raygpt's model and Ulysses hooks (trainer/worker/parallel.py apply_sp), micro batch 1, fp32.
 From --start-seq the sequence doubles while a step takes under --max-step-s and --max-seq is
 not passed; each step's activation peak is the resident memory sampled every 2 ms during it
-above the resident memory before it (freed heap returned first, malloc_trim), per rank. The
+above the resident memory before it (freed heap returned first, malloc_trim; the gradient
+buffers exist from a warm-up step of 8 tokens), per rank. The
 longest measured length is printed, and the longest that fits --budget-gib per rank, model
 state (parameters, gradients, Adam: 16 bytes/param) included, from the straight line through
 the measured peaks (activation memory is linear in tokens per rank with flash attention).
@@ -55,11 +56,15 @@ WORKER = textwrap.dedent(
     gpt = GPT(cfg)
     apply_sp(gpt, make_layout(sp, 1, 1, sp=sp), rank)
     gpt.train()
+    # a short warm-up step first: the gradient buffers (kept, zeroed in place) are model
+    # state, not activations, and are in the memory before every measured step
+    warm = torch.randint(0, cfg.vocab_size, (1, 8))
+    gpt(warm, warm)[1].backward()
     rows, seq = [], args["start_seq"]
     while seq <= args["max_seq"]:
         t = seq // sp
         idx = torch.randint(0, cfg.vocab_size, (1, t))
-        gpt.zero_grad(set_to_none=True)
+        gpt.zero_grad(set_to_none=False)
         libc.malloc_trim(0)
         dist.barrier()
         base, peak, stop = rss(), [0], threading.Event()
