@@ -6,9 +6,11 @@
 Each layout trains a few steps on local Ray; every worker writes run_dir/memory/rank_<r>.json
 (parameters it holds, the optimizer's fp32 master copy and Adam moments, RSS). Theory, with P
 the model's parameter bytes in fp32 and Adam's two moments (2P):
-    parameters: P, or P/dp under ZeRO-3, ~P/tp under tensor parallel, ~P/pp per pipeline stage
+    parameters: P, or P/dp under ZeRO-3, ~P/tp under tensor parallel, ~P/pp per pipeline stage,
+                ~P/(tp x pp) in 3-D; P under sequence parallelism (every rank holds the model)
     optimizer:  2P (moments; ZeRO-0 fp32 steps the model's own tensors), or 3P/dp under
-                ZeRO 1-3 (an fp32 master partition + moments), ~3P/tp, ~3P/pp (ZeRO-1, dp 1)
+                ZeRO 1-3 (an fp32 master partition + moments), ~3P/tp, ~3P/pp (ZeRO-1, dp 1),
+                ~3P/(tp x pp) in 3-D; sequence ranks shard ZeRO state as data ranks do (3P/2)
 (~: embeddings and norms are replicated under TP; stages differ in size under PP.)
 Then peak RSS with and without activation checkpointing at a larger micro batch.
 """
@@ -36,6 +38,8 @@ LAYOUTS = [  # name, overrides, workers
     ("dp2 ZeRO-3 + offload", ["parallel=zero3-offload"], 2),
     ("tp2 (ZeRO-1)", ["parallel=tp2"], 2),
     ("pp2 (ZeRO-1)", ["parallel=pp2"], 2),
+    ("sp2 ZeRO-2", ["parallel=sp2"], 2),
+    ("tp2xpp2 (ZeRO-1)", ["parallel=3d"], 4),
 ]
 
 
@@ -82,6 +86,8 @@ def theory(name: str, p_bytes: float, workers: int) -> tuple[float, float]:
     params, optim = p_bytes, 2 * p_bytes
     if "ZeRO-3" in name:
         params, optim = p_bytes / workers, 3 * p_bytes / workers
+    elif "tp2xpp2" in name:
+        params, optim = p_bytes / 4, 3 * p_bytes / 4
     elif "tp2" in name or "pp2" in name:
         params, optim = p_bytes / 2, 3 * p_bytes / 2
     elif "ZeRO-1" in name or "ZeRO-2" in name:

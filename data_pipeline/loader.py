@@ -522,6 +522,8 @@ class StepLoader:
         dp_size: int,
         consumed_samples: int,
         prefetch: bool,
+        seq_rank: int = 0,
+        seq_size: int = 1,
         prefetch_steps: int,
     ):
         if micro_batch < 1 or dp_size < 1 or global_batch < 1:
@@ -536,6 +538,8 @@ class StepLoader:
             )
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
+        if not 0 <= seq_rank < seq_size:
+            raise ValueError(f"seq_rank {seq_rank} not in [0, {seq_size})")
         if consumed_samples < 0:
             raise ValueError(f"consumed_samples must be >= 0, got {consumed_samples}")
         if prefetch_steps < 0:
@@ -545,6 +549,7 @@ class StepLoader:
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.grad_accum = global_batch // (micro_batch * dp_size)
+        self.seq_rank, self.seq_size = seq_rank, seq_size
         self.prefetch_steps = prefetch_steps if prefetch else 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="data-prefetch") if prefetch else None
         self._restart_at(consumed_samples)
@@ -564,11 +569,15 @@ class StepLoader:
 
     def _micro_batches(self, rows: np.ndarray) -> Step:
         """This rank's rows (global_batch / dp_size, seq_len + 1) as grad_accum (inputs,
-        targets) pairs of int64 tensors (micro_batch, seq_len)."""
+        targets) pairs of int64 tensors (micro_batch, seq_len); with sequence parallelism
+        (seq_size > 1) slice seq_rank of seq_size equal slices of both (micro_batch,
+        seq_len / seq_size): the ranks of a sequence group read the same samples."""
         tokens = torch.from_numpy(rows.astype(np.int64)).view(
             self.grad_accum, self.micro_batch, rows.shape[-1]
         )
-        return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
+        cut = (rows.shape[-1] - 1) // self.seq_size
+        part = slice(self.seq_rank * cut, (self.seq_rank + 1) * cut)
+        return [(t[:, :-1][:, part].contiguous(), t[:, 1:][:, part].contiguous()) for t in tokens]
 
     def _load_step(self, consumed: int) -> Step:
         raise NotImplementedError
@@ -637,6 +646,8 @@ class DistributedLoader(StepLoader):
         dp_rank: int,
         dp_size: int,
         seed: int,
+        seq_rank: int = 0,
+        seq_size: int = 1,
         consumed_samples: int = 0,
         shuffle: bool = True,
         prefetch: bool = True,
@@ -652,6 +663,8 @@ class DistributedLoader(StepLoader):
             micro_batch=micro_batch,
             dp_rank=dp_rank,
             dp_size=dp_size,
+            seq_rank=seq_rank,
+            seq_size=seq_size,
             consumed_samples=consumed_samples,
             prefetch=prefetch,
             prefetch_steps=prefetch_steps,

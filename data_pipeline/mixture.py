@@ -300,6 +300,8 @@ class MixtureLoader(StepLoader):
         dp_rank: int,
         dp_size: int,
         seed: int,
+        seq_rank: int = 0,
+        seq_size: int = 1,
         consumed_samples: int = 0,
         prefetch: bool = True,
         order: Order = DEFAULT_ORDER,
@@ -316,6 +318,8 @@ class MixtureLoader(StepLoader):
             micro_batch=micro_batch,
             dp_rank=dp_rank,
             dp_size=dp_size,
+            seq_rank=seq_rank,
+            seq_size=seq_size,
             consumed_samples=consumed_samples,
             prefetch=prefetch,
             prefetch_steps=prefetch_steps,
@@ -431,7 +435,7 @@ def build_loaders(
     settings of `data`: over data.mixture, a MixtureLoader and each source's val loader;
     otherwise the DistributedLoader of data_dir's train split and {"": its val loader}. A val
     loader reads the val_batch leading samples of its split, in stored order, at every eval.
-    loader_args: micro_batch, dp_rank, dp_size, seed."""
+    loader_args: micro_batch, dp_rank, dp_size, seed (and seq_rank, seq_size: sequence slices)."""
     reads = shard_settings(data)
 
     def val_loader(directory: str) -> DistributedLoader:

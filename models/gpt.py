@@ -92,14 +92,20 @@ class CausalSelfAttention(nn.Module):
             if config.pos_embedding == "rope"
             else None
         )
+        # Sequence parallelism's hook, set from outside (trainer/worker/parallel.py apply_sp):
+        # an object whose heads_to_sequence / sequence_to_heads exchange heads for sequence.
+        self.sequence_parallel = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.size()  # (B, T, C)
         # Head counts are read off the projections (-1), so a tensor-parallel shard that holds
         # a subset of the heads runs the same code.
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, KV, D)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)  # (B, T, KV, D)
+        if self.sequence_parallel is not None:  # Ulysses: this T-slice's heads -> H/N heads, all T
+            q, k, v = (self.sequence_parallel.heads_to_sequence(t) for t in (q, k, v))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D), (B, KV, T, D) x 2
         if self.rotary is not None:
             q, k = self.rotary(q, k)
         # grouped-query (KV < H): kv head j serves query heads j*H/KV .. (j+1)*H/KV-1, read
@@ -112,7 +118,10 @@ class CausalSelfAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=k.size(1) != q.size(1),
         )  # (B, H, T, D)
-        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, H*D)
+        y = y.transpose(1, 2)  # (B, T, H, D)
+        if self.sequence_parallel is not None:  # back: all H heads of this rank's T-slice
+            y = self.sequence_parallel.sequence_to_heads(y)
+        y = y.contiguous().view(B, T, -1)  # (B, T, H*D)
         return self.resid_drop(self.o_proj(y))  # (B, T, C)
 
 
@@ -173,6 +182,8 @@ class GPT(nn.Module):
         # Tokens per chunk of the loss (models/loss.py); 0: the loss of the whole logits, which
         # forward returns. A training run sets it from outside (trainer.loss_chunk_tokens).
         self.loss_chunk = 0
+        # Sequence parallelism's hook (apply_sp): idx is slice `.rank` of the whole sequence.
+        self.sequence_parallel = None
 
         self.apply(self.init_module_weights)
 
@@ -219,7 +230,8 @@ class GPT(nn.Module):
             )
         x = self.wte(idx)  # (B, T, C)
         if self.config.pos_embedding == "learned":
-            pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+            start = self.sequence_parallel.rank * T if self.sequence_parallel is not None else 0
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
             x = x + self.wpe(pos)  # (B, T, C)
         x = self.drop(x)
         checkpointing = (  # "auto" is a training run's, applied from outside

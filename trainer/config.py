@@ -25,7 +25,7 @@ from data_pipeline import compose, storage
 from data_pipeline.compose import CONF_DIR, one_line, plain_name_error
 from data_pipeline.config import DataConfig
 from models.config import GPTConfig, tristate
-from trainer.layout import Layout, check_model_fits, make_layout
+from trainer.layout import Layout, check_model_fits, check_sequence_fits, make_layout
 
 
 class ConfigError(ValueError):
@@ -128,13 +128,17 @@ class ParallelConfig:
     # order differs slightly (fp32 losses drift ~1e-5 relative over 10 steps of gpt-tiny).
     partitioned_init: bool = False
     # Model parallelism; data-parallel size = cluster.num_workers / (tensor x pipeline).
-    tensor_parallel: int = 1  # DeepSpeed AutoTP, ZeRO 0-2
+    # DeepSpeed AutoTP, ZeRO 0-2; with pipeline_parallel (3-D) raygpt's own tensor-parallel blocks
+    tensor_parallel: int = 1
     pipeline_parallel: int = 1  # DeepSpeed PipelineModule, ZeRO 0-1
     pipeline_partition: str = (
         "parameters"  # DeepSpeed partition_method: parameters|uniform|type:Block
     )
     # Pipeline activation checkpointing every N layers; 0 -> 1 if model.activation_checkpointing.
     pipeline_checkpoint_interval: int = 0
+    # Ulysses sequence parallelism: each sample's sequence cut into N slices on N ranks, heads
+    # exchanged around attention (trainer/worker/parallel.py apply_sp); ZeRO 0-3, no TP/PP.
+    sequence_parallel: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "overlap_comm", tristate("overlap_comm", self.overlap_comm))
@@ -159,10 +163,25 @@ class ParallelConfig:
                 f"tensor_parallel ({self.tensor_parallel}) with zero_stage 3: AutoTP trains "
                 "with ZeRO stage 0, 1 or 2"
             )
-        if self.tensor_parallel > 1 and self.pipeline_parallel > 1:
+        if self.sequence_parallel < 1:
+            raise ValueError(f"sequence_parallel ({self.sequence_parallel}) must be >= 1")
+        if self.sequence_parallel > 1 and self.pipeline_parallel > 1:
             raise ValueError(
-                "tensor_parallel and pipeline_parallel together (3-D) are not supported: "
-                "combine either with data parallelism"
+                f"sequence_parallel ({self.sequence_parallel}) with pipeline_parallel "
+                f"({self.pipeline_parallel}) is not supported: DeepSpeed's pipeline engine "
+                "sends whole-sequence activations between stages"
+            )
+        if self.sequence_parallel > 1 and self.tensor_parallel > 1:
+            raise ValueError(
+                f"sequence_parallel ({self.sequence_parallel}) with tensor_parallel "
+                f"({self.tensor_parallel}) is not supported: combine sequence parallelism "
+                "with data parallelism (ZeRO 0-3)"
+            )
+        if self.tensor_parallel > 1 and self.pipeline_parallel > 1 and self.zero_stage != 1:
+            raise ValueError(
+                f"tensor_parallel ({self.tensor_parallel}) with pipeline_parallel "
+                f"({self.pipeline_parallel}) (3-D) needs zero_stage 1 (got {self.zero_stage}): "
+                "DeepSpeed's pipeline engine clips tensor-parallel gradients right only with ZeRO-1"
             )
         if self.pipeline_parallel > 1 and (self.offload_optimizer or self.offload_params):
             raise ValueError("offload with pipeline_parallel is not supported by DeepSpeed")
@@ -402,7 +421,9 @@ class RootConfig:
     @property
     def layout(self) -> Layout:
         p = self.parallel
-        return make_layout(self.cluster.num_workers, p.tensor_parallel, p.pipeline_parallel)
+        return make_layout(
+            self.cluster.num_workers, p.tensor_parallel, p.pipeline_parallel, p.sequence_parallel
+        )
 
     @property
     def dp_size(self) -> int:
@@ -543,17 +564,16 @@ def validate(cfg: RootConfig) -> None:
     checks that read files, the environment or the machine (the tokenizer's vocab,
     model.init_from, WANDB_API_KEY, the local cluster's CPUs and GPUs) are
     trainer/driver/preflight.py's check_inputs."""
-    m, d, t, c = cfg.model, cfg.data, cfg.trainer, cfg.cluster
+    m, d, t = cfg.model, cfg.data, cfg.trainer
     if d.seq_len > m.block_size:
         raise ConfigError(
             f"data.seq_len ({d.seq_len}) exceeds model.block_size ({m.block_size}): "
             "sequences must fit the model context"
         )
     try:
-        layout = make_layout(
-            c.num_workers, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
-        )
+        layout = cfg.layout
         check_model_fits(m, layout)
+        check_sequence_fits(d.seq_len, layout)
     except ValueError as e:
         raise ConfigError(f"parallel layout: {e}") from None
     if cfg.parallel.pipeline_parallel > 1 and cfg.parallel.zero_stage == 0 and cfg.precision.bf16:
@@ -572,11 +592,13 @@ def validate(cfg: RootConfig) -> None:
         )
         if on
     ]
-    if dp_only and (par.tensor_parallel > 1 or par.pipeline_parallel > 1 or par.zero_stage == 3):
+    model_parallel = par.tensor_parallel > 1 or par.pipeline_parallel > 1
+    if dp_only and (model_parallel or par.sequence_parallel > 1 or par.zero_stage == 3):
         raise ConfigError(
             f"{dp_only[0]} with tensor_parallel {par.tensor_parallel}, pipeline_parallel "
-            f"{par.pipeline_parallel}, zero_stage {par.zero_stage}: it is supported with "
-            "data parallelism at ZeRO stage 0-2 only (TP/PP/ZeRO-3 hooks inside the blocks)"
+            f"{par.pipeline_parallel}, sequence_parallel {par.sequence_parallel}, zero_stage "
+            f"{par.zero_stage}: it is supported with data parallelism at ZeRO stage 0-2 only "
+            "(TP/PP/SP/ZeRO-3 hooks inside the blocks)"
         )
     if cfg.cluster.gpus_per_worker > 1:
         raise ConfigError(

@@ -310,7 +310,9 @@ def _trainer_state(ckpt_dir: Path) -> dict[str, Any]:
 
 def _consolidate(ckpt_dir: Path, state: dict[str, Any], cfg: GPTConfig) -> dict[str, torch.Tensor]:
     """The fp32 weights of checkpoint ckpt_dir from its DeepSpeed files, for any ZeRO stage and
-    any data x tensor or data x pipeline layout (from the run's config)."""
+    any data x tensor, data x pipeline or data x tensor x pipeline layout (from the run's
+    config; sequence-parallel ranks are data-parallel ones here). raygpt's tensor-parallel
+    blocks of 3-D layouts split by AutoTP's specs, so one merge serves both."""
     tag_dir = ckpt_dir / "ds" / DS_TAG
     try:
         layout = ShardLayout.of(state.get("config", {}))
@@ -319,6 +321,9 @@ def _consolidate(ckpt_dir: Path, state: dict[str, Any], cfg: GPTConfig) -> dict[
     if (tag_dir / zero3_model_states_file(0)).is_file():
         return _fp32_from_zero3(tag_dir, layout.dp)  # ZeRO-3 runs are data parallel only
     ranks = [_model_parallel_rank(tag_dir, m, layout.dp) for m in range(layout.model_parallel)]
+    if layout.pp > 1 and layout.tp > 1:  # 3-D (ZeRO-1): model-parallel rank stage * tp + t
+        tp = layout.tp
+        ranks = [_merge_tensor_parallel(ranks[s * tp : (s + 1) * tp]) for s in range(layout.pp)]
     if layout.pp > 1:
         return _merge_pipeline(cfg, ranks, tag_dir)
     if layout.tp > 1:

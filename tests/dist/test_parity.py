@@ -45,6 +45,11 @@ LAYOUTS = {  # name -> (overrides, workers, relative tolerance, stop and resume)
     "pp2-ac": (["parallel=pp2", AC], 2, 1e-4, True),
     "dp2xtp2-ac": (["parallel=tp2", AC], 4, 1e-4, False),
     "dp2xpp2": (["parallel=pp2"], 4, 1e-4, False),
+    # Ulysses sequence parallelism (each sample's sequence in 2 slices) and 3-D, with their
+    # checkpoints stopped and resumed at the same layout.
+    "sp2-ac": (["parallel=sp2", AC], 2, 1e-4, True),
+    "dp2xsp2-zero3": (["parallel=sp2", "parallel.zero_stage=3"], 4, 1e-4, False),
+    "dp2xtp2xpp2-ac": (["parallel=3d", AC], 8, 1e-4, True),
 }
 
 
@@ -110,9 +115,13 @@ def test_reference_matches_golden_losses(reference):
 
 
 # In make test-drills only: plain data parallelism (ZeRO-0), the DP layout with activation
-# checkpointing (ZeRO-1), ZeRO-3 offload and the 2-D layouts (4 workers); make test keeps
-# ZeRO-2 (the default) and ZeRO-3, TP and PP.
-DRILL_LAYOUTS = ("dp2-zero0", "dp2-zero1-ac", "dp2-zero3-offload-ac", "dp2xtp2-ac", "dp2xpp2")
+# checkpointing (ZeRO-1), ZeRO-3 offload, the 2-D layouts (4 workers), sequence parallelism and
+# 3-D (8 workers); make test keeps ZeRO-2 (the default) and ZeRO-3, TP and PP here, and SP=2
+# and TP2xPP2 in tests/dist/test_reference_parity.py.
+DRILL_LAYOUTS = (
+    "dp2-zero0", "dp2-zero1-ac", "dp2-zero3-offload-ac", "dp2xtp2-ac", "dp2xpp2",
+    "sp2-ac", "dp2xsp2-zero3", "dp2xtp2xpp2-ac",
+)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -127,3 +136,46 @@ def test_layout_matches_single_process(layout, reference, parity_data, tmp_path)
     resumed = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))  # no step run twice
     assert resumed[-1]["consumed_samples"] == STEPS * 8
+
+
+def step_ids(run_dir: Path) -> dict[int, list[int]]:
+    """step -> the sample ids trained on (each data-parallel rank once: its TP/PP/SP peers log
+    the same ids; the last attempt at a step counts)."""
+    last: dict[tuple[int, int], list[int]] = {}
+    for f in sorted((run_dir / "samples").glob("rank_*.jsonl")):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            last[(r["step"], r["dp_rank"])] = r["ids"]
+    by_step: dict[int, list[int]] = {}
+    for (step, _), ids in sorted(last.items()):
+        by_step.setdefault(step, []).extend(ids)
+    return {k: sorted(v) for k, v in by_step.items()}
+
+
+@pytest.mark.drill
+def test_sequence_parallel_resumes_at_one_process_and_back(reference, parity_data, tmp_path):
+    """SP=2 for 4 steps, then one process (a universal checkpoint: the sequence ranks held
+    data-parallel ZeRO shards) to step 7, then SP=2 again (converted back) to the end: the
+    losses of the single-process run, and every sample once (a kill between the runs is what
+    the stop is: tests/e2e/test_interruptions.py kills for real)."""
+    from reference.loop import step_sample_ids, train_rows
+
+    from trainer.driver.run import run_training
+
+    name = "sp-resume"
+    common = [*BASE, *parity_data, f"run.root={tmp_path}", f"run.name={name}",
+              "trainer.log_sample_ids=true"]  # fmt: skip
+    sp2 = ["parallel=sp2", "cluster.num_workers=2", "cluster.cpus_per_worker=1"]
+    one = ["parallel=zero2", "cluster.num_workers=1", "cluster.cpus_per_worker=2"]
+    for layout, stop in ((sp2, 4), (one, 7), (sp2, None)):
+        at = [f"trainer.stop_at_step={stop}"] if stop else []
+        run_training(load_config([*common, *layout, *at]))
+    run_dir = tmp_path / name
+    got = losses(run_dir)
+    assert got == pytest.approx(reference, rel=1e-4, abs=0), (got, reference)
+    data_dir = next(o for o in parity_data if o.startswith("data.out_dir=")).split("=", 1)[1]
+    n = len(train_rows(data_dir))
+    assert step_ids(run_dir) == {
+        s: sorted(step_sample_ids(s, 8, n, 1337)) for s in range(1, STEPS + 1)
+    }
+    assert (run_dir / "universal").is_dir()

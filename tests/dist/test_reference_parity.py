@@ -15,7 +15,8 @@ python -m tests.reference.make_golden).
 
 The llama-style shape also runs tensor-parallel (TP=2: 4 query heads and 2 key/value heads
 split over 2 ranks, RoPE applied per shard), held to the single-process run with the parity
-matrix's tensor-parallel tolerance (tests/dist/test_parity.py).
+matrix's tensor-parallel tolerance (tests/dist/test_parity.py); both shapes run sequence
+parallel (Ulysses SP=2, ZeRO-2), held to the single-process run and the reference (1e-4).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from single_engine import run_ranks
 from models.gpt import GPTConfig, shape_of
 from trainer.config import load_config
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(1800)
 
 # Llama-3.2's family at the smoke size: conf/model/llama-1b.yaml with the smoke experiment's
 # width and depth, 2 key/value heads for 4 query heads, an untied head.
@@ -55,6 +56,15 @@ RECIPE = Recipe(steps=STEPS, global_batch=8, micro_batch=2, warmup=3)
 LAYOUTS = {  # name -> (overrides, processes)
     "single": (["parallel=ddp", "cluster.num_workers=1", "cluster.cpus_per_worker=1"], 1),
     "tp2": (["parallel=tp2", "cluster.num_workers=2", "cluster.cpus_per_worker=1"], 2),
+    # Ulysses sequence parallelism over 2 ranks at ZeRO-2 (the slices' gradients reduced and
+    # partitioned over both ranks): 64-token samples cut into 2 x 32.
+    # 3-D at its smallest: tensor 2 x pipeline 2 (raygpt's tensor-parallel blocks in each of
+    # DeepSpeed's pipeline stages), ZeRO-1.
+    "tp2xpp2": (["parallel=3d", "cluster.num_workers=4", "cluster.cpus_per_worker=0.5"], 4),
+    "sp2": (
+        ["parallel.sequence_parallel=2", "cluster.num_workers=2", "cluster.cpus_per_worker=1"],
+        2,
+    ),
 }
 
 # One rank of one or more runs: raygpt's Trainer, built and stepped as Trainer.train() does (no
@@ -133,18 +143,23 @@ def raygpt_runs(root, data_dir: str, layout: str, shapes: list[str]) -> dict[str
                     f"run.root={root}", f"run.name={shape}-{layout}"]})
         for shape in shapes
     ]  # fmt: skip
-    ranks = run_ranks(WORKER, data_dir, *runs, world=world, timeout=400)
+    ranks = run_ranks(WORKER, data_dir, *runs, world=world, timeout=900)
     assert all(r == ranks[0] for r in ranks), "ranks logged different steps"
     return ranks[0]
 
 
 @pytest.fixture(scope="module")
 def raygpt(tmp_path_factory, data_dir) -> dict[str, dict[str, list[dict]]]:
-    """layout -> shape -> rows: both shapes in one process, the TP=2 run in two more, at the
-    same time (their imports and builds overlap on a small machine)."""
+    """layout -> shape -> rows: both shapes in one process, the TP=2, SP=2 and 3-D runs in
+    more, two sets at a time (their imports and builds overlap on a small machine)."""
     root = tmp_path_factory.mktemp("runs")
-    runs = {"single": list(SHAPES), "tp2": ["llama-tiny"]}
-    with ThreadPoolExecutor(len(runs)) as pool:
+    runs = {
+        "single": list(SHAPES),
+        "tp2": ["llama-tiny"],
+        "sp2": list(SHAPES),
+        "tp2xpp2": ["gpt-tiny"],
+    }
+    with ThreadPoolExecutor(2) as pool:  # 2 sets at a time: at most 6 processes on 2 cores
         futures = {k: pool.submit(raygpt_runs, root, data_dir, k, v) for k, v in runs.items()}
         return {k: f.result() for k, f in futures.items()}
 
@@ -199,3 +214,38 @@ def test_tensor_parallel_gqa_rope_matches_single_process(raygpt, reference):
     assert losses == pytest.approx(want, rel=1e-4, abs=0), (losses, want)
     norms, one_norms = [r["grad_norm"] for r in got], [r["grad_norm"] for r in one]
     assert norms == pytest.approx(one_norms, rel=1e-4), (norms, one_norms)  # what clipping used
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_sequence_parallel_matches_single_process_and_the_reference(shape, raygpt, reference):
+    """Ulysses SP=2: both ranks read the same samples (each half of every sequence); the loss
+    is the mean over whole sequences (learned positions offset by the slice for gpt-tiny, RoPE
+    over the whole sequence and grouped-query heads split over the ranks for llama-tiny)."""
+    got, one = raygpt["sp2"][shape], raygpt["single"][shape]
+    assert [r["ids"] for r in got] == [r["ids"] for r in one]
+    assert [r["consumed_samples"] for r in got] == [r["consumed_samples"] for r in one]
+    losses, want = [r["loss"] for r in got], [r["loss"] for r in one]
+    ref = [r["loss"] for r in reference(shape)]
+    print(f"{shape} sp2 vs single process: max relative loss difference "
+          f"{max_rel(losses, want):.2e} (vs reference {max_rel(losses, ref):.2e})")  # fmt: skip
+    assert losses == pytest.approx(want, rel=1e-4, abs=0), (losses, want)
+    assert losses == pytest.approx(ref, rel=1e-4, abs=0), (losses, ref)
+    norms, one_norms = [r["grad_norm"] for r in got], [r["grad_norm"] for r in one]
+    assert norms == pytest.approx(one_norms, rel=1e-4), (norms, one_norms)
+
+
+def test_3d_tensor_and_pipeline_parallel_matches_single_process(raygpt, reference):
+    """TP=2 x PP=2 (4 processes): raygpt's tensor-parallel blocks in DeepSpeed's pipeline
+    stages, embedding and head tied across the stages, ZeRO-1. The 2 x 2 x 2 layout (8
+    processes, with data parallelism): tests/dist/test_parity.py (drill)."""
+    got, one = raygpt["tp2xpp2"]["gpt-tiny"], raygpt["single"]["gpt-tiny"]
+    assert [r["ids"] for r in got] == [r["ids"] for r in one]
+    assert [r["consumed_samples"] for r in got] == [r["consumed_samples"] for r in one]
+    losses, want = [r["loss"] for r in got], [r["loss"] for r in one]
+    ref = [r["loss"] for r in reference("gpt-tiny")]
+    print(f"gpt-tiny tp2xpp2 vs single process: max relative loss difference "
+          f"{max_rel(losses, want):.2e} (vs reference {max_rel(losses, ref):.2e})")  # fmt: skip
+    assert losses == pytest.approx(want, rel=1e-4, abs=0), (losses, want)
+    assert losses == pytest.approx(ref, rel=1e-4, abs=0), (losses, ref)
+    norms, one_norms = [r["grad_norm"] for r in got], [r["grad_norm"] for r in one]
+    assert norms == pytest.approx(one_norms, rel=1e-4), (norms, one_norms)

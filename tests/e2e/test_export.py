@@ -67,6 +67,17 @@ def pp2_run(tmp_path_factory, smoke_data):
     return train(tmp_path_factory, smoke_data, "pp2", "parallel=pp2", "precision=fp32")
 
 
+@pytest.fixture(scope="module")
+def tp2xpp2_run(tmp_path_factory, smoke_data):
+    workers = ["cluster.num_workers=4", "cluster.cpus_per_worker=0.5"]
+    return train(tmp_path_factory, smoke_data, "3d", "parallel=3d", "precision=fp32", *workers)
+
+
+@pytest.fixture(scope="module")
+def sp2_run(tmp_path_factory, smoke_data):
+    return train(tmp_path_factory, smoke_data, "sp2", "parallel=sp2", "precision=fp32")
+
+
 def export_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
     return subprocess.run(
@@ -117,6 +128,25 @@ def assert_equals_saved_modules(cfg, ckpt: Path, sd: dict[str, torch.Tensor]) ->
     """fp32 tensor/pipeline parallel runs: the module weights each rank saved are exactly the
     matching pieces of the consolidated weights (written here without the export's code)."""
     tag_dir = ckpt / "ds" / "ds"
+    if cfg.parallel.tensor_parallel > 1 and cfg.parallel.pipeline_parallel > 1:
+        # 3-D: each tensor rank of a stage saves its slice of the stage's layers
+        tp, n = cfg.parallel.tensor_parallel, cfg.model.n_layer
+        split = 0
+        for i in range(n):
+            for rank in range(tp):
+                f = tag_dir / f"layer_{i + 1:02d}-model_{rank:02d}-model_states.pt"
+                for name, t in torch.load(f, weights_only=True).items():
+                    whole = sd[f"blocks.{i}.{name}"]
+                    if t.shape == whole.shape:
+                        assert torch.equal(t, whole), name
+                        continue
+                    dim = 0 if t.shape[0] != whole.shape[0] else 1
+                    split += 1
+                    k = t.shape[dim]
+                    assert k * tp == whole.shape[dim], name
+                    assert torch.equal(t, whole.narrow(dim, rank * k, k)), name
+        assert split == tp * n * 10
+        return
     if cfg.parallel.tensor_parallel > 1:
         tp = cfg.parallel.tensor_parallel
         split = 0
@@ -151,6 +181,8 @@ def assert_equals_saved_modules(cfg, ckpt: Path, sd: dict[str, torch.Tensor]) ->
         pytest.param("zero2_run", marks=pytest.mark.drill),
         pytest.param("tp2_run", marks=pytest.mark.drill),
         pytest.param("pp2_run", marks=pytest.mark.drill),
+        pytest.param("tp2xpp2_run", marks=pytest.mark.drill),
+        pytest.param("sp2_run", marks=pytest.mark.drill),
     ],
 )
 def test_export_loads_in_transformers_with_equal_logits(run_name, request, tmp_path, smoke_data):

@@ -391,6 +391,42 @@ def test_escaping_names_are_one_line_at_every_command(ws, capsys, edge, override
     assert tree_digest(ws) == before and not (ws / "escaped").exists()
 
 
+# ---------------------------------------------------------------------------- layouts
+
+# The issue-22 layouts that cannot run: each names its values and rule, from `python -m
+# trainer.train` of a new run, before Ray (a resume at another tensor-parallel size:
+# tests/unit/test_resume_policy.py, the driver's plan).
+W4 = ["cluster.num_workers=4", "cluster.cpus_per_worker=0.5"]
+LAYOUTS = [
+    (
+        ["parallel.sequence_parallel=2", "model.n_head=2", "model.n_kv_head=1"],
+        "model n_kv_head (1) is not divisible by sequence_parallel (2)",
+    ),
+    (
+        [*W4, "parallel=pp2", "parallel.sequence_parallel=2"],
+        "sequence_parallel (2) with pipeline_parallel (2) is not supported",
+    ),
+    (
+        ["parallel=3d", "cluster.num_workers=6", "cluster.cpus_per_worker=0.25"],
+        "cluster.num_workers (6) is not divisible by tensor_parallel (2) x pipeline_parallel (2)"
+        " x sequence_parallel (1) = 4",
+    ),
+    (
+        ["parallel.sequence_parallel=2", "data.seq_len=63"],
+        "data.seq_len (63) is not divisible by sequence_parallel (2)",
+    ),
+]
+
+
+@pytest.mark.parametrize("overrides,message", LAYOUTS, ids=[" ".join(c[0]) for c in LAYOUTS])
+def test_layouts_that_cannot_run_are_one_line_before_ray(ws, capsys, overrides, message):
+    before = tree_digest(ws)
+    rc = train_main([*train_args(ws, name="new"), *overrides])
+    line = one_error(capsys)
+    assert rc == 2 and message in line, line
+    assert tree_digest(ws) == before
+
+
 # ---------------------------------------------------------------------------- never in effect
 
 

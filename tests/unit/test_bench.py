@@ -147,3 +147,19 @@ def test_interleaved_variant_names():
     with pytest.raises(ValueError, match="z<stage>"):
         parse_variant("zero2")
     assert parse(["--quick"]).variants == ["z2", "z0"]
+
+
+def test_context_length_line_through_the_peaks():
+    from bench.context_length import fit
+
+    rows = [{"tokens_per_rank": t, "peak_bytes": 1000 + 3 * t} for t in (256, 512, 1024)]
+    slope, intercept = fit(rows)
+    assert slope == pytest.approx(3) and intercept == pytest.approx(1000)
+    assert fit(rows[:1]) is None
+
+
+def test_memory_theory_of_the_new_layouts():
+    from bench.memory import theory
+
+    assert theory("sp2 ZeRO-2", 12.0, 2) == (12.0, 18.0)  # the model whole, ZeRO over both
+    assert theory("tp2xpp2 (ZeRO-1)", 12.0, 4) == (3.0, 9.0)

@@ -16,6 +16,7 @@ GROUPS = ["model", "data", "optim", "parallel", "precision", "cluster", "logging
 EXTRA = {
     "data=parquet": ["data.sources=[/nonexistent/checked/at/prepare.parquet]"],
     "cluster=ray": ["trainer.global_batch_size=64"],
+    "parallel=3d": ["cluster.num_workers=8"],
 }
 
 

@@ -27,6 +27,45 @@ def test_layout_that_does_not_fit_prints_every_factor():
         assert part in msg, msg
 
 
+def test_sequence_parallel_ranks():
+    # Sequence peers are consecutive ranks (after tensor peers) and share a data shard.
+    sp = make_layout(4, 1, 1, sp=2)
+    assert (sp.dp, sp.sp, sp.deepspeed_dp) == (2, 2, 4)
+    assert [sp.dp_rank(r) for r in range(4)] == [0, 0, 1, 1]
+    assert [sp.sp_rank(r) for r in range(4)] == [0, 1, 0, 1]
+    assert "sequence 2" in str(sp)
+    from trainer.worker.parallel import sequence_groups
+
+    assert sequence_groups(sp) == [[0, 1], [2, 3]]
+
+
+def test_sequence_parallel_layout_sets_the_data_parallel_batch():
+    cfg = load_config(
+        ["parallel.sequence_parallel=2", "cluster.num_workers=4", "cluster.cpus_per_worker=0.5",
+         "trainer.micro_batch_size=2", "trainer.global_batch_size=8"],
+        default_name="t",
+    )  # fmt: skip
+    assert cfg.dp_size == 2 and cfg.grad_accum == 2 and cfg.layout.sp == 2
+
+
+def test_3d_rank_order_is_deepspeed_topology():
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    from trainer.worker.parallel import tensor_parallel_groups
+
+    layout = make_layout(8, 2, 2)
+    assert (layout.dp, layout.tp, layout.pp) == (2, 2, 2)
+    topo = PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=2)
+    for rank in range(8):
+        c = topo.get_coord(rank)
+        assert (layout.stage(rank), layout.dp_rank(rank), layout.tp_rank(rank)) == (
+            c.pipe,
+            c.data,
+            c.model,
+        )
+    assert tensor_parallel_groups(layout) == topo.get_axis_comm_lists("model")
+
+
 def test_data_parallel_rank_follows_deepspeed_rank_order():
     # TP peers are consecutive ranks and share a data shard.
     tp = Layout(world=4, dp=2, tp=2, pp=1)
@@ -100,20 +139,66 @@ BAD = [
     (["parallel=pp2", "parallel.zero_stage=3"], r"DeepSpeed pipelines support ZeRO stage 0 or 1"),
     (["parallel=tp2", "parallel.zero_stage=3"], r"AutoTP trains with ZeRO stage 0, 1 or 2"),
     (
-        [
-            "parallel=tp2",
-            "parallel.pipeline_parallel=2",
-            "cluster.num_workers=4",
-            "cluster.cpus_per_worker=0.5",
-            "trainer.global_batch_size=8",
-        ],
-        r"3-D\) are not supported",
+        ["parallel=3d", "cluster.num_workers=6", "cluster.cpus_per_worker=0.5"],
+        r"num_workers \(6\) is not divisible by tensor_parallel \(2\) x pipeline_parallel "
+        r"\(2\) x sequence_parallel \(1\) = 4",
+    ),
+    (
+        ["parallel=3d", "cluster.num_workers=4", "cluster.cpus_per_worker=0.5", "model.n_head=2",
+         "model.n_kv_head=1", "model.d_model=64"],
+        r"n_kv_head \(1\) is not divisible by tensor_parallel \(2\)",
+    ),
+    (
+        ["parallel=3d", "cluster.num_workers=4", "cluster.cpus_per_worker=0.5", "model.n_layer=1"],
+        r"n_layer \(1\) is smaller than pipeline_parallel \(2\)",
+    ),
+    (
+        ["parallel=3d", "cluster.num_workers=4", "cluster.cpus_per_worker=0.5",
+         "parallel.zero_stage=2"],
+        r"DeepSpeed pipelines support ZeRO stage 0 or 1",
+    ),
+    (
+        ["parallel=3d", "cluster.num_workers=4", "cluster.cpus_per_worker=0.5",
+         "parallel.zero_stage=0", "precision=fp32"],
+        r"\(3-D\) needs zero_stage 1 \(got 0\)",
     ),
     (["parallel=zero2", "parallel.offload_params=true"], r"offload_params needs zero_stage 3"),
     (["parallel=ddp", "parallel.offload_optimizer=true"], r"offload_optimizer needs zero_stage"),
     (["parallel=pp2", "parallel.zero_stage=0"], r"pipeline_parallel with bf16 needs zero_stage 1"),
     (["parallel=pp2", "model.n_layer=1"], r"n_layer \(1\) is smaller than pipeline_parallel \(2\)"),
-]
+    (
+        ["parallel.sequence_parallel=2", "model.n_head=4", "model.n_kv_head=1"],
+        r"n_kv_head \(1\) is not divisible by sequence_parallel \(2\)",
+    ),
+    (
+        ["parallel.sequence_parallel=4", "cluster.num_workers=4", "model.n_head=2",
+         "model.d_model=64", "cluster.cpus_per_worker=0.5"],
+        r"n_head \(2\) is not divisible by sequence_parallel \(4\)",
+    ),
+    (
+        ["parallel.sequence_parallel=2", "cluster.num_workers=3", "cluster.cpus_per_worker=0.5"],
+        r"num_workers \(3\) is not divisible by .* sequence_parallel \(2\) = 2",
+    ),
+    (
+        ["parallel.sequence_parallel=2", "data.seq_len=63"],
+        r"data.seq_len \(63\) is not divisible by sequence_parallel \(2\)",
+    ),
+    (
+        ["parallel=pp2", "parallel.sequence_parallel=2", "cluster.num_workers=4",
+         "cluster.cpus_per_worker=0.5"],
+        r"sequence_parallel \(2\) with pipeline_parallel \(2\) is not supported",
+    ),
+    (
+        ["parallel=tp2", "parallel.sequence_parallel=2", "cluster.num_workers=4",
+         "cluster.cpus_per_worker=0.5"],
+        r"sequence_parallel \(2\) with tensor_parallel \(2\) is not supported",
+    ),
+    (["parallel.sequence_parallel=0"], r"sequence_parallel \(0\) must be >= 1"),
+    (
+        ["parallel.sequence_parallel=2", "trainer.compile=true"],
+        r"trainer.compile with .* sequence_parallel 2",
+    ),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("overrides,message", BAD, ids=[" ".join(b[0]) for b in BAD])

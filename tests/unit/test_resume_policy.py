@@ -147,6 +147,34 @@ def test_new_tensor_parallel_size_is_refused_in_one_line(zero2):
     assert "\n" not in str(e.value)
 
 
+def test_3d_checkpoint_at_another_tensor_parallel_size_is_refused_in_one_line(tmp_path):
+    ckpt = tmp_path / "checkpoint_00000004"
+    (ckpt / "ds" / "ds").mkdir(parents=True)
+    (ckpt / "ds" / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    saved = load_config(["cluster.num_workers=8", "parallel=3d", "run.name=r"])
+    now = load_config(["cluster.num_workers=8", "parallel=3d", "parallel.tensor_parallel=1",
+                       "trainer.global_batch_size=32", "run.name=r"])  # fmt: skip
+    with pytest.raises(ConfigError, match="parallel.tensor_parallel was 2, now 1") as e:
+        plan(now, ckpt, _saved(saved))
+    assert "\n" not in str(e.value) and "keep parallel.tensor_parallel=2" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "saved_workers,now", [(2, ["cluster.num_workers=1"]), (1, ["parallel.sequence_parallel=2"])]
+)
+def test_sequence_parallel_2_to_1_and_back_converts(zero2, saved_workers, now):
+    """Sequence ranks hold DeepSpeed data-parallel shards: SP 2 <-> 1 changes that size."""
+    cfg = load_config(["cluster.num_workers=2", "run.name=r", *now])
+    sp = 2 if saved_workers == 2 else 1
+    saved = _saved(cfg, cluster__num_workers=saved_workers, parallel__sequence_parallel=sp)
+    assert plan(cfg, zero2, saved) is True
+
+
+def test_sequence_parallel_to_data_parallel_at_the_same_size_loads_natively(zero2):
+    cfg = load_config(["cluster.num_workers=2", "run.name=r"])
+    assert plan(cfg, zero2, _saved(cfg, parallel__sequence_parallel=2)) is False
+
+
 def test_zero0_checkpoint_moves_only_to_another_dp_size(tmp_path):
     ckpt = tmp_path / "checkpoint_00000004"
     (ckpt / "ds" / "ds").mkdir(parents=True)  # no ZeRO optimizer shards

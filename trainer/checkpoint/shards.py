@@ -34,6 +34,7 @@ LAYOUT_FIELDS = (
     ("parallel", "zero_stage"),
     ("parallel", "tensor_parallel"),
     ("parallel", "pipeline_parallel"),
+    ("parallel", "sequence_parallel"),
     ("parallel", "offload_optimizer"),
     ("parallel", "offload_params"),
     ("precision", "name"),
@@ -43,11 +44,14 @@ LAYOUT_FIELDS = (
 @dataclass(frozen=True)
 class ShardLayout:
     """How a run's model and optimizer state is split into shards: data x tensor x pipeline
-    ranks, ZeRO stage, offload and precision, as LAYOUT_FIELDS of its config give them."""
+    ranks, ZeRO stage, offload and precision, as LAYOUT_FIELDS of its config give them.
+    Sequence-parallel ranks hold data-parallel shards (DeepSpeed sees them as such): dp counts
+    them, so SP 2 -> 1 is a data-parallel change."""
 
     dp: Optional[int]  # None: the config does not say how many workers wrote it
     tp: int = 1
     pp: int = 1
+    sp: int = 1  # of the dp ranks, how many hold slices of one sequence (no shard of their own)
     zero: int = 0
     offload_optimizer: bool = False
     offload_params: bool = False
@@ -64,6 +68,7 @@ class ShardLayout:
             dp=None if world is None else make_layout(int(world), tp, pp).dp,
             tp=tp,
             pp=pp,
+            sp=int(parallel.get("sequence_parallel", 1)),
             zero=int(parallel.get("zero_stage", 0)),
             offload_optimizer=bool(parallel.get("offload_optimizer", False)),
             offload_params=bool(parallel.get("offload_params", False)),

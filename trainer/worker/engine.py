@@ -31,7 +31,9 @@ from trainer.worker.parallel import (
     apply_ac_blocks,
     apply_compile,
     apply_pp,
+    apply_sp,
     apply_tp,
+    apply_tp_blocks,
     apply_zero,
     compile_on,
 )
@@ -55,7 +57,8 @@ def deepspeed_config(
     accelerator_device_type()). ac_blocks: the blocks activation_checkpointing "auto" chose
     (parallel.py plan_ac)."""
     base: dict[str, Any] = {
-        "train_batch_size": micro_batch * grad_accum * layout.dp,
+        # DeepSpeed counts sequence-parallel ranks as data-parallel ones (Layout.deepspeed_dp)
+        "train_batch_size": micro_batch * grad_accum * layout.deepspeed_dp,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": optim.grad_clip,
@@ -297,7 +300,9 @@ def build_engine(
     model.loss_chunk = loss_chunk
     if layout.pp == 1:
         apply_ac_blocks(model, ac_blocks)
-    module = apply_pp(model, layout, parallel)
+    rank = torch.distributed.get_rank()
+    module = apply_sp(apply_tp_blocks(model, layout, rank), layout, rank)
+    module = apply_pp(module, layout, parallel)
     if contiguous_weight_grad:
         use_contiguous_weight_grad(module)
     module = apply_compile(

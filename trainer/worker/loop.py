@@ -54,7 +54,7 @@ from trainer.worker.observability.metrics import (
 )
 from trainer.worker.observability.profiler import StepProfiler
 from trainer.worker.observability.run_files import RunFiles
-from trainer.worker.parallel import plan_ac
+from trainer.worker.parallel import plan_ac, sequence_parallel_off
 from trainer.worker.schedule import build_scheduler
 
 
@@ -201,6 +201,8 @@ class Trainer:
         loader_args = dict(
             micro_batch=t.micro_batch_size, dp_rank=self.dp_rank, dp_size=cfg.dp_size, seed=t.seed
         )
+        if self.layout.sp > 1:  # sequence peers: the same samples, each its slice of them
+            loader_args.update(seq_rank=self.layout.sp_rank(self.rank), seq_size=self.layout.sp)
         # A mixture's val loaders are its sources' ({"": ...} for one dataset).
         self.train_loader, self.val_loaders = build_loaders(
             cfg.data,
@@ -536,7 +538,8 @@ def generate_sample(
     torch.manual_seed(seed)
     engine.eval()
     prompt_ids = to_device(torch.tensor([ids], dtype=torch.long), engine.device)
-    out = engine.module.generate(prompt_ids, max_new_tokens=n_tokens, temperature=0.8, top_k=50)
+    with sequence_parallel_off(engine.module) as gpt:  # each rank generates whole sequences
+        out = gpt.generate(prompt_ids, max_new_tokens=n_tokens, temperature=0.8, top_k=50)
     engine.train()
     return tok.decode(out[0].tolist())
 

@@ -3,9 +3,10 @@
 - `make_layout`, `Layout`, `check_model_fits`: the layout arithmetic, in trainer/layout.py.
 - `apply_zero`, `apply_tp`, `apply_ac`: each returns its DeepSpeed config fragment, which
   trainer/worker/engine.py deepspeed_config merges into the one config of a run.
-- `apply_pp`, `apply_ac_blocks`, `apply_compile`: each returns the transformed module, which
-  build_engine hands to deepspeed.initialize. `plan_ac` decides the blocks of
-  activation_checkpointing "auto" (trainer/memory_plan.py).
+- `apply_pp`, `apply_ac_blocks`, `apply_sp`, `apply_compile`: each returns the transformed
+  module, which build_engine hands to deepspeed.initialize. `plan_ac` decides the blocks of
+  activation_checkpointing "auto" (trainer/memory_plan.py). apply_sp sets the GPT's
+  sequence-parallel hooks (Ulysses all-to-all around attention, `SequenceParallel`).
 - `tensor_parallel_config`: DeepSpeed AutoTP partition specs matched by our module names (the
   export splits and joins tensor-parallel shards by the same specs).
 - `pipeline_layers`: the GPT's own modules (embedding, blocks, final norm + head) as pipeline
@@ -14,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Any
@@ -48,6 +50,106 @@ def tensor_parallel_config(tp: int) -> dict:
             ],
         },
     }
+
+
+# ----------------------------------------------------- tensor parallel inside pipeline stages
+# DeepSpeed's AutoTP does not build inside its pipeline engine, so 3-D layouts (TP x PP) split
+# the blocks' Linear layers here, Megatron-style, by the same specs (column: q/k/v/up/gate by
+# output; row: o_proj/down by input). The modules keep their names and class family (nn.Linear
+# subclasses), so parameter names stay those of a whole model.
+
+
+class _CopyToTensorParallel(torch.autograd.Function):
+    """Forward: the input as is (every TP rank holds it whole). Backward: the gradients of the
+    ranks' column shards summed."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromTensorParallel(torch.autograd.Function):
+    """Forward: the ranks' partial products of a row shard summed. Backward: as is."""
+
+    @staticmethod
+    def forward(ctx, y, group):
+        y = y.clone()
+        torch.distributed.all_reduce(y, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class ColumnParallelLinear(nn.Linear):
+    """An nn.Linear holding one rank's slice of the output features (weight rows and bias)."""
+
+    tp_group = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(_CopyToTensorParallel.apply(x, self.tp_group), self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Linear):
+    """An nn.Linear holding one rank's slice of the input features; the bias (whole, the same
+    on every rank) is added once, after the sum."""
+
+    tp_group = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _ReduceFromTensorParallel.apply(F.linear(x, self.weight), self.tp_group)
+        return y if self.bias is None else y + self.bias
+
+
+COLUMN = ("q_proj", "k_proj", "v_proj", "up", "gate")
+ROW = ("o_proj", "down")
+
+
+def _shard_linear(linear: nn.Linear, cls: type, group, rank: int, tp: int) -> None:
+    dim = 0 if cls is ColumnParallelLinear else 1
+    linear.__class__ = cls
+    linear.tp_group = group
+    linear.weight = nn.Parameter(linear.weight.data.chunk(tp, dim)[rank].clone())
+    linear.weight.tensor_model_parallel = True  # DeepSpeed's grad norm sums shards over ranks
+    if linear.bias is not None and dim == 0:
+        linear.bias = nn.Parameter(linear.bias.data.chunk(tp)[rank].clone())
+        linear.bias.tensor_model_parallel = True
+
+
+def tensor_parallel_groups(layout: Layout) -> list[list[int]]:
+    """The ranks of each tensor-parallel group: consecutive ranks (DeepSpeed's
+    PipeModelDataParallelTopology puts the model axis last)."""
+    return [list(range(i, i + layout.tp)) for i in range(0, layout.world, layout.tp)]
+
+
+def apply_tp_blocks(gpt: GPT, layout: Layout, rank: int) -> GPT:
+    """Tensor parallelism of a pipeline's blocks, in place (3-D layouts; every rank calls it:
+    the groups are created collectively). Every rank built the same whole `gpt` (same seed), so
+    each keeps exactly its slice of the single-process weights. Embedding, norms and head stay
+    whole on every rank."""
+    if layout.tp == 1 or layout.pp == 1:
+        return gpt
+    mine = None
+    for ranks in tensor_parallel_groups(layout):
+        group = torch.distributed.new_group(ranks)
+        if rank in ranks:
+            mine = group
+    tp_rank = layout.tp_rank(rank)
+    for block in gpt.blocks:
+        for parent in (block.attn, block.mlp):
+            for name, child in parent.named_children():
+                if isinstance(child, nn.Linear):
+                    cls = ColumnParallelLinear if name in COLUMN else RowParallelLinear
+                    _shard_linear(child, cls, mine, tp_rank, layout.tp)
+    return gpt
 
 
 # ------------------------------------------------------------------------- pipeline parallel
@@ -122,6 +224,109 @@ def pipeline_layers(gpt: GPT) -> list:
     return [first, *gpt.blocks, *last]
 
 
+# ------------------------------------------------------------------------ sequence parallel
+# Ulysses (DeepSpeed-Ulysses' scheme, written here in torch.distributed): each of the N ranks of
+# a sequence group holds a T/N slice of every sample. Around attention one all-to-all trades
+# that for H/N whole heads over the whole sequence (so causal masking and RoPE see the full
+# sequence, positions 0..T-1), and the inverse all-to-all trades back. Everything else in a
+# block is per token and runs on the slice.
+
+
+def _heads_to_sequence(x: torch.Tensor, group, n: int) -> torch.Tensor:
+    """(B, T/N, H, D) on each rank -> (B, T, H/N, D): rank r keeps heads r*H/N.. of every slice."""
+    B, t, H, D = x.shape
+    send = x.reshape(B, t, n, H // n, D).permute(2, 0, 1, 3, 4).contiguous()  # (N, B, t, H/N, D)
+    recv = torch.empty_like(send)
+    torch.distributed.all_to_all_single(recv, send, group=group)  # recv[j]: slice j, my heads
+    return recv.permute(1, 0, 2, 3, 4).reshape(B, n * t, H // n, D)
+
+
+def _sequence_to_heads(y: torch.Tensor, group, n: int) -> torch.Tensor:
+    """(B, T, H/N, D) -> (B, T/N, H, D): the inverse of _heads_to_sequence."""
+    B, T, h, D = y.shape
+    send = y.reshape(B, n, T // n, h, D).permute(1, 0, 2, 3, 4).contiguous()  # (N, B, t, h, D)
+    recv = torch.empty_like(send)
+    torch.distributed.all_to_all_single(recv, send, group=group)  # recv[i]: rank i's heads
+    return recv.permute(1, 2, 0, 3, 4).reshape(B, T // n, n * h, D)
+
+
+class _HeadsToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, n):
+        ctx.group, ctx.n = group, n
+        return _heads_to_sequence(x, group, n)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _sequence_to_heads(grad, ctx.group, ctx.n), None, None
+
+
+class _SequenceToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, group, n):
+        ctx.group, ctx.n = group, n
+        return _sequence_to_heads(y, group, n)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _heads_to_sequence(grad, ctx.group, ctx.n), None, None
+
+
+class SequenceParallel:
+    """The hook models/gpt.py's GPT and attention modules call when set: this rank is slice
+    `rank` of `size` in its sequence group `group` (a torch.distributed process group)."""
+
+    def __init__(self, group, rank: int, size: int):
+        self.group, self.rank, self.size = group, rank, size
+
+    def heads_to_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        return _HeadsToSequence.apply(x, self.group, self.size)
+
+    def sequence_to_heads(self, y: torch.Tensor) -> torch.Tensor:
+        return _SequenceToHeads.apply(y, self.group, self.size)
+
+
+def sequence_groups(layout: Layout) -> list[list[int]]:
+    """The ranks of each sequence group (same data and tensor rank, every sequence slice)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for rank in range(layout.world):
+        groups.setdefault((layout.dp_rank(rank), layout.tp_rank(rank)), []).append(rank)
+    return list(groups.values())
+
+
+def apply_sp(gpt: GPT, layout: Layout, rank: int) -> GPT:
+    """Sequence parallelism on `gpt`, in place: its hooks set to this rank's sequence group
+    (every rank must call it: the groups are created collectively). Gradients need no group of
+    their own: DeepSpeed averages them over all layout.deepspeed_dp ranks, and since each rank's
+    loss is the mean over its T/N tokens, that average is exactly the gradient of the mean loss
+    over whole sequences (the all-to-alls' backward carries each slice's share to the others)."""
+    if layout.sp == 1:
+        return gpt
+    mine = None
+    for ranks in sequence_groups(layout):
+        group = torch.distributed.new_group(ranks)
+        if rank in ranks:
+            mine = SequenceParallel(group, layout.sp_rank(rank), layout.sp)
+    gpt.sequence_parallel = mine
+    for block in gpt.blocks:
+        block.attn.sequence_parallel = mine
+    return gpt
+
+
+@contextlib.contextmanager
+def sequence_parallel_off(gpt: GPT):
+    """Inside: `gpt` runs whole sequences on this rank alone (generation after training)."""
+    hook = gpt.sequence_parallel
+    modules = [gpt, *(block.attn for block in gpt.blocks)]
+    for m in modules:
+        m.sequence_parallel = None
+    try:
+        yield gpt
+    finally:
+        for m in modules:
+            m.sequence_parallel = hook
+
+
 # ------------------------------------------------------------------ the apply_* functions
 # Each takes the sub-config it needs and returns its piece. A fragment's None value removes the
 # key from the config (engine.py merge_config).
@@ -165,7 +370,7 @@ def apply_tp(layout: Layout) -> dict[str, Any]:
     name (DeepSpeed AutoTP, tensor_parallel_config). Without an mpu DeepSpeed checks the batch
     against the whole world before it builds the tensor-parallel groups, so the fragment drops
     train_batch_size: DeepSpeed derives the global batch from micro x accumulation."""
-    if layout.tp == 1:
+    if layout.tp == 1 or layout.pp > 1:  # 3-D: apply_tp_blocks splits the blocks instead
         return {}
     return {"tensor_parallel": tensor_parallel_config(layout.tp), "train_batch_size": None}
 
@@ -246,14 +451,19 @@ def apply_ac_blocks(gpt: GPT, blocks: int) -> GPT:
 def apply_pp(gpt: GPT, layout: Layout, parallel: ParallelConfig) -> nn.Module:
     """The GPT as layout.pp pipeline stages (a DeepSpeed PipelineModule; `gpt` itself with one
     stage). Every rank built the same `gpt` (same seed), so each stage starts from exactly the
-    weights a single process would have. The loss is chunked as the GPT's (gpt.loss_chunk)."""
+    weights a single process would have. The loss is chunked as the GPT's (gpt.loss_chunk). With
+    tensor parallelism (3-D) the stages' blocks are apply_tp_blocks' and the topology's model
+    axis is the tensor-parallel one."""
     if layout.pp == 1:
         return gpt
     from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     return PipelineModule(
         layers=pipeline_layers(gpt),
-        num_stages=layout.pp,
+        topology=PipeModelDataParallelTopology(
+            num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp
+        ),
         loss_fn=functools.partial(lm_loss, chunk=gpt.loss_chunk),
         partition_method=parallel.pipeline_partition,
         activation_checkpoint_func=functools.partial(
