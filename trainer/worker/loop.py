@@ -93,7 +93,7 @@ class Trainer:
         self.context = context  # cluster/worker_context.py: Ray Train's, or this process's
         self.rank, self.world = context.rank, context.world_size
         mark(f"worker {self.rank}: up")
-        self.cfg: RootConfig = config.cfg
+        self.cfg: RootConfig = own_precision(config.cfg, self.rank)
         self.config = config
         self.layout = self.cfg.layout
         self.dp_rank = self.layout.dp_rank(self.rank)  # TP/PP peers read the same batch
@@ -471,6 +471,16 @@ class Trainer:
                 self.files.close()
             if hasattr(self, "val_loaders"):  # read threads end with the run, not the process
                 close_loaders(self.train_loader, *self.val_loaders.values())
+
+
+def own_precision(cfg: RootConfig, rank: int) -> RootConfig:
+    """cfg with precision=auto resolved for this worker's device: only for a caller that hands
+    a worker an unresolved config (the driver resolves it for all workers: trainer/precision.py)."""
+    if not cfg.precision.auto:
+        return cfg
+    from trainer.precision import choose, probe, with_precision
+
+    return with_precision(cfg, *choose(probe(accelerator_device_type() == "cuda")), echo=rank == 0)
 
 
 def utc_now() -> str:
