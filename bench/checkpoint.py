@@ -78,7 +78,9 @@ def engine_checkpoint(model_overrides: list[str], root: Path, seq: int = 256) ->
     from trainer.worker.engine import build_engine
 
     init_single_process_group()
-    cfg = common.load_cfg([*model_overrides, f"model.block_size={seq}", "cluster.num_workers=1"])
+    cfg = common.load_cfg(
+        [*model_overrides, f"model.block_size={seq}", "cluster.num_workers=1", "precision=bf16"]
+    )
     torch.manual_seed(0)
     model = GPT(cfg.model)
     sizes: dict[str, Any] = {"micro_batch": 2, "grad_accum": 1}

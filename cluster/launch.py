@@ -177,6 +177,15 @@ def run_on_every_node(fn: Callable[..., Any], *args: Any) -> dict[str, Any]:
     return dict(zip(refs, ray.get(list(refs.values()), timeout=120)))
 
 
+def run_as_worker(fn: Callable[..., Any], cluster: ClusterConfig, *args: Any) -> Any:
+    """fn(*args) as one Ray task with one worker's resources (cluster.cpus_per_worker and
+    gpus_per_worker), so it runs on hardware a training worker would get."""
+    import ray
+
+    remote = ray.remote(num_cpus=cluster.cpus_per_worker, num_gpus=cluster.gpus_per_worker)(fn)
+    return ray.get(remote.remote(*args), timeout=300)
+
+
 def make_stop_signal() -> Any:
     """A driver-owned actor holding the stop request; workers poll it
     (trainer/worker/control.py)."""

@@ -96,17 +96,32 @@ class SplitInfo:
     num_samples: int = 0
     num_tokens: int = 0  # tokens stored: num_samples * (seq_len + 1)
     dropped_tokens: int = 0  # each task's packing remainder, not stored
+    # UTF-8 bytes of the split's documents, which every token (stored or dropped, one EOS per
+    # document included) was made from; None in manifests written before it was recorded.
+    num_bytes: Optional[int] = None
 
     def __post_init__(self) -> None:
         self.shards = ShardTable.of(self.shards)
 
+    @property
+    def bytes_per_token(self) -> Optional[float]:
+        """Raw text bytes per token of this split (None when the manifest did not record the
+        bytes): what turns a loss per token into bits per byte."""
+        tokens = self.num_tokens + self.dropped_tokens
+        if self.num_bytes is None or tokens == 0:
+            return None
+        return self.num_bytes / tokens
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "shards": self.shards.to_dicts(),
             "num_samples": self.num_samples,
             "num_tokens": self.num_tokens,
             "dropped_tokens": self.dropped_tokens,
         }
+        if self.num_bytes is not None:  # an older manifest reads back as it was
+            d["num_bytes"] = self.num_bytes
+        return d
 
 
 @dataclass

@@ -266,8 +266,8 @@ def tokenize_task(
 ) -> dict[str, Any]:
     """One Ray task: stream, tokenize and pack one group of work units, write its shards into
     out_dir (any storage URI), record its result in the ledger there and return it: {"task",
-    and per split: shards (names relative to out_dir, rows, sha256), documents, chars,
-    dropped_tokens}. Bad input is returned as {"task", "error": one line}, not raised (Ray
+    and per split: shards (names relative to out_dir, rows, sha256), documents, chars, bytes
+    (UTF-8), dropped_tokens}. Bad input is returned as {"task", "error": one line}, not raised (Ray
     would wrap it in a traceback), and records nothing."""
     try:
         result = _tokenize(task, [WorkUnit(**u) for u in units], tokenizer_json, text_column,
@@ -290,6 +290,7 @@ def _tokenize(
     encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
     writers = {s: _ShardWriter(out_dir, s, task, seq_len, samples_per_shard) for s in SPLITS}
     documents, chars = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
+    num_bytes = dict.fromkeys(SPLITS, 0)  # UTF-8 bytes: the unit of bits per byte
     batches: dict[str, list[str]] = {s: [] for s in SPLITS}
     batch_chars = dict.fromkeys(SPLITS, 0)
     max_batch_chars = max(1, memory_bytes // 16)
@@ -309,6 +310,7 @@ def _tokenize(
             batches[split].append(doc.text)
             documents[split] += 1
             chars[split] += len(doc.text)
+            num_bytes[split] += len(doc.text.encode("utf-8", "surrogatepass"))
             batch_chars[split] += len(doc.text)
             if len(batches[split]) >= ENCODE_BATCH or batch_chars[split] >= max_batch_chars:
                 flush(split)
@@ -320,6 +322,7 @@ def _tokenize(
             "shards": writers[split].shards,
             "documents": documents[split],
             "chars": chars[split],
+            "bytes": num_bytes[split],
             "dropped_tokens": writers[split].dropped_tokens,
         }
     _kill_task(task)
@@ -546,6 +549,11 @@ def _check_documents(cfg: DataConfig, sources: list[str], documents: dict[str, i
         )
 
 
+def _sum_or_none(values: Iterator[Optional[int]]) -> Optional[int]:
+    values = list(values)
+    return None if any(v is None for v in values) else sum(values)
+
+
 def _build_manifest(
     cfg: DataConfig,
     sources: list[str],
@@ -572,6 +580,8 @@ def _build_manifest(
             num_samples=num_samples,
             num_tokens=num_samples * row_len,
             dropped_tokens=sum(r[split]["dropped_tokens"] for r in results),
+            # None if a ledger of an older prepare holds results without it
+            num_bytes=_sum_or_none(r[split].get("bytes") for r in results),
         )
     for split in SPLITS:
         needed = split == "train" or cfg.split_given or cfg.val_fraction > 0

@@ -228,8 +228,10 @@ class ParallelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class PrecisionConfig:
-    name: str = "bf16"
-    bf16: bool = True
+    # "auto": bf16 where the workers' hardware has it natively, fp32 elsewhere; resolved by the
+    # driver for the workers (trainer/precision.py). bf16 / fp16 / fp32: as written.
+    name: str = "auto"
+    bf16: bool = False
     fp16: bool = False
     initial_scale_power: int = 16  # fp16 dynamic loss scale starts at 2**this
     # On CUDA only (the CPU runs as before): fp32 matmuls in TF32 (torch's "high" float32
@@ -241,9 +243,21 @@ class PrecisionConfig:
     def __post_init__(self) -> None:
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 are both true: choose one (precision=bf16 or fp16)")
+        if self.auto and (self.bf16 or self.fp16):
+            raise ValueError(
+                f"name 'auto' with bf16={self.bf16}, fp16={self.fp16}: auto chooses them; name "
+                "the precision instead (precision=bf16, fp16 or fp32)"
+            )
+
+    @property
+    def auto(self) -> bool:
+        """Not resolved yet: the workers' hardware decides (trainer/precision.py)."""
+        return self.name == "auto"
 
     @property
     def dtype_name(self) -> str:
+        if self.auto:
+            return "auto"
         return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
 
 

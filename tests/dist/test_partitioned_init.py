@@ -51,7 +51,7 @@ def _worker(rank: int, port: int, out: str, bf16: bool = False) -> None:
         part = build_model(
             cfg,
             ParallelConfig(zero_stage=3, partitioned_init=True),
-            PrecisionConfig(bf16=bf16),
+            PrecisionConfig(name="bf16" if bf16 else "fp32", bf16=bf16),
             OptimConfig(),
             seed=7,
             layout=make_layout(2, 1, 1),

@@ -167,3 +167,24 @@ def test_a_kill_during_a_background_checkpoint_write_leaves_the_previous_one(tmp
     got = {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl")}
     want = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "ref" / "metrics.jsonl")}
     assert got == want  # fp32, one worker: exact (the last row of a step wins)
+
+
+@pytest.mark.drill  # two runs, one in emulated bf16 (tests/unit/test_precision.py: the rule)
+def test_a_resume_keeps_the_precision_its_checkpoint_recorded(tmp_path, smoke_data, capsys):
+    """precision=auto (this CPU: fp32) on the resume of a run trained in bf16 keeps bf16, and
+    the checkpoint records it; precision=fp32 on a resume command would change it."""
+    from trainer.checkpoint.format import read_trainer_state
+    from trainer.checkpoint.index import latest
+    from trainer.config import load_config
+    from trainer.driver.run import run_training
+
+    base = [a for a in args(tmp_path, smoke_data, "p") if not a.startswith("precision=")]
+    first = run_training(load_config([*base, "precision=bf16", "trainer.max_steps=2"]))
+    assert first["precision"] == "bf16"
+    capsys.readouterr()
+    resumed = run_training(load_config([*base, "trainer.max_steps=3"]))  # precision: auto
+    out = capsys.readouterr().out
+    assert "precision: auto -> bf16 (kept from the checkpoint this run resumes)" in out
+    assert resumed["finished"] and resumed["final_step"] == 3 and resumed["precision"] == "bf16"
+    saved = read_trainer_state(latest(str(tmp_path / "p")).uri)["config"]["precision"]
+    assert saved["name"] == "bf16" and saved["bf16"] is True

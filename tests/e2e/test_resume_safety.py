@@ -27,7 +27,8 @@ SECRETS = {
     "WANDB_API_KEY": "fake-secret-0123456789abcdef0123456789abcdef",
     "AWS_SECRET_ACCESS_KEY": "fake-aws-Zq9Xw8Vu7Ts6Rp5On4Ml3Kj2",
 }
-RUN = ["+experiment=smoke", "trainer.max_steps=4", "trainer.checkpoint_interval=2"]
+RUN = ["+experiment=smoke", "precision=bf16", "trainer.max_steps=4"]  # the bf16_ shard names
+RUN += ["trainer.checkpoint_interval=2"]
 RUN += ["trainer.eval_interval=0", "trainer.sample_tokens=0", "run.name=safe"]
 
 

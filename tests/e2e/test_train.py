@@ -67,10 +67,16 @@ def test_two_workers_zero2_bf16_trains_and_logs(tmp_path, smoke_data):
     evals = read_jsonl(run_dir / "eval.jsonl")
     assert [e["step"] for e in evals] == [10, 20]
     assert all(e["val_ppl"] == pytest.approx(2.718281828 ** e["val_loss"], rel=1e-6) for e in evals)
+    # bits per byte: the loss over the val split's raw UTF-8 bytes per token (its manifest)
+    val = json.loads((Path(smoke_data) / "manifest.json").read_text())["splits"]["val"]
+    per_token = val["num_bytes"] / (val["num_tokens"] + val["dropped_tokens"])
+    for e in evals:
+        assert e["val_bpb"] == pytest.approx(e["val_loss"] / per_token / 0.6931471805599453)
 
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["finished"] and s["final_step"] == 20
     assert s["final_val_loss"] < s["uniform_loss"]
+    assert s["final_val_bpb"] == evals[-1]["val_bpb"]
     assert s["sample"] and isinstance(s["sample"], str)
     # two throughputs, named apart: training only, and end to end (eval + checkpoints too)
     assert 0 < s["end_to_end_tokens_per_sec"] < s["train_tokens_per_sec"]
@@ -86,5 +92,6 @@ def test_two_workers_zero2_bf16_trains_and_logs(tmp_path, smoke_data):
     wandb_files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(wandb_files) == 1, list((run_dir / "wandb").rglob("*"))
     blob = wandb_files[0].read_bytes()
+    assert b"val/bpb" in blob
     assert b"train/loss" in blob and b"val/loss" in blob and s["wandb_id"].encode() in blob
     assert b"time/forward_s" in blob and b"memory/rss_mib" in blob

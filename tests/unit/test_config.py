@@ -107,7 +107,8 @@ BAD = [
     (["data.seq_len=512"], r"data.seq_len \(512\) exceeds model.block_size \(256\)"),
     (["parallel.zero_stage=4"], r"zero_stage \(4\) must be 0, 1, 2 or 3"),
     (["parallel.zero_stage=-1"], r"zero_stage \(-1\) must be 0, 1, 2 or 3"),
-    (["precision.fp16=true"], r"bf16 and fp16 are both true"),
+    (["precision=bf16", "precision.fp16=true"], r"bf16 and fp16 are both true"),
+    (["precision.fp16=true"], r"precision: name 'auto' with bf16=False, fp16=True: auto chooses"),
     (["parallel=zero2", "parallel.offload_params=true"], r"offload_params needs zero_stage 3"),
     (
         ["parallel=zero2", "parallel.offload_device=nvme"],

@@ -16,7 +16,7 @@ from trainer.worker.engine import deepspeed_config, use_tf32
 from trainer.worker.optimizer import build_optimizer
 from trainer.worker.parallel import compile_on
 
-BF16, FP32 = PrecisionConfig(), PrecisionConfig(name="fp32", bf16=False)
+BF16, FP32 = PrecisionConfig(name="bf16", bf16=True), PrecisionConfig(name="fp32")
 
 
 def ds(stage: int, device: str, precision=BF16, pp: int = 1, **parallel) -> dict:
@@ -80,7 +80,7 @@ def test_fp32_gradient_accumulation_under_bf16_on_cuda_at_zero_1_and_2(stage):
     assert ds(stage, "cuda").get("data_types") == want
     assert "data_types" not in ds(stage, "cpu")  # the CPU accumulates as before
     assert "data_types" not in ds(stage, "cuda", precision=FP32)  # fp32 already
-    off = PrecisionConfig(fp32_grad_accum=False)
+    off = PrecisionConfig(name="bf16", bf16=True, fp32_grad_accum=False)
     assert "data_types" not in ds(stage, "cuda", precision=off)
 
 

@@ -81,7 +81,7 @@ def test_cpu_workers_on_a_gpu_host_keep_the_cpu_accelerator_and_gloo(
     cfg = deepspeed_config(
         GPTConfig(),
         ParallelConfig(zero_stage=3, offload_optimizer=True, offload_params=True),
-        PrecisionConfig(),
+        PrecisionConfig(name="bf16", bf16=True),
         OptimConfig(),
         layout=make_layout(1, 1, 1),
         micro_batch=1,
@@ -112,7 +112,7 @@ def test_the_backend_and_device_follow_deepspeeds_accelerator(monkeypatch):
     cfg = deepspeed_config(
         GPTConfig(),
         ParallelConfig(zero_stage=3, offload_optimizer=True),
-        PrecisionConfig(),
+        PrecisionConfig(name="bf16", bf16=True),
         OptimConfig(),
         layout=make_layout(1, 1, 1),
         micro_batch=1,

@@ -58,7 +58,7 @@ from trainer.layout import make_layout
 from trainer.memory_plan import GIB, checkpointed_blocks, describe, estimate_memory
 
 CPU, H100, H200 = 24 * GIB, 80 * GIB, 141 * GIB
-BF16, FP32 = PrecisionConfig(), PrecisionConfig(name="fp32", bf16=False)
+BF16, FP32 = PrecisionConfig(name="bf16", bf16=True), PrecisionConfig(name="fp32")
 
 
 def model(name: str) -> GPTConfig:

@@ -164,7 +164,10 @@ BAD = [
     ),
     (["parallel=zero2", "parallel.offload_params=true"], r"offload_params needs zero_stage 3"),
     (["parallel=ddp", "parallel.offload_optimizer=true"], r"offload_optimizer needs zero_stage"),
-    (["parallel=pp2", "parallel.zero_stage=0"], r"pipeline_parallel with bf16 needs zero_stage 1"),
+    (
+        ["parallel=pp2", "parallel.zero_stage=0", "precision=bf16"],
+        r"pipeline_parallel with bf16 needs zero_stage 1",
+    ),
     (["parallel=pp2", "model.n_layer=1"], r"n_layer \(1\) is smaller than pipeline_parallel \(2\)"),
     (
         ["parallel.sequence_parallel=2", "model.n_head=4", "model.n_kv_head=1"],

@@ -21,7 +21,7 @@ from trainer.config import load_config
 
 @pytest.fixture(scope="module")
 def saved():
-    return load_config(["cluster.num_workers=2", "run.name=r"]).to_dict()
+    return load_config(["cluster.num_workers=2", "precision=bf16", "run.name=r"]).to_dict()
 
 
 def test_the_layout_of_a_config(saved):

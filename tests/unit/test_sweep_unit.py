@@ -244,6 +244,52 @@ def test_report_table_plot_and_exit_code(tmp_path, capsys):
     assert state["fingerprint"] == s.plan.fingerprint
 
 
+def test_compare_png_overlays_each_jobs_loss_curves(tmp_path, monkeypatch):
+    """compare.png: one validation-loss and one training-loss line per job that logged any,
+    labelled by its overrides (a job that failed before its first row has none), above the
+    final values; a step logged twice (a resume) is drawn once, with its last value."""
+    import matplotlib.pyplot as plt
+
+    from trainer.driver.sweep import report
+
+    s = make_sweep(str(tmp_path), ["optim.lr=1e-3,2e-3,inf"])
+    fake_results(s)
+    s.save()
+    rows = {
+        "sw-0": ([(1, 5.0), (2, 4.6), (3, 4.2)], [(2, 4.7), (3, 4.3)]),
+        "sw-1": ([(1, 5.0), (2, 4.9), (2, 4.4), (3, 4.0)], [(3, 4.1)]),  # step 2 re-run
+    }
+    for name, (train, val) in rows.items():
+        (tmp_path / name).mkdir()
+        lines = [json.dumps({"step": k, "loss": v, "lr": 1e-3}) for k, v in train]
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        lines = [json.dumps({"step": k, "val_loss": v}) for k, v in val]
+        (tmp_path / name / "eval.jsonl").write_text("\n".join(lines) + "\n")
+    jobs = s.sorted_jobs()
+    figures = []
+    real = report.compare_figure
+    monkeypatch.setattr(
+        report, "compare_figure", lambda *a: figures.append(real(*a)) or figures[-1]
+    )
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)  # inspected after saving
+    write_report(s, 1.0)
+    assert (tmp_path / "sweep-sw" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    (val_ax, train_ax), (final_ax, tps_ax) = figures[0].axes[:2], figures[0].axes[2:4]
+    assert val_ax.get_title() == "validation loss" and train_ax.get_title() == "training loss"
+    for ax in (val_ax, train_ax):
+        labels = [line.get_label() for line in ax.get_lines()]
+        assert labels == ["0: optim.lr=1e-3", "1: optim.lr=2e-3"], labels  # not the failed job
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == labels
+    val = {line.get_label(): line.get_data() for line in val_ax.get_lines()}
+    assert [list(x) for x in val["0: optim.lr=1e-3"]] == [[2, 3], [4.7, 4.3]]
+    train = {line.get_label(): line.get_data() for line in train_ax.get_lines()}
+    assert [list(x) for x in train["1: optim.lr=2e-3"]] == [[1, 2, 3], [5.0, 4.4, 4.0]]
+    assert final_ax.get_title() == "final val loss" and tps_ax.get_title() == "training tokens/s"
+    assert [j.num for j in jobs] == [0, 1, 2]
+    close(figures[0])
+
+
 def test_sweep_directory_on_s3(s3, capsys):
     root = s3.unique_uri("sweeps")
     s = make_sweep(root, ["optim.lr=1e-3,2e-3,inf"])

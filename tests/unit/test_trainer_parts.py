@@ -28,7 +28,7 @@ def test_deepspeed_config_per_stage(stage):
     cfg = deepspeed_config(
         GPTConfig(),
         ParallelConfig(zero_stage=stage),
-        PrecisionConfig(bf16=True),
+        PrecisionConfig(name="bf16", bf16=True),
         OptimConfig(grad_clip=0.5),
         layout=make_layout(2, 1, 1),
         micro_batch=4,
@@ -46,7 +46,7 @@ def test_deepspeed_config_offload_and_fp16():
     cfg = deepspeed_config(
         GPTConfig(),
         ParallelConfig(zero_stage=3, offload_optimizer=True, offload_params=True),
-        PrecisionConfig(bf16=False, fp16=True, initial_scale_power=12),
+        PrecisionConfig(name="fp16", fp16=True, initial_scale_power=12),
         OptimConfig(),
         layout=make_layout(1, 1, 1),
         micro_batch=1,
@@ -74,7 +74,7 @@ def test_layout_fragments_merge_into_one_config():
         return deepspeed_config(
             model,
             parallel,
-            PrecisionConfig(),
+            PrecisionConfig(name="bf16", bf16=True),
             OptimConfig(),
             layout=make_layout(world, tp, pp),
             micro_batch=2,
@@ -231,7 +231,7 @@ def test_deepspeed_config_nvme_offload():
     zero = deepspeed_config(
         GPTConfig(),
         p,
-        PrecisionConfig(),
+        PrecisionConfig(name="bf16", bf16=True),
         OptimConfig(),
         layout=make_layout(2, 1, 1),
         micro_batch=1,

@@ -21,6 +21,7 @@ from data_pipeline import storage
 from data_pipeline.config import DataConfig
 from data_pipeline.manifest import MANIFEST_FILE
 from trainer.config import ConfigError, RootConfig, check_eval_fits, check_vocab_fits
+from trainer.precision import NATIVE_BF16_FLAGS, cpu_flags
 
 
 def check_inputs(cfg: RootConfig) -> None:
@@ -140,22 +141,6 @@ def check_before_ray(cfg: RootConfig) -> None:
         preload_for(cfg.cluster)  # cluster.allocator=tcmalloc where there is none
     except ClusterError as e:
         raise ConfigError(str(e)) from None
-
-
-# CPU flags of a native bf16 matmul (oneDNN uses them); without one, bf16 is emulated.
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def cpu_flags(path: str = "/proc/cpuinfo") -> Optional[set[str]]:
-    """This machine's CPU flags (Linux), None where they cannot be read."""
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        return None
-    return None
 
 
 def warn_slow_cpu_bf16(cfg: RootConfig, flags: Optional[set[str]] = None) -> None:

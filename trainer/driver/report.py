@@ -60,6 +60,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         ("final train loss", fmt(summary.get("final_train_loss"), ".4f")),
         ("final val loss", fmt(summary.get("final_val_loss"), ".4f")),
         ("val perplexity", fmt(summary.get("final_val_ppl"), ".2f")),
+        ("val bits per byte", fmt(summary.get("final_val_bpb"), ".4f")),
         ("uniform-guess loss ln(vocab)", fmt(summary.get("uniform_loss"), ".4f")),
         ("training tokens/s", fmt(summary.get("train_tokens_per_sec"), ",.0f")),
         ("end-to-end tokens/s", fmt(summary.get("end_to_end_tokens_per_sec"), ",.0f")),

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from cluster.config import ClusterError
 from data_pipeline import storage
+from trainer import precision
 from trainer.config import (
     ConfigError,
     RootConfig,
@@ -48,6 +49,7 @@ def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, An
         reexec_for_allocator(cfg.cluster)  # before any work: the command restarts with it
     for line in config_warnings(cfg):
         print(line, file=sys.stderr, flush=True)
+    cfg = precision.resolve_before_ray(cfg)  # precision=auto: a resume's, or this machine's
     preflight.check_before_ray(cfg)
     with run_lease(cfg):  # one driver per run directory, until this run ends
         run_plan = plan.plan_run(cfg)
@@ -58,6 +60,7 @@ def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, An
                 mark("driver: ray up")
                 if not cfg.cluster.in_process:
                     preflight.check_cluster(cfg)
+                    cfg = precision.resolve_on_cluster(cfg)  # still auto: a worker node's hardware
                 config = _worker_config(cfg, run_plan, data, progress_bar)
                 mark("driver: fit")
                 with _progress(cfg, progress_bar):

@@ -43,6 +43,7 @@ from trainer.worker.engine import (
 )
 from trainer.worker.entry import WorkerConfig
 from trainer.worker.guard import LossGuard, StepJudge, TooManyBadSteps
+from trainer.worker.observability.bpb import missing_note, val_bits_per_byte
 from trainer.worker.observability.logger import RunLogger
 from trainer.worker.observability.metrics import (
     StepTimes,
@@ -97,12 +98,13 @@ class Trainer:
         self.context = context  # cluster/worker_context.py: Ray Train's, or this process's
         self.rank, self.world = context.rank, context.world_size
         mark(f"worker {self.rank}: up")
-        self.cfg: RootConfig = config.cfg
+        self.cfg: RootConfig = own_precision(config.cfg, self.rank)
         self.config = config
         self.layout = self.cfg.layout
         self.dp_rank = self.layout.dp_rank(self.rank)  # TP/PP peers read the same batch
         self.state = TrainState()
         self.val_loss: Optional[float] = None
+        self.val_bpb: Optional[float] = None
         self.last_metrics: dict[str, Any] = {}
         self.rewound: dict[str, int] = {}  # run-file rows set aside at resume (RunFiles.rewind)
 
@@ -211,6 +213,11 @@ class Trainer:
             val_batch=t.micro_batch_size * t.eval_batches * cfg.dp_size,
             **loader_args,
         )
+        # Bits per byte: each val split's bytes per token, from its manifest (None: not recorded)
+        self.val_bytes_per_token = {
+            name: loader.shards.manifest.splits["val"].bytes_per_token
+            for name, loader in self.val_loaders.items()
+        }
 
     def make_controls(self) -> None:
         """The loss guard, the run files, the checkpoint manager and the stop control."""
@@ -271,6 +278,10 @@ class Trainer:
                 start_step=self.state.step,
                 console_lines=self.config.console_lines,
             )
+            dirs = {name: loader.shards.data_dir for name, loader in self.val_loaders.items()}
+            note = missing_note(self.val_bytes_per_token, dirs)
+            if note:
+                print(note, flush=True)
         self.sample_log = (
             SampleLog(self.files.path(f"samples/rank_{self.rank}.jsonl"), self.dp_rank)
             if t.log_sample_ids
@@ -396,9 +407,15 @@ class Trainer:
         with self.meter.paused():
             losses = {name: self._val_loss(loader) for name, loader in self.val_loaders.items()}
             self.val_loss = float(np.mean(list(losses.values())))
+        self.val_bpb, bpb = val_bits_per_byte(losses, self.val_bytes_per_token)
         if self.logger:
+            mixture = bool(self.cfg.data.mixture)
             self.logger.log_eval(
-                self.state.step, self.val_loss, losses if self.cfg.data.mixture else None
+                self.state.step,
+                self.val_loss,
+                losses if mixture else None,
+                val_bpb=self.val_bpb,
+                bpb_by_source=bpb if mixture else None,
             )
 
     def _val_loss(self, loader: DistributedLoader) -> float:
@@ -443,6 +460,7 @@ class Trainer:
             "final_train_loss": self.last_metrics.get("loss"),
             "final_val_loss": val,
             "final_val_ppl": float(np.exp(val)) if val is not None else None,
+            "final_val_bpb": self.val_bpb,  # None: the manifest has no byte counts
             "uniform_loss": float(np.log(Manifest.load(data_dir).tokenizer.vocab_size)),
             # training tokens/s leaves eval and checkpoint time out; end-to-end includes it
             "train_tokens_per_sec": train_tps,
@@ -486,6 +504,16 @@ class Trainer:
                 self.files.close()
             if hasattr(self, "val_loaders"):  # read threads end with the run, not the process
                 close_loaders(self.train_loader, *self.val_loaders.values())
+
+
+def own_precision(cfg: RootConfig, rank: int) -> RootConfig:
+    """cfg with precision=auto resolved for this worker's device: only for a caller that hands
+    a worker an unresolved config (the driver resolves it for all workers: trainer/precision.py)."""
+    if not cfg.precision.auto:
+        return cfg
+    from trainer.precision import choose, probe, with_precision
+
+    return with_precision(cfg, *choose(probe(accelerator_device_type() == "cuda")), echo=rank == 0)
 
 
 def utc_now() -> str:

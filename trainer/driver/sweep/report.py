@@ -1,6 +1,7 @@
 """A sweep's comparison, written at its end into its directory: summary.md (the table, printed
-too), summary.json and compare.png (final val loss and training tokens/s per job); and the
-answer of `--check -m` (print_check)."""
+too), summary.json and compare.png (each job's validation and training loss against step,
+overlaid and labelled by its overrides, above its final val loss and training tokens/s); and
+the answer of `--check -m` (print_check)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ from typing import Optional
 from data_pipeline import storage
 from trainer.driver.sweep.plan import Job, SweepPlan
 from trainer.driver.sweep.record import STATUSES, SweepRecord
+from trainer.worker.observability.plot import last_per_step_of
+
+# A job's curves: {"train": (steps, loss), "val": (steps, val_loss)}, from its run directory.
+Curves = dict[str, tuple[list[int], list[float]]]
+CURVE_FILES = {"val": ("eval.jsonl", "val_loss"), "train": ("metrics.jsonl", "loss")}
 
 
 def _fmt(v: Optional[float], spec: str) -> str:
@@ -75,24 +81,69 @@ def _label_panel(ax, jobs: list[Job], key: str, spec: str, title: str) -> None:
     ax.grid(axis="y", alpha=0.3)
 
 
-def compare_png(name: str, jobs: list[Job]) -> bytes:
-    """Final val loss and training tokens/s per job, side by side."""
+def job_curves(root: str, jobs: list[Job]) -> dict[int, Curves]:
+    """Each job's loss curves from its run directory run.root/<name> (any storage): the last
+    record of each step (a resumed or rolled-back step counts once); empty where none."""
+    curves: dict[int, Curves] = {}
+    for j in jobs:
+        curves[j.num] = {}
+        for what, (file, key) in CURVE_FILES.items():
+            try:
+                text = storage.read_text(storage.join(root, j.name, file))
+            except (OSError, ValueError):
+                text = ""  # not started, or failed before its first row
+            curves[j.num][what] = last_per_step_of(text, key)
+    return curves
+
+
+def _plot_curves(ax, jobs: list[Job], curves: dict[int, Curves], what: str, title: str) -> None:
+    """One line per job that has points, labelled by its overrides; val points marked."""
+    for j in jobs:
+        steps, values = curves.get(j.num, {}).get(what, ([], []))
+        if steps:
+            marker = "o-" if what == "val" else "-"
+            ax.plot(steps, values, marker, label=f"{j.num}: {j.label}", markersize=3, linewidth=1)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if ax.get_lines():
+        ax.legend(fontsize=7)
+
+
+def compare_figure(name: str, jobs: list[Job], curves: Optional[dict[int, Curves]] = None):
+    """The matplotlib figure of compare.png: validation and training loss against step of
+    every job overlaid (top), its final val loss and training tokens/s (bottom)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(jobs) + 3), 4.5), squeeze=False)
-    loss_ax, tps_ax = axes[0]
+    curves = curves or {}
+    fig, axes = plt.subplots(2, 2, figsize=(max(10, 1.6 * len(jobs) + 3), 9), squeeze=False)
+    _plot_curves(axes[0][0], jobs, curves, "val", "validation loss")
+    _plot_curves(axes[0][1], jobs, curves, "train", "training loss")
+    loss_ax, tps_ax = axes[1]
     _plot_losses(loss_ax, jobs)
     _label_panel(loss_ax, jobs, "final_val_loss", ".4f", "final val loss")
     _plot_throughput(tps_ax, jobs)
     _label_panel(tps_ax, jobs, "tokens_per_sec", ",.0f", "training tokens/s")
-    fig.suptitle(f"sweep {name} (green finished, red failed, gray not finished)")
+    fig.suptitle(f"sweep {name} (final values: green finished, red failed, gray not finished)")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def compare_png(name: str, jobs: list[Job], curves: Optional[dict[int, Curves]] = None) -> bytes:
+    fig = compare_figure(name, jobs, curves)  # selects the Agg backend before pyplot
+    import matplotlib.pyplot as plt
+
+    try:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+    finally:
+        plt.close(fig)
     return buf.getvalue()
 
 
@@ -124,7 +175,8 @@ def write_report(record: SweepRecord, wall_s: float) -> None:
     }
     storage.write_text(storage.join(plan.dir, "summary.json"), json.dumps(summary, indent=1))
     try:
-        storage.write_bytes(storage.join(plan.dir, "compare.png"), compare_png(plan.name, jobs))
+        png = compare_png(plan.name, jobs, job_curves(plan.root, jobs))
+        storage.write_bytes(storage.join(plan.dir, "compare.png"), png)
     except Exception as e:  # noqa: BLE001 - the plot is a convenience; the table is the record
         print(f"sweep {plan.name}: no compare.png ({e})", file=sys.stderr)
     print(f"\n{head}\n{table}\nwritten: summary.md, summary.json, compare.png in {plan.dir}")

@@ -113,21 +113,38 @@ class RunLogger:
         self._console(step, {"step": step, **metrics})
 
     def log_eval(
-        self, step: int, val_loss: float, by_source: Optional[dict[str, float]] = None
+        self,
+        step: int,
+        val_loss: float,
+        by_source: Optional[dict[str, float]] = None,
+        *,
+        val_bpb: Optional[float] = None,
+        bpb_by_source: Optional[dict[str, float]] = None,
     ) -> None:
         """One eval.jsonl row; with a mixture (by_source: each source's val loss, val_loss
-        their mean) also val_loss/<source> (W&B: val/loss/<source>)."""
+        their mean) also val_loss/<source> (W&B: val/loss/<source>). val_bpb: bits per byte
+        of raw text (val_bpb/<source> from bpb_by_source; W&B val/bpb, val/bpb/<source>),
+        left out when None (trainer/worker/observability/bpb.py)."""
         row = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
         sources = {f"val_loss/{name}": loss for name, loss in (by_source or {}).items()}
         row.update(sources)
+        if val_bpb is not None:
+            row["val_bpb"] = val_bpb
+        row.update({f"val_bpb/{name}": v for name, v in (bpb_by_source or {}).items()})
         self._eval.write(json.dumps(row) + "\n")
         if self.wandb is not None:
-            named = {f"val/loss/{k.split('/', 1)[1]}": v for k, v in sources.items()}
+            named = {f"val/{k.replace('val_', '', 1)}": v for k, v in row.items() if "/" in k}
+            bpb = {"val/bpb": val_bpb} if val_bpb is not None else {}
             self.wandb.log(
-                {"val/loss": row["val_loss"], "val/ppl": row["val_ppl"], **named}, step=step
+                {"val/loss": row["val_loss"], "val/ppl": row["val_ppl"], **bpb, **named},
+                step=step,
             )
         each = "".join(f"  {k} {v:.4f}" for k, v in sources.items())
-        print(f"[eval] step {step:>6}  val_loss {val_loss:.4f}  val_ppl {row['val_ppl']:.2f}{each}")
+        bits = f"  val_bpb {val_bpb:.4f}" if val_bpb is not None else ""
+        print(
+            f"[eval] step {step:>6}  val_loss {val_loss:.4f}  val_ppl {row['val_ppl']:.2f}"
+            f"{bits}{each}"
+        )
         sys.stdout.flush()
 
     def _console(self, step: int, row: dict[str, Any]) -> None:

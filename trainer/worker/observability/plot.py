@@ -24,15 +24,19 @@ def _float(v) -> float:
 
 def last_per_step(path: Path, key: str) -> tuple[list[int], list[float]]:
     """Steps (sorted) and the value of `key` in the last record of each; [] if no file."""
+    return last_per_step_of(path.read_text() if path.is_file() else "", key)
+
+
+def last_per_step_of(text: str, key: str) -> tuple[list[int], list[float]]:
+    """last_per_step of a JSONL file's text (a sweep reads its jobs' files from any storage)."""
     by_step: dict[int, float] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by a crash
-            if isinstance(row, dict) and "step" in row and key in row:
-                by_step[int(row["step"])] = _float(row[key])
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a crash
+        if isinstance(row, dict) and "step" in row and key in row:
+            by_step[int(row["step"])] = _float(row[key])
     steps = sorted(by_step)
     return steps, [by_step[s] for s in steps]
 
