@@ -374,8 +374,10 @@ class TokenShards:
     def _read_footer(self, index: int) -> tuple[pq.FileMetaData, np.ndarray]:
         """Shard `index`'s footer and its row groups' first rows (+ the end)."""
         uri = self._uri(index)
-        try:
-            meta = pq.read_metadata(self._source(index))
+        try:  # a throttled or reset read is tried again, never named corruption
+            meta = storage.retrying(
+                "read the footer of", uri, lambda: pq.read_metadata(self._source(index))
+            )
         except (FileNotFoundError, storage.StorageError):
             raise
         except (OSError, pa.ArrowException) as e:
@@ -396,8 +398,12 @@ class TokenShards:
     def _read_group(self, index: int, group: int, meta: pq.FileMetaData) -> np.ndarray:
         uri = self._uri(index)
         try:
-            table = pq.ParquetFile(self._source(index), metadata=meta).read_row_group(
-                group, columns=["tokens"]
+            table = storage.retrying(
+                f"read row group {group} of",
+                uri,
+                lambda: pq.ParquetFile(self._source(index), metadata=meta).read_row_group(
+                    group, columns=["tokens"]
+                ),
             )
         except (FileNotFoundError, storage.StorageError):
             raise

@@ -24,6 +24,7 @@ from cluster.config import ClusterConfig
 from data_pipeline import compose, storage
 from data_pipeline.compose import CONF_DIR, one_line, plain_name_error
 from data_pipeline.config import DataConfig
+from data_pipeline.storage import StorageConfig
 from models.config import GPTConfig
 from trainer.layout import Layout, check_model_fits, make_layout
 
@@ -336,6 +337,7 @@ class RootConfig:
     trainer: TrainerConfig
     run: RunConfig
     sweep: SweepConfig
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     @property
     def layout(self) -> Layout:
@@ -379,6 +381,7 @@ GROUPS: dict[str, type] = {
     "trainer": TrainerConfig,
     "run": RunConfig,
     "sweep": SweepConfig,
+    "storage": StorageConfig,
 }
 
 
