@@ -116,6 +116,8 @@ def classify(e: BaseException, where: Optional[str] = None) -> Optional[Fault]:
     if code not in REMEDIES:
         return None
     path = found.filename or _uri_of(str(found)) or where or "?"
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS) and found.filename2:
+        path = found.filename2  # a copy (shutil's sendfile) names its source first
     op = _op_of(e, found)
     reason = found.strerror or errno.errorcode.get(code, str(code))
     remedy = REMEDIES[code].format(path=path)

@@ -86,6 +86,12 @@ def test_anything_else_is_left_to_the_caller(e: BaseException) -> None:
     assert describe(e, safe=SAFE) is None
 
 
+def test_a_failed_copy_names_its_destination() -> None:
+    """shutil.copyfile on a full disk raises ENOSPC naming the source, then the destination."""
+    e = OSError(errno.ENOSPC, "No space left on device", "/tmp/stage/x.pt", None, "/runs/r/x.pt")
+    assert describe(e, safe=SAFE).startswith("write /runs/r/x.pt: ENOSPC")
+
+
 def test_a_path_from_the_caller_when_the_error_names_none() -> None:
     line = describe(OSError(errno.ENOSPC, "No space left on device"), safe=SAFE, where="/d")
     assert line.startswith("write /d: ENOSPC")
