@@ -104,3 +104,63 @@ def test_a_read_only_directory_is_one_line_exit_2(tmp_path, smoke_data, capsys) 
     assert len(err) == 1 and str(parent) in err[0] and "not writable" in err[0], err
     assert main(["+experiment=smoke", f"data.out_dir={parent / 'data'}"]) == 0
     same_dataset(parent / "data", smoke_data)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 16 MiB tmpfs (a real filesystem that fills up); skipped where mounting is not allowed
+    (it needs root or CAP_SYS_ADMIN)."""
+    where = tmp_path / "small"
+    where.mkdir()
+    cmd = ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(where)]
+    if subprocess.run(cmd, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], capture_output=True)
+
+
+@pytest.mark.drill  # two training runs (~4 min loaded)
+@pytest.mark.timeout(1800)
+def test_a_disk_full_during_a_checkpoint_is_one_line_and_the_rerun_resumes(
+    small_tmpfs, smoke_data
+) -> None:
+    """A run whose disk fills at its second checkpoint (the first, 2.2 MB, fits into 3.5 MB):
+    one line naming the checkpoint's file and ENOSPC, exit 2, the half-written checkpoint not
+    registered; freed, the same command resumes from the first and logs the same losses."""
+    import json
+
+    from test_interruptions import Run
+
+    filler = small_tmpfs / "filler"
+    filler.write_bytes(b"\0" * (12 * 1024 * 1024 + 512 * 1024))
+    args = [
+        "+experiment=smoke", "logging.mode=disabled", "precision=fp32", "cluster.num_workers=1",
+        "trainer.global_batch_size=4", "trainer.max_steps=4", "trainer.checkpoint_interval=2",
+        "trainer.keep_last=3", "trainer.eval_interval=0", "trainer.sample_tokens=0",
+        f"data.out_dir={smoke_data}", f"run.root={small_tmpfs}", "run.name=full",
+    ]  # fmt: skip
+    run_dir = small_tmpfs / "full"
+    first = Run(args, small_tmpfs.parent / "first.log")
+    assert first.wait(900) == 2, first.output[-3000:]
+    err = [ln for ln in first.output.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "Traceback" not in first.output, first.output[-3000:]
+    assert err[0].startswith(f"error: write {run_dir}/checkpoint_00000004/"), err
+    assert "ENOSPC (No space left on device)" in err[0] and "free space on" in err[0]
+    index = json.loads((run_dir / "checkpoints.json").read_text())
+    assert [c["name"] for c in index["checkpoints"]] == ["checkpoint_00000002"]
+
+    def losses() -> dict[int, float]:
+        rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r["loss"] for r in map(json.loads, rows) if "loss" in r}
+
+    before = losses()
+    filler.unlink()
+    second = Run(args, small_tmpfs.parent / "second.log")
+    assert second.wait(900) == 0, second.output[-3000:]
+    assert f"resumed from {run_dir}/checkpoint_00000002 at step 2" in second.output
+    after = losses()
+    assert sorted(after) == [1, 2, 3, 4] and all(after[s] == before[s] for s in before)
+    index = json.loads((run_dir / "checkpoints.json").read_text())
+    assert [c["name"] for c in index["checkpoints"]][-1] == "checkpoint_00000004"
