@@ -66,8 +66,10 @@ def find_oserror(e: BaseException) -> Optional[BaseException]:
         if cur is None or id(cur) in seen:
             continue
         seen.add(id(cur))
-        if isinstance(cur, storage.StorageError):
-            return cur
+        if isinstance(cur, storage.StorageError) or (
+            isinstance(cur, OSError) and storage.is_transient(cur)
+        ):
+            return cur  # (a raw transient one: a read no retry of ours wrapped)
         if isinstance(cur, shutil.Error) and cur.args and isinstance(cur.args[0], list):
             reasons = [t[2] for t in cur.args[0] if isinstance(t, tuple) and len(t) == 3]
             if reasons:
@@ -112,6 +114,11 @@ def classify(e: BaseException, where: Optional[str] = None) -> Optional[Fault]:
             return None  # the caller's own StorageError line (bad URI, bucket, credentials)
         code = storage.store_code(found) or "store failing"
         return Fault("use", _uri_of(str(found)), code, storage.one_line(found), "")
+    if found.errno is None and storage.is_transient(found):
+        code = storage.store_code(found) or "store failing"
+        reason = f"the object store failed: {storage.one_line(found)}"
+        remedy = "it is throttled or down, not the data: run the same command again later"
+        return Fault("read", where or "the object store", code, reason, remedy)
     code = found.errno
     if code not in REMEDIES:
         return None

@@ -195,8 +195,10 @@ def default_cache() -> ShardCache:
 def _read_parquet(uri: str, columns: list[str]) -> pa.Table:
     fs, path = storage.filesystem(uri)
     try:
-        return pq.read_table(path, columns=columns, filesystem=fs)
-    except FileNotFoundError:
+        return storage.retrying(
+            "read", uri, lambda: pq.read_table(path, columns=columns, filesystem=fs)
+        )
+    except (FileNotFoundError, storage.StorageError):
         raise
     except OSError as e:
         raise storage.StorageError(f"{uri}: cannot read: {storage.one_line(e)}") from None

@@ -86,6 +86,18 @@ def test_anything_else_is_left_to_the_caller(e: BaseException) -> None:
     assert describe(e, safe=SAFE) is None
 
 
+def test_a_raw_transient_store_error_is_one_line_too() -> None:
+    """One that no retry of ours wrapped (what reached the driver before file_sha256 retried)."""
+    e = OSError("AWS Error INTERNAL_FAILURE during GetObject operation: Failed to flush")
+    line = describe(RuntimeError("worker failed").with_traceback(None), safe=SAFE)
+    assert line is None
+    wrapped = RuntimeError("worker failed")
+    wrapped.__cause__ = e
+    line = describe(wrapped, safe=SAFE, where="s3://b/run")
+    assert line.startswith("read s3://b/run: INTERNAL_FAILURE (the object store failed: ")
+    assert SAFE in line and "run the same command again later" in line
+
+
 def test_a_failed_copy_names_its_destination() -> None:
     """shutil.copyfile on a full disk raises ENOSPC naming the source, then the destination."""
     e = OSError(errno.ENOSPC, "No space left on device", "/tmp/stage/x.pt", None, "/runs/r/x.pt")
