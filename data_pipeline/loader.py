@@ -195,8 +195,10 @@ def default_cache() -> ShardCache:
 def _read_parquet(uri: str, columns: list[str]) -> pa.Table:
     fs, path = storage.filesystem(uri)
     try:
-        return pq.read_table(path, columns=columns, filesystem=fs)
-    except FileNotFoundError:
+        return storage.retrying(
+            "read", uri, lambda: pq.read_table(path, columns=columns, filesystem=fs)
+        )
+    except (FileNotFoundError, storage.StorageError):
         raise
     except OSError as e:
         raise storage.StorageError(f"{uri}: cannot read: {storage.one_line(e)}") from None
@@ -374,8 +376,10 @@ class TokenShards:
     def _read_footer(self, index: int) -> tuple[pq.FileMetaData, np.ndarray]:
         """Shard `index`'s footer and its row groups' first rows (+ the end)."""
         uri = self._uri(index)
-        try:
-            meta = pq.read_metadata(self._source(index))
+        try:  # a throttled or reset read is tried again, never named corruption
+            meta = storage.retrying(
+                "read the footer of", uri, lambda: pq.read_metadata(self._source(index))
+            )
         except (FileNotFoundError, storage.StorageError):
             raise
         except (OSError, pa.ArrowException) as e:
@@ -396,8 +400,12 @@ class TokenShards:
     def _read_group(self, index: int, group: int, meta: pq.FileMetaData) -> np.ndarray:
         uri = self._uri(index)
         try:
-            table = pq.ParquetFile(self._source(index), metadata=meta).read_row_group(
-                group, columns=["tokens"]
+            table = storage.retrying(
+                f"read row group {group} of",
+                uri,
+                lambda: pq.ParquetFile(self._source(index), metadata=meta).read_row_group(
+                    group, columns=["tokens"]
+                ),
             )
         except (FileNotFoundError, storage.StorageError):
             raise

@@ -909,7 +909,8 @@ def load_data_config(overrides: list[str]) -> DataConfig:
     (data_pipeline/compose.py): a data.* or model.* key is typed and checked; the other groups
     (trainer, optim, ...), their rules and the cross-group ones (batch sizes, workers, model
     vocab) are training's business, not prepare's. Local out_dir / tokenizer paths are made
-    absolute. DataError (composition included)."""
+    absolute. Makes the `storage` group this process's storage policy (storage.configure).
+    DataError (composition included)."""
     from dataclasses import replace
 
     from omegaconf import OmegaConf
@@ -919,8 +920,13 @@ def load_data_config(overrides: list[str]) -> DataConfig:
     from models.config import GPTConfig
 
     # model: data.vocab_size and data.seq_len of some data files are ${model.*} interpolations
-    schema = {"model": GPTConfig, "data": DataConfig}
+    schema = {"model": GPTConfig, "data": DataConfig, "storage": storage.StorageConfig}
     composed = compose(overrides, schema, error=DataError, others_as_given=True)
+    try:
+        raw_storage = OmegaConf.to_container(composed.storage, resolve=True)
+        storage.configure(storage.StorageConfig(**raw_storage))
+    except (OmegaConfBaseException, ValueError, TypeError) as e:
+        raise DataError(f"storage: {storage.one_line(e)}") from None
     try:
         raw = OmegaConf.to_container(composed.data, resolve=True)
     except OmegaConfBaseException as e:
@@ -953,6 +959,14 @@ def check_vocab_size(cfg: DataConfig, *, explicit: bool) -> None:
         )
 
 
+# What a failed prepare leaves (data_pipeline/failures.py's line): every file is written whole
+# (storage.write_bytes), the ledger records each finished task, the manifest comes last.
+PREPARE_SAFE = (
+    "no manifest was written, so nothing half-done will be used; the finished shards are kept "
+    "in the ledger and a rerun resumes from them"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     """python -m data_pipeline.prepare [--overwrite] [overrides]: composes conf/ with Hydra's
     compose API and prepares cfg.data. Errors print one `error: ...` line and return 2."""
@@ -961,6 +975,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [a for a in args if a != "--overwrite"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     started = time.perf_counter()
+    cfg = None
     try:
         cfg = load_data_config(overrides)
         if cfg.mixture:
@@ -975,8 +990,13 @@ def main(argv: list[str] | None = None) -> int:
         except (DataError, storage.StorageError):
             before = None  # prepare says what is wrong
         manifest = prepare(cfg, overwrite=overwrite)
-    except (DataError, storage.StorageError) as exc:
-        message = " ".join(str(exc).split())
+    except (DataError, storage.StorageError, OSError) as exc:
+        from data_pipeline.failures import describe
+
+        line = describe(exc, safe=PREPARE_SAFE, where=cfg.out_dir if cfg else None)
+        if line is None and not isinstance(exc, (DataError, storage.StorageError)):
+            raise  # a bug: its traceback
+        message = " ".join((line or str(exc)).split())
         print(f"error: {message}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - started

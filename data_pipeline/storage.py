@@ -4,30 +4,193 @@ Every path a run reads or writes (run.root, data.out_dir, model.init_from, expor
 target) is a URI handled here, on the driver and on every worker alike. A local path is a URI
 too (no scheme). Object-store URIs keep their scheme everywhere: Ray Train gets run.root as is.
 
-s3:// follows the usual AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...); connects
-and requests time out after a few seconds and are retried a bounded number of times, so an
-unreachable endpoint is an error, not a hang.
+s3:// follows the usual AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...). Object
+stores fail transiently (503 SlowDown, 500, reset connections, timeouts): every request is
+retried by the AWS SDK with backoff, and every whole operation of this module (and the loader's
+reads) again by `retrying`, both bounded by StorageConfig (the `storage` config group); a store
+that stays down ends in one StorageError naming the operation, the URI and the store's code,
+never a hang, and throttling is never reported as a missing, unwritable or corrupt object.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import json
+import logging
 import os
+import random
+import re
 import shutil
 import tempfile
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, TypeVar
 
 import pyarrow.fs as pafs
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs")
 
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
 class StorageError(OSError):
-    """A URI that cannot be used; str() is one line naming the URI and what is wrong."""
+    """A URI that cannot be used; str() is one line naming the URI and what is wrong.
+    transient: the store kept failing with a transient code (throttling, 5xx, resets,
+    timeouts) through the whole retry budget: retry later, nothing is wrong with the data."""
+
+    transient: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class StorageConfig:
+    """How object-store requests are retried (`storage` config group; local paths are not
+    retried). S3 asks clients to back off for seconds under SlowDown: the defaults ride out a
+    minute or so of throttling per operation before the run stops with one line.
+
+    request_attempts: tries of one HTTP request by the AWS SDK, with its own backoff (measured
+    with pyarrow 26 against a closed port: 3 tries 2.5 s, 5 tries 8 s, 10 tries 100 s).
+    op_attempts: tries of a whole operation (a read, a put, a ranged read of a shard) by
+    `retrying` once the SDK gave up, waiting base_delay_s * 2**n (full jitter, at most
+    max_delay_s) in between. connect/request timeouts: seconds before a silent store counts as
+    failed (and is retried)."""
+
+    request_attempts: int = 5
+    op_attempts: int = 5
+    base_delay_s: float = 1.0
+    max_delay_s: float = 20.0
+    connect_timeout_s: float = 5.0
+    request_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for k in ("request_attempts", "op_attempts"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} ({getattr(self, k)}) must be >= 1")
+        for k in ("base_delay_s", "max_delay_s", "connect_timeout_s", "request_timeout_s"):
+            if not getattr(self, k) > 0:
+                raise ValueError(f"{k} ({getattr(self, k)}) must be > 0")
+        if self.max_delay_s < self.base_delay_s:
+            raise ValueError(
+                f"max_delay_s ({self.max_delay_s}) must be >= base_delay_s ({self.base_delay_s})"
+            )
+
+
+# The policy travels in this variable: set by configure() on the driver, handed to Ray tasks
+# and workers with remote_env(), read by every process's filesystem() and retrying().
+POLICY_VAR = "RAYGPT_STORAGE"
+
+
+def configure(cfg: StorageConfig) -> None:
+    """Makes `cfg` this process's storage policy (and its Ray tasks', through remote_env)."""
+    os.environ[POLICY_VAR] = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+
+
+def policy() -> StorageConfig:
+    raw = os.environ.get(POLICY_VAR)
+    return StorageConfig(**json.loads(raw)) if raw else StorageConfig()
+
+
+# Codes and phrases of transient object-store failures (pyarrow's messages carry the AWS
+# SDK's error name, e.g. "AWS Error SLOW_DOWN", "AWS Error NETWORK_CONNECTION", curl codes).
+_TRANSIENT = re.compile(
+    r"SLOW_?DOWN|SlowDown|Throttl|SERVICE_UNAVAILABLE|ServiceUnavailable|INTERNAL_FAILURE|"
+    r"InternalError|RequestTimeout|REQUEST_TIMEOUT|NETWORK_CONNECTION|HTTP status 5\d\d|"
+    r"response code:? 5\d\d|[Cc]onnection (was )?reset|[Rr]eset by peer|[Tt]imed? ?out|"
+    r"curlCode: (?:18|28|52|55|56)\b|Broken pipe|error embedded in a 200 OK",
+)
+# A refused connection (curl 7) is not one: nothing listens at AWS_ENDPOINT_URL, which the
+# SDK's own tries (request_attempts) already waited out; real stores throttle or time out.
+_REFUSED = re.compile(r"curlCode: 7\b|Connection refused|Could not connect to server")
+# The store's own name for the failure, for the user's line.
+_CODE = re.compile(
+    r"AWS Error ([A-Z_]+)|<Code>(\w+)</Code>|(SlowDown|InternalError|RequestTimeout|"
+    r"ServiceUnavailable)|(?:HTTP status|response code:?) (\d{3})|curlCode: (\d+)"
+)
+
+
+def is_transient(e: BaseException) -> bool:
+    """A failure that a later try may not meet: throttling, a 5xx, a reset, a timeout."""
+    if isinstance(e, StorageError):
+        return e.transient
+    if isinstance(e, ConnectionRefusedError) or _REFUSED.search(str(e)):
+        return False
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    return bool(_TRANSIENT.search(str(e)))
+
+
+def store_code(e: BaseException) -> str:
+    """The store's code in `e` ("SLOW_DOWN", "503", "curl 28"...), or ""."""
+    m = _CODE.search(str(e))
+    if not m:
+        return ""
+    aws, xml, word, http, curl = m.groups()
+    if aws == "UNKNOWN" and (status := re.search(r"HTTP status (\d{3})", str(e))):
+        return f"HTTP {status.group(1)}"
+    return aws or xml or word or (f"HTTP {http}" if http else f"curl {curl}")
+
+
+@dataclass
+class RetryCounts:
+    """What `retrying` met in this process (bench/storage_faults.py reads it)."""
+
+    retried: int = 0  # failed tries followed by another
+    survived: int = 0  # operations that succeeded after at least one failed try
+    gave_up: int = 0  # operations that spent the budget
+    seconds_waited: float = 0.0
+
+
+retry_counts = RetryCounts()
+_counts_lock = threading.Lock()
+
+
+def retrying(what: str, uri: str, fn: Callable[[], T], *, cfg: StorageConfig | None = None) -> T:
+    """fn(), tried again with backoff while it fails transiently (is_transient), up to
+    cfg.op_attempts tries; then StorageError(transient=True) naming `what`, `uri`, the code
+    and the tries. Other errors pass through at once. Local URIs: fn() once."""
+    if not is_remote(uri):
+        return fn()
+    cfg = cfg or policy()
+    for attempt in range(1, cfg.op_attempts + 1):
+        try:
+            out = fn()
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001 - classified right here
+            if not is_transient(e) or isinstance(e, StorageError) and e.transient:
+                raise
+            if attempt == cfg.op_attempts:
+                with _counts_lock:
+                    retry_counts.gave_up += 1
+                code = store_code(e) or type(e).__name__
+                err = StorageError(
+                    f"{uri}: cannot {what}: the object store kept failing ({code}) through "
+                    f"{cfg.op_attempts} tries of {cfg.request_attempts} requests each; it is "
+                    "throttled or down, not the data: retry later, or raise storage.op_attempts "
+                    f"/ storage.max_delay_s ({one_line(e)})"
+                )
+                err.transient = True
+                raise err from None
+            delay = random.uniform(0, min(cfg.max_delay_s, cfg.base_delay_s * 2 ** (attempt - 1)))
+            log.info("%s %s: %s; try %d of %d in %.1f s", what, uri, one_line(e), attempt + 1,
+                     cfg.op_attempts, delay)  # fmt: skip
+            with _counts_lock:
+                retry_counts.retried += 1
+                retry_counts.seconds_waited += delay
+            time.sleep(delay)
+            continue
+        if attempt > 1:
+            with _counts_lock:
+                retry_counts.survived += 1
+        return out
+    raise AssertionError("unreachable")
 
 
 def scheme(uri: str) -> str:
@@ -68,12 +231,19 @@ def name(uri: str) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _remote_fs(kind: str, endpoint: Optional[str], _identity: str = "") -> pafs.FileSystem:
+def _remote_fs(
+    kind: str, endpoint: Optional[str], _identity: str = "", cfg: StorageConfig = StorageConfig()
+) -> pafs.FileSystem:
     """_identity (the access key id and region) is only part of the cache key: new credentials
-    in the environment get a new filesystem."""
+    in the environment get a new filesystem. The AWS SDK logs nothing (pyarrow's default
+    S3LogLevel.Fatal, unless ARROW_S3_LOG_LEVEL asks): its retries are counted, not printed."""
     if kind == "s3":
-        retry = pafs.AwsStandardS3RetryStrategy(max_attempts=3)
-        kwargs = {"connect_timeout": 5, "request_timeout": 30, "retry_strategy": retry}
+        retry = pafs.AwsStandardS3RetryStrategy(max_attempts=cfg.request_attempts)
+        kwargs = {
+            "connect_timeout": cfg.connect_timeout_s,
+            "request_timeout": cfg.request_timeout_s,
+            "retry_strategy": retry,
+        }
         if endpoint:
             kwargs["endpoint_override"] = endpoint
         region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
@@ -91,7 +261,7 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
             os.environ.get(v, "") for v in ("AWS_ACCESS_KEY_ID", "AWS_DEFAULT_REGION", "AWS_REGION")
         )
         return (
-            _remote_fs("s3", os.environ.get("AWS_ENDPOINT_URL"), identity),
+            _remote_fs("s3", os.environ.get("AWS_ENDPOINT_URL"), identity, policy()),
             uri.split("://", 1)[1],
         )
     if s in ("gs", "gcs"):
@@ -100,9 +270,13 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def _call(what: str, uri: str, fn, *args):
+    """fn(*args), retried while an object store fails transiently; other OSErrors become one
+    StorageError line naming `what` and `uri` (FileNotFoundError passes as is)."""
     try:
-        return fn(*args)
+        return retrying(what, uri, lambda: fn(*args))
     except FileNotFoundError:
+        raise
+    except StorageError:
         raise
     except OSError as e:
         raise StorageError(f"{uri}: cannot {what}: {one_line(e)}") from None
@@ -192,13 +366,23 @@ def write_bytes(uri: str, data: bytes) -> None:
     if not is_remote(uri):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(path).with_name(f".{Path(path).name}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError as e:  # a full disk, a lost permission: no temp file left behind either
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            e.filename = e.filename or path  # a failed write() names no file
+            raise
         return
 
     def write() -> None:
-        with fs.open_output_stream(path) as f:
-            f.write(data)
+        try:
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+        except OSError:
+            abort_uploads([uri])
+            raise
 
     _call("write", uri, write)
 
@@ -239,7 +423,65 @@ def copy_tree(src: str, dest: str) -> None:
     dfs, dpath = filesystem(dest)
     if not is_remote(dest):
         Path(dpath).parent.mkdir(parents=True, exist_ok=True)
-    _call("copy", f"{src} -> {dest}", pafs.copy_files, spath, dpath, sfs, dfs)
+
+    def copy() -> None:
+        try:
+            pafs.copy_files(spath, dpath, sfs, dfs)
+        except OSError:
+            if is_remote(dest):
+                files = walk_files(src) if not is_file(src) else {"": 0}
+                abort_uploads([join(dest, rel) if rel else dest for rel in files])
+            raise
+
+    _call("copy", f"{src} -> {dest}", copy)
+
+
+def abort_uploads(uris: list[str]) -> int:
+    """Aborts the unfinished multipart uploads of these s3:// objects (a failed write leaves
+    them: pyarrow does not abort them, and S3 bills their parts until a bucket lifecycle rule
+    AbortIncompleteMultipartUpload removes them). Needs boto3 (moto's dependency, in the dev
+    extra); without it, or with the store still failing, they stay for that rule. Best effort:
+    returns how many were aborted, never raises."""
+    keys: dict[str, set[str]] = {}
+    for u in uris:
+        if scheme(u) == "s3":
+            bucket, _, key = u.split("://", 1)[1].partition("/")
+            keys.setdefault(bucket, set()).add(key)
+    if not keys:
+        return 0
+    try:
+        import boto3
+    except ImportError:
+        return 0
+    aborted = 0
+    try:
+        from botocore.config import Config
+
+        cfg = policy()
+        client = boto3.client(
+            "s3",
+            endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
+            config=Config(
+                retries={"max_attempts": cfg.request_attempts, "mode": "standard"},
+                connect_timeout=cfg.connect_timeout_s,
+                read_timeout=cfg.request_timeout_s,
+            ),
+        )
+        for bucket, wanted in keys.items():
+            prefix = os.path.commonprefix(sorted(wanted))
+            pages = client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=bucket, Prefix=prefix
+            )
+            for page in pages:
+                for up in page.get("Uploads", []):
+                    if up["Key"] in wanted:
+                        client.abort_multipart_upload(
+                            Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"]
+                        )
+                        aborted += 1
+    except Exception as e:  # noqa: BLE001 - best effort; the lifecycle rule is the backstop
+        log.info("could not abort unfinished uploads: %s", one_line(e))
+    return aborted
 
 
 def upload(local: Path, dest: str) -> None:
@@ -300,6 +542,11 @@ def check_writable(uri: str, what: str) -> None:
         write_bytes(probe, b"probe")
         delete(probe)
     except (StorageError, OSError) as e:
+        with contextlib.suppress(OSError):  # never leave the probe behind if it can go
+            fs, path = filesystem(probe)
+            fs.delete_file(path)
+        if is_transient(e):  # throttled or down: not a question of permissions
+            raise StorageError(f"{what} ({uri}): {one_line(e)}") from None
         raise StorageError(f"{what} ({uri}): not writable: {explain_remote(e)}") from None
 
 
@@ -309,6 +556,8 @@ def check_readable(uri: str, what: str) -> None:
     try:
         ok = is_file(uri) or is_dir(uri)
     except (StorageError, OSError) as e:
+        if is_transient(e):
+            raise StorageError(f"{what} ({uri}): {one_line(e)}") from None
         raise StorageError(f"{what} ({uri}): cannot read: {explain_remote(e)}") from None
     if not ok:
         raise StorageError(f"{what} ({uri}): does not exist")
@@ -337,7 +586,7 @@ def explain_remote(e: BaseException) -> str:
 # on the local cluster; on a joined cluster the nodes' own: instance role, profile or the
 # environment `ray start` ran in).
 REMOTE_ENV_VARS = (
-    "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+    POLICY_VAR, "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
     "AWS_EC2_METADATA_DISABLED", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
     "AWS_CA_BUNDLE", "GOOGLE_APPLICATION_CREDENTIALS",
 )  # fmt: skip

@@ -24,6 +24,7 @@ from cluster.config import ClusterConfig
 from data_pipeline import compose, storage
 from data_pipeline.compose import CONF_DIR, one_line, plain_name_error
 from data_pipeline.config import DataConfig
+from data_pipeline.storage import StorageConfig
 from models.config import GPTConfig, tristate
 from trainer.layout import Layout, check_model_fits, check_sequence_fits, make_layout
 
@@ -431,6 +432,7 @@ class RootConfig:
     trainer: TrainerConfig
     run: RunConfig
     sweep: SweepConfig
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     @property
     def layout(self) -> Layout:
@@ -476,6 +478,7 @@ GROUPS: dict[str, type] = {
     "trainer": TrainerConfig,
     "run": RunConfig,
     "sweep": SweepConfig,
+    "storage": StorageConfig,
 }
 
 

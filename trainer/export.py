@@ -555,7 +555,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         step = read_trainer_state(ckpt).get("step")
         out = export(ckpt, args.out_dir, args.dtype)
     except (ExportError, OSError, ValueError) as e:
-        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+        from data_pipeline.failures import describe
+
+        safe = f"the checkpoint is untouched; {args.out_dir} may hold a partial export: delete it"
+        line = describe(e, safe=safe, where=args.out_dir) or str(e)
+        print(f"error: {' '.join(line.split()) or type(e).__name__}", file=sys.stderr)
         return 2
     print(f"exported {ckpt} (step {step}) to {out} ({args.dtype})")
     return 0

@@ -18,6 +18,7 @@ import json
 import sys
 from typing import Optional
 
+from data_pipeline import storage
 from trainer.config import ConfigError, RootConfig, load_config
 from trainer.driver.preflight import check_inputs
 
@@ -44,6 +45,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             return run_sweep(overrides, check=check)
         cfg = load_config(overrides)
+        storage.configure(cfg.storage)  # this process's and (remote_env) its jobs' policy
         check_inputs(cfg)
         if check:
             from data_pipeline.storage import remote_env
@@ -77,8 +79,11 @@ def train(cfg: RootConfig) -> int:
     except (DataError, StorageError) as e:
         raise ConfigError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - the edge: turn Ray/DeepSpeed failures into a line
-        from trainer.driver.errors import explain
+        from trainer.driver.errors import below, explain
 
+        if line := below(e, cfg.run_uri):  # a full disk, a lost permission, a failing store
+            print(f"error: {line}", file=sys.stderr)
+            return 2
         print(f"error: training failed: {explain(e)}", file=sys.stderr)
         print(f"       {logs_hint(cfg)}", file=sys.stderr)
         return 1

@@ -152,12 +152,17 @@ def _tokenizer_info(trainer_state: dict[str, Any]) -> Optional[dict[str, Any]]:
 
 
 def file_sha256(path: Path | str) -> str:
-    """sha256 of a local file or a storage URI, streamed."""
-    digest = hashlib.sha256()
-    with storage.open_input(str(path)) as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """sha256 of a local file or a storage URI, streamed (again from its start when an object
+    store fails transiently mid-stream: storage.retrying)."""
+
+    def run() -> str:
+        digest = hashlib.sha256()
+        with storage.open_input(str(path)) as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    return storage.retrying("hash", str(path), run)
 
 
 def write_file_record(ckpt_dir: Path, rank: int) -> Path:

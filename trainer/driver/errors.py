@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 
 def root_cause(e: BaseException) -> BaseException:
     seen = set()
@@ -25,3 +27,17 @@ def explain(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(cause).strip().splitlines() if ln.strip()]
     msg = lines[-1] if lines else ""
     return f"{type(cause).__name__}: {msg}" if msg else type(cause).__name__
+
+
+def below(e: BaseException, run_uri: str) -> Optional[str]:
+    """One line for a failure of the disk or the object store under a run (a full disk, a lost
+    permission, a read-only remount, a vanished directory, a store failing through the retry
+    budget: data_pipeline/failures.py), with what is safe; None for anything else."""
+    from data_pipeline.failures import describe
+
+    safe = (
+        f"the checkpoints registered in {run_uri}/checkpoints.json are whole (a checkpoint being "
+        "written is registered only once all its files are in place, so a half-written one is "
+        "never resumed from); the same command resumes from the latest"
+    )
+    return describe(e, safe=safe, where=run_uri)

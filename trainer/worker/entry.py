@@ -31,6 +31,8 @@ class WorkerConfig:
 
 def train_worker(config: WorkerConfig, context: Any) -> None:
     """What every worker runs (cluster.fit calls it): context is cluster/worker_context.py's."""
+    from data_pipeline import storage
     from trainer.worker.loop import Trainer
 
+    storage.configure(config.cfg.storage)
     Trainer(config, context).train()

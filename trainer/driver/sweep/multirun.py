@@ -141,9 +141,19 @@ def _multirun(session: SweepSession, overrides: list[str], hydra_dir: str) -> in
         print(f"error: sweep: {hydra_error_line(e)}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - Ray failing to start, a sweeper failing
+        from data_pipeline.failures import describe
+
+        if line := describe(e, safe=SWEEP_SAFE, where=hydra_dir):  # a full disk, a store down
+            print(f"error: sweep: {line}", file=sys.stderr)
+            return 2
         print(f"error: sweep: {explain(e)}", file=sys.stderr)
         return 1
     return 0
+
+
+# What a sweep stopped by a failure below leaves (data_pipeline/failures.py's line): its records
+# are written whole (storage.write_text), each job is a run that resumes from its checkpoints.
+SWEEP_SAFE = "the sweep's records are written whole; the same command resumes every job"
 
 
 def _close(runner: SweepRunner, hydra_dir: str) -> bool:
@@ -159,6 +169,9 @@ def _close(runner: SweepRunner, hydra_dir: str) -> bool:
             record.save()
             write_report(record, runner.wall_s())
     except Exception as e:  # noqa: BLE001
-        print(f"error: sweep: writing its files failed: {explain(e)}", file=sys.stderr)
+        from data_pipeline.failures import describe
+
+        line = describe(e, safe=SWEEP_SAFE, where=hydra_dir) or explain(e)
+        print(f"error: sweep: writing its files failed: {line}", file=sys.stderr)
         return False
     return True
