@@ -283,7 +283,7 @@ def run_engine(args: argparse.Namespace, cfg) -> dict[str, Any]:
 
         if not args.no_guard:
             guard = LossGuard(GuardConfig(warmup_steps=0))
-            judge = StepJudge(guard, lambda values: sum(values) / len(values))
+            judge = StepJudge(guard)
             before = local_state(engine)
             losses, _, skipped = train_step(engine, train, tp=1, judge=judge, poison=True)
             after = local_state(engine)

@@ -194,7 +194,7 @@ class Trainer:
         """The loss guard, the run files, the checkpoint manager and the stop control."""
         cfg, t = self.cfg, self.cfg.trainer
         self.guard = LossGuard(cfg.guard)
-        self.judge = StepJudge(self.guard, mean_across_ranks)
+        self.judge = StepJudge(self.guard)
         self.fault = faults.from_env()
         self.files = RunFiles(cfg.run_uri, self.rank)
         self.checkpoints = CheckpointManager(
@@ -281,6 +281,7 @@ class Trainer:
         micro_batches = self.train_loader.next_step()
         self.step_times.add("data", time.perf_counter() - t_data)
         faults.maybe_pause(self.fault, "step", step, self.rank, self.files.local)
+        logged = step % self.cfg.logging.log_interval == 0 or step == self.last_step
         losses, grad_norm, skipped = train_step(
             self.engine,
             micro_batches,
@@ -288,6 +289,7 @@ class Trainer:
             judge=self.judge if self.guard.cfg.enabled else None,
             poison=step in self.poison_left,
             timer=self.step_times,
+            norm=logged,
         )
         self.poison_left.discard(step)
         self.meter.step()
@@ -301,7 +303,7 @@ class Trainer:
                 f"({self.guard.skipped + 1} skipped so far)"
             )
         rollback = self.judge.settle(skipped)
-        if step % self.cfg.logging.log_interval == 0 or step == self.last_step:
+        if logged:  # the step's only host reads of device values (besides the guard's)
             self.log(step, lr, losses, grad_norm)
         return rollback
 
