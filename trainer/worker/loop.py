@@ -189,6 +189,8 @@ class Trainer:
             val_batch=t.micro_batch_size * t.eval_batches * cfg.dp_size,
             **loader_args,
         )
+        for loader in (self.train_loader, *self.val_loaders.values()):
+            loader.place_on(self.engine.device)  # CUDA: pinned and copied in the prefetch thread
 
     def make_controls(self) -> None:
         """The loss guard, the run files, the checkpoint manager and the stop control."""
