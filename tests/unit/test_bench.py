@@ -147,3 +147,21 @@ def test_interleaved_variant_names():
     with pytest.raises(ValueError, match="z<stage>"):
         parse_variant("zero2")
     assert parse(["--quick"]).variants == ["z2", "z0"]
+
+
+def test_gpu_full_ab_rows_are_settings_the_config_takes():
+    """bench/gpu_full.py's A/B table: each row flips a setting trainer/config.py has, to a
+    value other than its default, for a model that exists."""
+    from bench.gpu_full import AB, variants
+    from trainer.config import load_config
+
+    for setting, value, models in AB:
+        for model in models or ("gpt2-124m", "gpt-1.3b"):
+            names = [name for name, _ in variants(model)]
+            assert names[0] == "defaults" and f"{setting}={value}" in names
+            group, key = setting.split(".")
+            default = getattr(getattr(load_config([f"model={model}"]), group), key)
+            flipped = getattr(
+                getattr(load_config([f"model={model}", f"{setting}={value}"]), group), key
+            )
+            assert flipped != default, (model, setting, value)
