@@ -165,3 +165,21 @@ def test_gpu_full_ab_rows_are_settings_the_config_takes():
                 getattr(load_config([f"model={model}", f"{setting}={value}"]), group), key
             )
             assert flipped != default, (model, setting, value)
+
+
+def test_strip_wheel_drops_folders_and_their_record_rows(tmp_path):
+    import zipfile
+
+    from bench.strip_wheel import strip
+
+    whl = tmp_path / "ray-1-py3-none-any.whl"
+    record = "ray/a.py,sha256=x,1\nray/jars/big.jar,sha256=y,2\nray-1.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(whl, "w") as z:
+        z.writestr("ray/a.py", "a = 1\n")
+        z.writestr("ray/jars/big.jar", "java")
+        z.writestr("ray-1.dist-info/RECORD", record)
+    assert strip(str(whl), ("ray/jars/",)) == 1
+    with zipfile.ZipFile(whl) as z:
+        assert z.namelist() == ["ray/a.py", "ray-1.dist-info/RECORD"]
+        assert "jars" not in z.read("ray-1.dist-info/RECORD").decode()
+    assert strip(str(whl), ("ray/jars/",)) == 0  # stripped before: left as it is

@@ -306,7 +306,7 @@ def is_pipeline(engine) -> bool:
 def _local_grad_norm(module: torch.nn.Module) -> torch.Tensor:
     """The 2-norm of the module's gradients, left on their device (read when it is logged)."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)).float())
+    return torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))
 
 
 def train_step(
