@@ -83,8 +83,11 @@ class StepControl:
         else:
             if self._lagged:
                 stop, due = self._in_flight.read() if self._in_flight else (0, 0)
-            flags = torch.tensor(self._flags() if self.rank == 0 else (0, 0), dtype=torch.int64)
-            flags = flags.to(comm_device())
+            values = self._flags() if self.rank == 0 else (0, 0)
+            # made on the device by fill kernels: a host tensor's copy to a GPU would sync
+            flags = torch.stack(
+                [torch.full((), v, dtype=torch.int64, device=comm_device()) for v in values]
+            )
             sent = Readback(flags, dist.broadcast(flags, src=0, async_op=True))
             if self._lagged:
                 self._in_flight = sent
