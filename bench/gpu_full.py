@@ -101,13 +101,20 @@ def train_overrides(work: Path, dry: bool, name: str) -> list[str]:
 
 
 def _python(*args: str, timeout: float, env: dict | None = None, log: Path) -> float:
-    """`python args...` in the repository root; its output into `log`; seconds it took."""
+    """`python args...` in the repository root, in a process group of its own (on a timeout
+    the whole group is killed: Ray's processes too); its output into `log`; seconds taken."""
     t0 = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-            timeout=timeout,
+            start_new_session=True,
         )  # fmt: skip
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(60)
+            raise RuntimeError(f"{' '.join(args[:2])} timed out after {timeout:.0f} s") from None
     if proc.returncode != 0:
         tail = log.read_text()[-3000:]
         raise RuntimeError(f"{' '.join(args[:2])} exited {proc.returncode}:\n{tail}")

@@ -78,6 +78,14 @@ if [ -n "$WHEELS" ]; then
     stage install 90 bash bench/gpu_install.sh "$WHEELS" "$SITE" "$PY"
     export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 fi
+if [ "$DRY" = 1 ]; then  # DeepSpeed's CPU comm op, built once with time to spare (a build
+    # killed by a later stage's timeout would leave a lock that blocks every build after it)
+    stage "DeepSpeed CPU comm op" 150 env DS_ACCELERATOR=cpu "$PY" -c "
+from trainer.worker.engine import comm_op_build_dir
+comm_op_build_dir()  # the folder raygpt's workers use (trainer/worker/engine.py)
+from deepspeed.accelerator import get_accelerator
+get_accelerator().create_op_builder('ShareMemCommBuilder').load()"
+fi
 # The Ray path first: it is what has never run on a GPU. ~4 x (Ray start + build) + prepare.
 stage ray 200 "$PY" -m bench.gpu_full ray "${DRYFLAG[@]}" --work "$WORK" --out "$RESULTS" \
     --stage-timeout $((90 * SCALE))
