@@ -40,7 +40,9 @@ mkdir -p "$(dirname "$RESULTS")"
 : >"$RESULTS"
 WORK=${GPU_FULL_WORK:-/tmp/raygpt-gpu-full}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-export RAYGPT_CACHE=${RAYGPT_CACHE:-/tmp/raygpt-cache}
+# The GPU machine is bare: its caches (peak FLOP/s, DeepSpeed ops) in /tmp. A dry run keeps the
+# user's (~/.cache/raygpt), where DeepSpeed's CPU comm op is already built once per environment.
+[ "$DRY" = 0 ] && export RAYGPT_CACHE=${RAYGPT_CACHE:-/tmp/raygpt-cache}
 export RAYGPT_COMMIT=${RAYGPT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 FAILED=0
 if [ "$DRY" = 1 ]; then
