@@ -186,10 +186,11 @@ def run_ray(args: argparse.Namespace) -> int:
             cmd, run_dir, logs / "killed.log", args.stage_timeout
         )
         res["resume_s"] = _python(*cmd[1:], timeout=args.stage_timeout, log=logs / "resumed.log")
-        resumed_from = [
-            line for line in (logs / "resumed.log").read_text().splitlines()
-            if line.startswith("resumed from")
-        ]  # fmt: skip
+        resumed_from = [  # rank 0's line, behind Ray's "(RayTrainWorker pid=...)" prefix
+            line.split("resumed from", 1)[1].strip()
+            for line in (logs / "resumed.log").read_text().splitlines()
+            if "resumed from" in line
+        ]
         res["resumed_from"] = resumed_from[0] if resumed_from else None
         want, got = losses(work / "runs" / "reference"), losses(run_dir)
         after = list(range(CKPT + 1, STEPS + 1))
