@@ -248,7 +248,11 @@ def run_engine(args: argparse.Namespace, cfg) -> dict[str, Any]:
     model = build_model(cfg.model, cfg.parallel, cfg.precision, cfg.optim, seed=t.seed, **sizes)
     res["backend"] = dist.get_backend()
     assert res["backend"] == comm_backend() == ("gloo" if want == "cpu" else "nccl"), res
-    engine = build_engine(model, cfg.parallel, cfg.precision, cfg.optim, **sizes)
+    # As trainer/worker/loop.py builds it, so --set trainer.compile=true acts here too.
+    engine = build_engine(
+        model, cfg.parallel, cfg.precision, cfg.optim, compile=t.compile,
+        contiguous_weight_grad=t.contiguous_weight_grad, **sizes,
+    )  # fmt: skip
     res["build_s"] = time.perf_counter() - t0
     device = engine.device
     assert device.type == want, device
@@ -283,7 +287,7 @@ def run_engine(args: argparse.Namespace, cfg) -> dict[str, Any]:
 
         if not args.no_guard:
             guard = LossGuard(GuardConfig(warmup_steps=0))
-            judge = StepJudge(guard, lambda values: sum(values) / len(values))
+            judge = StepJudge(guard)
             before = local_state(engine)
             losses, _, skipped = train_step(engine, train, tp=1, judge=judge, poison=True)
             after = local_state(engine)

@@ -95,36 +95,8 @@ step() {
     fi
 }
 
-install_wheels() {
-    if [ ! -d "$WHEELS" ]; then
-        echo "no wheels folder $WHEELS: assuming the packages are installed"
-        return 0
-    fi
-    local target=$SITE
-    rm -rf "$target"  # this script's own folder: what the last run installed goes
-    # The wheels of distributions this Python does not have (by distribution name).
-    mapfile -t missing < <("$PY" - "$WHEELS" <<'EOF'
-import importlib.metadata as md, pathlib, re, sys
-for whl in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")):
-    name = re.sub(r"[-_.]+", "-", whl.name.split("-")[0]).lower()
-    try:
-        md.version(name)
-    except md.PackageNotFoundError:
-        print(whl)
-EOF
-    )
-    if [ "${#missing[@]}" = 0 ]; then
-        echo "every carried wheel's distribution is already installed"
-        return 0
-    fi
-    echo "installing into $target: ${missing[*]##*/}"
-    if "$PY" -m pip --version >/dev/null 2>&1; then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target "$target" "${missing[@]}" || return 1
-    else  # a Python without pip: a wheel is a zip of what goes on the path
-        mkdir -p "$target"
-        for whl in "${missing[@]}"; do "$PY" -m zipfile -e "$whl" "$target" || return 1; done
-    fi
+install_wheels() {  # bench/gpu_install.sh: the wheels this Python lacks, into $SITE
+    bash bench/gpu_install.sh "$WHEELS" "$SITE" "$PY"
 }
 
 if [ -n "$WHEELS" ]; then

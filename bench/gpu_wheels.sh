@@ -4,6 +4,9 @@
 # Hydra/OmegaConf (trainer.config), pyarrow (data_pipeline.storage). Exactly these, no deps:
 #
 #   bash bench/gpu_wheels.sh [DIR]      # DIR defaults to build/gpu-wheels (git-ignored)
+#   WITH_RAY=1 NO_PYARROW=1 bash bench/gpu_wheels.sh   # + Ray and what ray.train imports, for
+#                                       # bench/gpu_full.sh (Ray's wheel without its Java jar and
+#                                       # dashboard front end; NO_PANDAS=1 where the image has it)
 #
 # Then carry DIR to the GPU machine and run  bash bench/gpu_check.sh DIR  there (with the
 # device tool: run(command="bash bench/gpu_check.sh build/gpu-wheels",
@@ -33,6 +36,17 @@ BINARY=(pydantic_core==2.50.5 msgpack==1.2.4 psutil==7.2.2 ninja==1.13.2 PyYAML=
 # Source-only on PyPI: built here into py3-none-any wheels.
 SOURCE=(deepspeed==0.19.8 antlr4-python3-runtime==4.9.3)
 
+if [ "${WITH_RAY:-0}" = 1 ]; then  # what ray and ray.train import (versions of the CPU venv)
+    PURE+=(click==8.5.1 filelock==4.3.2 jsonschema==4.26.0 attrs==26.1.0 referencing==0.37.0
+           jsonschema-specifications==2025.9.1 requests==2.34.2 urllib3==2.8.0 idna==3.21
+           certifi==2026.10.19.post1 fsspec==2026.9.0 tensorboardX==2.6.5)
+    BINARY+=(ray==2.60.0 protobuf==7.36.2 rpds-py==2026.9.1 charset-normalizer==3.5.3)
+    [ "${NO_PANDAS:-0}" = 1 ] || {
+        PURE+=(python-dateutil==2.9.0.post0 six==1.17.0)
+        BINARY+=(pandas==3.1.1)
+    }
+fi
+
 PLATFORMS=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
          manylinux_2_5_x86_64 manylinux1_x86_64; do
@@ -43,6 +57,9 @@ done
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" \
     --implementation cp --abi "$ABI" --abi abi3 --abi none "${PLATFORMS[@]}" -d "$DIR" "${BINARY[@]}"
 DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps -w "$DIR" "${SOURCE[@]}"
+for whl in "$DIR"/ray-*.whl; do  # 31 MiB of Java and the dashboard's front end: not used here
+    [ -e "$whl" ] && "$PY" bench/strip_wheel.py "$whl" ray/jars/ ray/dashboard/client/build/
+done
 
 echo "wheels in $DIR:"
 ls -l "$DIR" | awk 'NR > 1 {printf "  %10d  %s\n", $5, $9}'

@@ -48,9 +48,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     import torch
 
     from models.gpt import GPT
-    from trainer.config import OptimConfig, ParallelConfig, PrecisionConfig
+    from trainer.config import GuardConfig, OptimConfig, ParallelConfig, PrecisionConfig
     from trainer.layout import Layout
     from trainer.worker.engine import build_engine, build_model, train_step
+    from trainer.worker.guard import LossGuard, StepJudge
 
     common.header("interleaved A/B: raygpt train_step vs bare loop step")
     torch.set_num_threads(args.threads)
@@ -68,9 +69,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                                                                 args.seq_len + 1)))  # fmt: skip
         return [(r[:, :-1].contiguous(), r[:, 1:].contiguous()) for r in rows]
 
-    def judge(losses):  # the guard's per-step look at the loss (a host read of each)
-        return not np.isfinite(sum(x.float().item() for x in losses))
-
     steps: dict[str, Any] = {}
     for name in args.variants:
         v = parse_variant(name)
@@ -80,7 +78,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             build_model(m, par, prec, opt, seed=0, **sizes), par, prec, opt,
             compile=v["compile"], contiguous_weight_grad=v["contiguous"], **sizes,
         )  # fmt: skip
-        steps[name] = lambda b, e=engine: train_step(e, b, tp=1, judge=judge)
+        judge = StepJudge(LossGuard(GuardConfig()))  # the guard's per-step look at the loss
+        steps[name] = lambda b, e=engine, j=judge: train_step(e, b, tp=1, judge=j, norm=False)
 
     torch.manual_seed(0)
     bare = GPT(m)

@@ -70,6 +70,7 @@ from data_pipeline.manifest import Manifest
 from data_pipeline.order import BLOCKS, Order
 
 Step = list[tuple[torch.Tensor, torch.Tensor]]
+_Placed = tuple[Step, Optional["torch.cuda.Event"]]  # a step and its device copy's event
 
 CACHE_DIR_ENV = "RAYGPT_SHARD_CACHE"  # where remote shards are kept on this machine
 CACHE_BYTES_ENV = "RAYGPT_SHARD_CACHE_BYTES"  # how many bytes of them at most
@@ -519,7 +520,9 @@ class StepLoader:
     global_batch / dp_size positions, in grad_accum micro batches of micro_batch rows. With
     prefetch, a background thread assembles the next step while the caller trains and the row
     groups of the prefetch_steps steps after it are asked for ahead. Subclasses say how a step
-    is read (_load_step) and which rows a step will read (_prefetch_step)."""
+    is read (_load_step) and which rows a step will read (_prefetch_step). place_on(cuda
+    device): that thread also pins the step and copies it to the device, so the caller gets
+    device tensors and copies nothing."""
 
     def __init__(
         self,
@@ -560,7 +563,20 @@ class StepLoader:
         self.seq_rank, self.seq_size = seq_rank, seq_size
         self.prefetch_steps = prefetch_steps if prefetch else 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="data-prefetch") if prefetch else None
+        self.device: Optional[torch.device] = None  # CUDA: steps come there (place_on)
+        self._stream: Optional[torch.cuda.Stream] = None
         self._restart_at(consumed_samples)
+
+    def place_on(self, device: torch.device) -> None:
+        """Steps come on `device` from now on. A CUDA device: each step is pinned and copied
+        non-blocking on a stream of the loader's, in the prefetch thread (in next_step without
+        prefetch); the caller's stream waits for the copy's event, the host never does.
+        Any other device: nothing changes (host tensors, which a CPU engine uses as they are)."""
+        if device.type != "cuda":
+            self.device, self._stream = None, None
+            return
+        self.device, self._stream = device, torch.cuda.Stream(device)
+        self._restart_at(self._consumed)  # a step assembled for the host is assembled again
 
     @property
     def consumed_samples(self) -> int:
@@ -569,7 +585,9 @@ class StepLoader:
     def _restart_at(self, consumed: int) -> None:
         self._consumed = consumed
         self._ahead = consumed  # row groups asked for up to the step starting here
-        self._next: tuple[int, Future[Step]] | None = None
+        self._next: tuple[int, Future[_Placed]] | None = None
+        if self._pool is not None and self.device is not None:  # the first step, off-thread too
+            self._next = (consumed, self._pool.submit(self._placed_step, consumed))
 
     def _positions(self, consumed: int) -> np.ndarray:
         per_rank = self.global_batch // self.dp_size
@@ -594,19 +612,39 @@ class StepLoader:
         """Ask for the row groups the step starting at `consumed` will read."""
         raise NotImplementedError
 
+    def _placed_step(self, consumed: int) -> _Placed:
+        """The step at `consumed`, on self.device (with the event its copy ends with)."""
+        step = self._load_step(consumed)
+        if self.device is None:
+            return step, None
+        with torch.cuda.stream(self._stream):
+            step = [
+                (x.pin_memory().to(self.device, non_blocking=True),
+                 y.pin_memory().to(self.device, non_blocking=True))
+                for x, y in step
+            ]  # fmt: skip
+            copied = torch.cuda.Event()
+            copied.record(self._stream)
+        return step, copied
+
     def next_step(self) -> Step:
         """The grad_accum (inputs, targets) micro batches of this rank for the next step."""
         consumed = self._consumed
         if self._next is not None and self._next[0] == consumed:
-            step = self._next[1].result()
+            step, copied = self._next[1].result()
         else:
-            step = self._load_step(consumed)
+            step, copied = self._placed_step(consumed)
+        if copied is not None:  # the caller's stream waits for the copy; the host does not
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(copied)
+            for t in (t for pair in step for t in pair):
+                t.record_stream(stream)  # made on the loader's stream, used on this one
         self._next = None
         self._consumed = consumed + self.global_batch
         if self._pool is not None:
             following = self._consumed
             self._read_ahead(following)
-            self._next = (following, self._pool.submit(self._load_step, following))
+            self._next = (following, self._pool.submit(self._placed_step, following))
         return step
 
     def _read_ahead(self, following: int) -> None:

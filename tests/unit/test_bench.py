@@ -163,3 +163,39 @@ def test_memory_theory_of_the_new_layouts():
 
     assert theory("sp2 ZeRO-2", 12.0, 2) == (12.0, 18.0)  # the model whole, ZeRO over both
     assert theory("tp2xpp2 (ZeRO-1)", 12.0, 4) == (3.0, 9.0)
+
+
+def test_gpu_full_ab_rows_are_settings_the_config_takes():
+    """bench/gpu_full.py's A/B table: each row flips a setting trainer/config.py has, to a
+    value other than its default, for a model that exists."""
+    from bench.gpu_full import AB, variants
+    from trainer.config import load_config
+
+    for setting, value, models in AB:
+        for model in models or ("gpt2-124m", "gpt-1.3b"):
+            names = [name for name, _ in variants(model)]
+            assert names[0] == "defaults" and f"{setting}={value}" in names
+            group, key = setting.split(".")
+            default = getattr(getattr(load_config([f"model={model}"]), group), key)
+            flipped = getattr(
+                getattr(load_config([f"model={model}", f"{setting}={value}"]), group), key
+            )
+            assert flipped != default, (model, setting, value)
+
+
+def test_strip_wheel_drops_folders_and_their_record_rows(tmp_path):
+    import zipfile
+
+    from bench.strip_wheel import strip
+
+    whl = tmp_path / "ray-1-py3-none-any.whl"
+    record = "ray/a.py,sha256=x,1\nray/jars/big.jar,sha256=y,2\nray-1.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(whl, "w") as z:
+        z.writestr("ray/a.py", "a = 1\n")
+        z.writestr("ray/jars/big.jar", "java")
+        z.writestr("ray-1.dist-info/RECORD", record)
+    assert strip(str(whl), ("ray/jars/",)) == 1
+    with zipfile.ZipFile(whl) as z:
+        assert z.namelist() == ["ray/a.py", "ray-1.dist-info/RECORD"]
+        assert "jars" not in z.read("ray-1.dist-info/RECORD").decode()
+    assert strip(str(whl), ("ray/jars/",)) == 0  # stripped before: left as it is

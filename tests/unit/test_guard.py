@@ -88,3 +88,34 @@ def test_skipped_step_changes_neither_parameters_nor_optimizer_state():
     assert all(torch.equal(before_s[k], adam.state[model.weight][k]) for k in before_s)
     engine.optimizer.step()  # outside the context the real step runs again
     assert not torch.equal(before_s["step"], adam.state[model.weight]["step"])
+
+
+def test_step_judge_reads_the_mean_loss_of_the_step_and_judges_it():
+    from trainer.worker.guard import StepJudge
+
+    judge = StepJudge(LossGuard(GuardConfig(warmup_steps=0, spike_factor=2.0)))
+    losses = [torch.tensor(1.25), torch.tensor(2.5, dtype=torch.bfloat16)]
+    judge.start(losses)
+    assert judge.verdict() is False and judge.reason is None
+    assert judge.loss == (1.25 + 2.5) / 2  # what mean_across_ranks of the .item()s gave
+    assert judge.settle(False) is False and judge.guard.mean == judge.loss
+    judge.reset()
+    judge.start([torch.tensor(1.0), torch.tensor(float("nan"))])
+    assert judge.verdict() is True and judge.reason.startswith("non-finite")
+    judge.reset()
+    judge.start([torch.tensor(10.0), torch.tensor(10.0)])
+    assert judge.verdict() is True and "spike" in judge.reason
+
+
+def test_one_process_decides_a_stop_at_once_without_a_collective():
+    import types
+
+    from trainer.worker import control
+
+    policy = types.SimpleNamespace(last_save=0.0, time_due=lambda: True)
+    asked = types.SimpleNamespace(stop_requested=lambda: "preempted")
+    c = control.StepControl(policy, 0, asked)
+    assert c.decide(1) == (True, True) and c.stop_reason == "preempted"
+    assert c.decide(2) == (True, False)  # the due checkpoint is decided once per save
+    policy.last_save = 1.0
+    assert c.decide(3) == (True, True)

@@ -443,3 +443,83 @@ def test_random_window_offsets_in_every_order(shards: TokenShards, order: Order)
         for k, step in enumerate(steps[:6]):
             got = sorted(int(x[0, 0]) for r in ranks for x, _ in r.next_step())
             assert got == sorted(int(x[0, 0]) for x, _ in step), (dp_size, k)
+
+
+# ------------------------------------------------------------- steps placed on the device
+
+
+def test_a_cpu_engine_gets_the_host_steps_unchanged(shards: TokenShards, monkeypatch) -> None:
+    def no_pinning(self, *args, **kwargs):
+        raise AssertionError("pin_memory() for a device that is not CUDA")
+
+    plain = make_loader(shards)
+    want = plain.next_step()
+    plain.close()
+    monkeypatch.setattr(torch.Tensor, "pin_memory", no_pinning)
+    loader = make_loader(shards)
+    loader.place_on(torch.device("cpu"))
+    got = loader.next_step()
+    assert all(torch.equal(a, b) for pa_, pb in zip(got, want) for a, b in zip(pa_, pb))
+    assert all(t.device.type == "cpu" for pair in got for t in pair)
+    loader.close()
+
+
+class _FakeCuda:
+    """torch.cuda's streams and events where there is no GPU: records who waited on what."""
+
+    def __init__(self) -> None:
+        self.waited: list[object] = []
+
+    def Stream(self, device):  # noqa: N802 - torch.cuda.Stream's name
+        return "loader-stream"
+
+    def stream(self, stream):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def Event(self):  # noqa: N802 - torch.cuda.Event's name
+        return type("E", (), {"record": lambda self, stream=None: None})()
+
+    def current_stream(self, device=None):
+        fake = self
+        return type("S", (), {"wait_event": lambda self, e: fake.waited.append(e)})()
+
+
+def test_on_cuda_the_prefetch_thread_pins_and_copies_and_the_training_thread_does_not(
+    shards: TokenShards, monkeypatch
+) -> None:
+    """Without a GPU: the CUDA calls are faked and the "device" copy lands on the meta device,
+    so what is checked is which thread pins and copies, and that the steps arrive copied."""
+    import threading
+
+    fake, where = _FakeCuda(), []
+    for name in ("Stream", "stream", "Event", "current_stream"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    real_to = torch.Tensor.to
+
+    def pin(self):
+        where.append(("pin", threading.current_thread().name))
+        return self
+
+    def to(self, *args, **kwargs):
+        device = args[0] if args else kwargs.get("device")
+        if isinstance(device, torch.device) and device.type == "cuda":
+            where.append(("copy", threading.current_thread().name, kwargs.get("non_blocking")))
+            return real_to(self, "meta")
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
+    loader = make_loader(shards, global_batch=4, micro_batch=2)
+    loader.place_on(torch.device("cuda", 0))
+    for _ in range(3):
+        step = loader.next_step()
+        assert len(step) == 2 and all(t.device.type == "meta" for pair in step for t in pair)
+    loader.close()
+    assert len(fake.waited) == 3  # the training thread's stream waited for each step's copy
+    threads = {w[1] for w in where}
+    assert threads and all(name.startswith("data-prefetch") for name in threads), where
+    assert all(w[2] is True for w in where if w[0] == "copy")
+    assert sum(w[0] == "copy" for w in where) >= 3 * 2 * 2  # the steps taken, and one ahead

@@ -3,9 +3,14 @@
 The checkpoint policy itself is trainer/checkpoint/manager.py's CheckpointPolicy. Stop request:
 SIGTERM to the driver (a preemption notice, `ray job stop`) sets a flag the worker context
 reads (cluster/worker_context.py: a small Ray actor owned by the driver, or this process's
-flag). Rank 0 polls it (at most once a second) and broadcasts its decisions (stop now, time-based checkpoint due) to every rank with one tiny
-collective, so all ranks checkpoint and stop at the same step boundary: every step on CPU
-workers (gloo), every `EVERY_STEPS` steps with NCCL (there each broadcast is a host sync).
+flag). Rank 0 polls it (at most once a second) and sends its decisions (stop, time-based
+checkpoint due) to every rank with one tiny broadcast at a decision step, so all ranks act on
+the same flags at the same step boundary. CPU workers (gloo): every step, read at once (a
+gloo broadcast is host work; no device to wait for). NCCL: every `EVERY_STEPS` steps, and
+the broadcast is asynchronous: every rank reads it at the NEXT decision step
+(trainer/worker/readback.py; by then it has long arrived, so reading it never waits for the
+device's queue), i.e. EVERY_STEPS steps after rank 0 saw the request. One process decides
+alone, at once, without a tensor.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.checkpoint.manager import CheckpointPolicy
+from trainer.worker.readback import Readback
 
 POLL_S = 1.0
 EVERY_STEPS = 5  # steps between stop/time-checkpoint decisions
@@ -30,16 +36,23 @@ def comm_device() -> torch.device:
 
 
 class StepControl:
-    """Per step, every rank learns (stop requested, time-based checkpoint due) from rank 0."""
+    """Per decision step, every rank learns (stop requested, time-based checkpoint due)."""
 
-    def __init__(self, policy: CheckpointPolicy, rank: int, context: Any):
+    def __init__(
+        self, policy: CheckpointPolicy, rank: int, context: Any, lagged: Optional[bool] = None
+    ):
+        """lagged: read each broadcast at the next decision step (default: with NCCL)."""
         self.policy = policy
         self.context = context  # its stop_requested(): the driver's stop request, if any
         self.rank = rank
         self.stop_reason: Optional[str] = None
         self._polled = 0.0
         self._sync = dist.is_initialized() and dist.get_world_size() > 1
-        self._every = EVERY_STEPS if comm_device().type == "cuda" else 1
+        cuda = comm_device().type == "cuda"
+        self._every = EVERY_STEPS if cuda else 1
+        self._lagged = cuda if lagged is None else lagged
+        self._in_flight: Optional[Readback] = None  # the flags sent at the last decision step
+        self._due_sent_for: Optional[float] = None  # the policy's last save a "due" was sent for
 
     def _poll(self) -> None:
         if self.stop_reason or time.monotonic() - self._polled < POLL_S:
@@ -50,20 +63,36 @@ class StepControl:
         except Exception:  # noqa: BLE001 - a lost driver ends the run anyway; keep training
             pass
 
+    def _flags(self) -> tuple[int, int]:
+        """Rank 0's decisions now; a time checkpoint is sent once per due period (it is acted
+        on a decision step later, when the policy has not yet seen the save)."""
+        self._poll()
+        due = self.policy.time_due() and self._due_sent_for != self.policy.last_save
+        if due:
+            self._due_sent_for = self.policy.last_save
+        return int(bool(self.stop_reason)), int(due)
+
     def decide(self, step: int) -> tuple[bool, bool]:
-        """(stop, time_due), identical on every rank. One 2-int broadcast every step on CPU,
-        every EVERY_STEPS steps on GPUs; the other steps cost nothing."""
+        """(stop, time_due), identical on every rank. Nothing on the steps between decision
+        steps; one process: rank 0's flags at once; several: this step's broadcast (lagged:
+        the previous decision step's, while this step's goes out)."""
         if step % self._every:
             return False, False
-        flags = torch.zeros(2, dtype=torch.int64)
-        if self.rank == 0:
-            self._poll()
-            flags[0] = int(bool(self.stop_reason))
-            flags[1] = int(self.policy.time_due())
-        if self._sync:
-            flags = flags.to(comm_device())
-            dist.broadcast(flags, src=0)
-        stop, due = bool(flags[0]), bool(flags[1])
+        if not self._sync:
+            stop, due = self._flags() if self.rank == 0 else (0, 0)
+        else:
+            if self._lagged:
+                stop, due = self._in_flight.read() if self._in_flight else (0, 0)
+            values = self._flags() if self.rank == 0 else (0, 0)
+            # made on the device by fill kernels: a host tensor's copy to a GPU would sync
+            flags = torch.stack(
+                [torch.full((), v, dtype=torch.int64, device=comm_device()) for v in values]
+            )
+            sent = Readback(flags, dist.broadcast(flags, src=0, async_op=True))
+            if self._lagged:
+                self._in_flight = sent
+            else:
+                stop, due = sent.read()
         if stop and not self.stop_reason:
             self.stop_reason = "stop requested"
-        return stop, due
+        return bool(stop), bool(due)

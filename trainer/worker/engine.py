@@ -9,9 +9,8 @@ import shutil
 import sys
 import time
 import zlib
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -37,6 +36,9 @@ from trainer.worker.parallel import (
     apply_zero,
     compile_on,
 )
+
+if TYPE_CHECKING:
+    from trainer.worker.guard import StepJudge
 
 
 def deepspeed_config(
@@ -347,9 +349,10 @@ def is_pipeline(engine) -> bool:
     return isinstance(engine, PipelineEngine)
 
 
-def _local_grad_norm(module: torch.nn.Module) -> float:
+def _local_grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    """The 2-norm of the module's gradients, left on their device (read when it is logged)."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])).item()
+    return torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))
 
 
 def train_step(
@@ -357,15 +360,19 @@ def train_step(
     micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
     *,
     tp: int,
-    judge: Callable[[list[torch.Tensor]], bool] | None = None,
+    judge: StepJudge | None = None,
     poison: bool = False,
     timer: StepTimes | None = None,
+    norm: bool = True,
 ):
     """One optimizer step over this rank's micro batches; returns (losses, grad norm, skipped).
+    The losses are device tensors; the norm a float, a device tensor or None.
 
-    judge(losses) runs after the last forward, before the optimizer steps, and must give the
-    same answer on every rank (it sees the all-reduced loss); True skips the step: DeepSpeed
-    does its bookkeeping but no parameter or optimizer state changes. poison=True turns the
+    judge (trainer/worker/guard.py's StepJudge): judge.start(losses) after the last forward,
+    judge.verdict() after its backward, before the optimizer steps; the verdict is the same
+    on every rank (it sees the all-reduced loss); True skips the step: DeepSpeed does its
+    bookkeeping but no parameter or optimizer state changes. norm=False: the step is not
+    logged, so the ZeRO-0 gradient norm (which DeepSpeed does not report) is not computed. poison=True turns the
     first micro-batch loss into NaN (fault injection). Under pipeline parallelism the step
     runs inside DeepSpeed: non-finite gradients are skipped by DeepSpeed's own overflow check.
 
@@ -380,7 +387,7 @@ def train_step(
         loss = engine.train_batch(iter(micro_batches))
         return [loss.detach()], engine.get_global_grad_norm(), False
     time_gradient_reduction(engine, timer)
-    losses, norm, skip = [], None, False
+    losses, local_norm, skip = [], None, False
     last = len(micro_batches) - 1
     for i, (x, y) in enumerate(micro_batches):
         with timer.phase("forward"):
@@ -389,12 +396,14 @@ def train_step(
             loss = loss * float("nan")
         losses.append(loss.detach())
         if i == last and judge is not None:
-            skip = judge(losses)
+            judge.start(losses)
         with timer.phase("backward"):
             engine.backward(loss)
-        if i == last and not skip and engine.zero_optimization_stage() == 0 and tp == 1:
+        if i == last and judge is not None:
+            skip = judge.verdict()
+        if i == last and norm and not skip and engine.zero_optimization_stage() == 0 and tp == 1:
             # ZeRO-0 reports no norm; its gradients are whole and already averaged here.
-            norm = _local_grad_norm(engine.module)
+            local_norm = _local_grad_norm(engine.module)
         with timer.phase("optimizer"):
             if i == last and skip:
                 with skipped_optimizer_step(engine):
@@ -402,7 +411,7 @@ def train_step(
             else:
                 engine.step()
     reported = None if skip else engine.get_global_grad_norm()
-    return losses, reported if reported is not None else norm, skip
+    return losses, reported if reported is not None else local_norm, skip
 
 
 @torch.no_grad()

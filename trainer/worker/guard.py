@@ -13,10 +13,15 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import torch
+import torch.distributed as dist
+
 from trainer.config import GuardConfig  # the schema is config's; re-exported for callers
+from trainer.worker.control import comm_device
 
 # DeepSpeed patches live in ds_patches.py; the guarded skip is re-exported here for callers.
 from trainer.worker.ds_patches import innermost_optimizer, skipped_optimizer_step  # noqa: F401
+from trainer.worker.readback import Readback
 
 
 class TooManyBadSteps(RuntimeError):
@@ -66,21 +71,40 @@ class LossGuard:
 
 
 class StepJudge:
-    """The guard as a step component: `judge(losses)` is handed to train_step, sees the loss
-    averaged over every rank (one all-reduce, reused as the step's logged loss) and keeps the
-    verdict; `settle()` after the step accepts or counts it."""
+    """The guard as a step component, handed to train_step. `start(losses)` after the last
+    forward queues the step's loss sum and count, summed over every rank (one all-reduce of
+    two numbers, reused as the step's logged loss), and their copy to the host; `verdict()`
+    after the backward, before the optimizer steps, reads them (trainer/worker/readback.py:
+    on CUDA the backward is already queued behind the copy, so the device never idles for
+    it) and keeps the verdict, the same on every rank; `settle()` after the step accepts the
+    loss or counts the skip."""
 
-    def __init__(self, guard: LossGuard, mean_across_ranks):
+    def __init__(self, guard: LossGuard):
         self.guard = guard
-        self._mean = mean_across_ranks
+        self._pending: Optional[Readback] = None
         self.loss: Optional[float] = None
         self.reason: Optional[str] = None
 
     def reset(self) -> None:
-        self.loss, self.reason = None, None
+        self.loss, self.reason, self._pending = None, None, None
 
-    def __call__(self, losses) -> bool:
-        self.loss = self._mean([x.float().item() for x in losses])
+    def start(self, losses: list[torch.Tensor]) -> None:
+        total = losses[0].detach().double()
+        for x in losses[1:]:  # in order, in float64: the sum a host loop over .item() makes
+            total = total + x.detach().double()
+        count = torch.full((), float(len(losses)), dtype=torch.float64, device=total.device)
+        t = torch.stack([total, count])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            t = t.to(comm_device())  # NCCL reduces only GPU tensors
+            dist.all_reduce(t)
+        self._pending = Readback(t)
+
+    def verdict(self) -> bool:
+        """True when the step is bad (its reason in `reason`); reads what `start` queued."""
+        assert self._pending is not None, "StepJudge.start first"
+        total, count = self._pending.read()
+        self._pending = None
+        self.loss = total / count
         self.reason = self.guard.judge(self.loss)
         return self.reason is not None
 

@@ -218,12 +218,14 @@ class Trainer:
             name: loader.shards.manifest.splits["val"].bytes_per_token
             for name, loader in self.val_loaders.items()
         }
+        for loader in (self.train_loader, *self.val_loaders.values()):
+            loader.place_on(self.engine.device)  # CUDA: pinned and copied in the prefetch thread
 
     def make_controls(self) -> None:
         """The loss guard, the run files, the checkpoint manager and the stop control."""
         cfg, t = self.cfg, self.cfg.trainer
         self.guard = LossGuard(cfg.guard)
-        self.judge = StepJudge(self.guard, mean_across_ranks)
+        self.judge = StepJudge(self.guard)
         self.fault = faults.from_env()
         self.files = RunFiles(cfg.run_uri, self.rank)
         self.checkpoints = CheckpointManager(
@@ -325,6 +327,7 @@ class Trainer:
         micro_batches = self.train_loader.next_step()
         self.step_times.add("data", time.perf_counter() - t_data)
         faults.maybe_pause(self.fault, "step", step, self.rank, self.files.local)
+        logged = step % self.cfg.logging.log_interval == 0 or step == self.last_step
         losses, grad_norm, skipped = train_step(
             self.engine,
             micro_batches,
@@ -332,6 +335,7 @@ class Trainer:
             judge=self.judge if self.guard.cfg.enabled else None,
             poison=step in self.poison_left,
             timer=self.step_times,
+            norm=logged,
         )
         self.poison_left.discard(step)
         self.meter.step()
@@ -345,7 +349,7 @@ class Trainer:
                 f"({self.guard.skipped + 1} skipped so far)"
             )
         rollback = self.judge.settle(skipped)
-        if step % self.cfg.logging.log_interval == 0 or step == self.last_step:
+        if logged:  # the step's only host reads of device values (besides the guard's)
             self.log(step, lr, losses, grad_norm)
         return rollback
 
