@@ -459,11 +459,17 @@ def apply_pp(gpt: GPT, layout: Layout, parallel: ParallelConfig) -> nn.Module:
     from deepspeed.pipe import PipelineModule
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
+    # Only 3-D names a model axis: with it DeepSpeed writes layer_<i>-model_<m>-model_states.pt,
+    # so a plain pipeline keeps the topology (and the layer files) it always had.
+    topology = (
+        PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
+        if layout.tp > 1
+        else None
+    )
     return PipelineModule(
         layers=pipeline_layers(gpt),
-        topology=PipeModelDataParallelTopology(
-            num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp
-        ),
+        num_stages=None if topology else layout.pp,
+        topology=topology,
         loss_fn=functools.partial(lm_loss, chunk=gpt.loss_chunk),
         partition_method=parallel.pipeline_partition,
         activation_checkpoint_func=functools.partial(
