@@ -315,7 +315,15 @@ class Lease:
         with contextlib.suppress(OSError):
             if self._mine(self.read()):
                 storage.delete(self.uri)
-        if self._created_dir:
+        if storage.is_remote(self.uri):
+            # the store keeps an empty "directory" object where the lease was deleted: gone
+            # too when nothing else was written there (a run refused after taking its lease)
+            with contextlib.suppress(OSError, storage.StorageError):
+                fs, path = storage.filesystem(self.uri)
+                folder = path.rsplit("/", 1)[0]
+                if not storage.walk_files(self.uri.rsplit("/", 1)[0]):
+                    fs.delete_dir(folder)
+        elif self._created_dir:
             with contextlib.suppress(OSError):
                 path = storage.filesystem(self.uri)[1]
                 d = os.path.dirname(path)

@@ -65,6 +65,10 @@ def test_a_fresh_lease_is_taken_renewed_and_released(kind, tmp_path, request):
     assert not storage.exists(uri)
     if kind == "local":  # the directory the lease created is gone with it
         assert not (tmp_path / "runs").exists()
+    else:  # nor does an empty "directory" object stay in the bucket
+        s3 = request.getfixturevalue("s3")
+        folder = uri.split("/", 3)[3].rsplit("/", 1)[0]
+        assert not s3.keys(folder), s3.keys(folder)
     with Lease(uri, "run 'r'"):  # free again
         pass
 
