@@ -436,8 +436,9 @@ def copy_tree(src: str, dest: str) -> None:
     _call("copy", f"{src} -> {dest}", copy)
 
 
-def abort_uploads(uris: list[str]) -> int:
-    """Aborts the unfinished multipart uploads of these s3:// objects (a failed write leaves
+def abort_uploads(uris: list[str], *, under: bool = False) -> int:
+    """Aborts the unfinished multipart uploads of these s3:// objects (with under=True: of every
+    object under these folders, given with a trailing "/"; a failed write leaves
     them: pyarrow does not abort them, and S3 bills their parts until a bucket lifecycle rule
     AbortIncompleteMultipartUpload removes them). Needs boto3 (moto's dependency, in the dev
     extra); without it, or with the store still failing, they stay for that rule. Best effort:
@@ -474,9 +475,10 @@ def abort_uploads(uris: list[str]) -> int:
             )
             for page in pages:
                 for up in page.get("Uploads", []):
-                    if up["Key"] in wanted:
+                    key = up["Key"]
+                    if key in wanted or (under and any(key.startswith(w) for w in wanted)):
                         client.abort_multipart_upload(
-                            Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"]
+                            Bucket=bucket, Key=key, UploadId=up["UploadId"]
                         )
                         aborted += 1
     except Exception as e:  # noqa: BLE001 - best effort; the lifecycle rule is the backstop

@@ -120,3 +120,19 @@ def test_the_policy_travels_in_the_environment(monkeypatch) -> None:
 def test_bad_policy_is_one_line(kw: dict, rule: str) -> None:
     with pytest.raises(ValueError, match=rule.replace("(", r"\(").replace(")", r"\)")):
         StorageConfig(**kw)
+
+
+def test_unfinished_uploads_under_a_run_are_aborted_and_no_others(s3) -> None:
+    """A writer killed mid-upload leaves its multipart upload; the run's next holder aborts
+    those under the run's folder only (a sibling run's, e.g. r2 beside r, stays)."""
+    base = s3.unique_uri("abort").split("/", 3)[3]
+    client = s3.client()
+    for key in (f"{base}/r/checkpoint_00000004/a.pt", f"{base}/r/x/b.pt", f"{base}/r2/c.pt"):
+        client.create_multipart_upload(Bucket=s3.bucket, Key=key)
+
+    def left() -> list[str]:
+        ups = client.list_multipart_uploads(Bucket=s3.bucket, Prefix=base).get("Uploads", [])
+        return sorted(u["Key"] for u in ups)
+
+    assert storage.abort_uploads([f"s3://{s3.bucket}/{base}/r/"], under=True) == 2
+    assert left() == [f"{base}/r2/c.pt"]

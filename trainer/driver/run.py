@@ -52,6 +52,8 @@ def run_training(cfg: RootConfig, *, progress_bar: bool = False) -> dict[str, An
     cfg = precision.resolve_before_ray(cfg)  # precision=auto: a resume's, or this machine's
     preflight.check_before_ray(cfg)
     with run_lease(cfg):  # one driver per run directory, until this run ends
+        # uploads left unfinished under the run are a dead writer's (a kill -9 mid-upload)
+        storage.abort_uploads([cfg.run_uri.rstrip("/") + "/"], under=True)
         run_plan = plan.plan_run(cfg)
         data = plan_data(cfg)
         job_env = storage.remote_env(other_machines=True)
